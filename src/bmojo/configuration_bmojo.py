@@ -1,0 +1,286 @@
+"""Configuration of B'MOJO models.
+
+One config describes every member of the family through a per-layer type list:
+
+| ``layers_block_type``                      | other settings                     | the model is                   |
+|--------------------------------------|------------------------------------|--------------------------------|
+| all ``"attention"``                  | ``window_size >= sequence length`` | a causal Transformer           |
+| all ``"attention"``                  | finite ``window_size``             | a sliding-window Transformer   |
+| all ``"ssm"``                        | ``use_mlp=False``                  | Mamba-2                        |
+| ``"ssm"`` and ``"attention"`` mixed  |                                    | a Jamba-style hybrid           |
+| all ``"bmojo"``                      | ``memory_size=0``                  | B'MOJO-F (fading memory only)  |
+| all ``"bmojo"``                      | ``memory_size>0``                  | B'MOJO                         |
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+LAYER_TYPES = ("bmojo", "attention", "ssm")
+
+
+class BMojoConfig(PretrainedConfig):
+    r"""
+    Args:
+        vocab_size (`int`): size of the token vocabulary.
+        hidden_size (`int`): width `d` of the residual stream.
+        num_hidden_layers (`int`): number of blocks.
+        layers_block_type (`list[str]`, *optional*): one of ``"bmojo"``, ``"attention"``, ``"ssm"`` per layer;
+            defaults to ``"bmojo"`` everywhere.
+        num_attention_heads (`int`): query heads.
+        num_key_value_heads (`int`, *optional*): key/value heads (GQA); defaults to ``num_attention_heads``.
+        head_dim (`int`, *optional*): defaults to ``hidden_size // num_attention_heads``.
+        window_size (`int`): in-context window ``W``: query ``i`` sees tokens ``[i-W+1, i]``; a multiple of
+            ``chunk_size``. With ``W >= L`` an ``attention`` layer is full causal attention.
+        chunk_size (`int`): chunk ``C`` of the chunked SSD scan, of the chunked attention and of eidetic
+            selection. 128 matches the Trainium partition width.
+        use_fading (`bool`): ``bmojo`` layers attend the SSM's fading tokens of the span ``[i-2W+1, i-W]``.
+        memory_size (`int`): eidetic memory slots ``M`` per ``bmojo`` layer; 0 turns eidetic memory off.
+        selections_per_chunk (`int`): tokens selected by the innovation test in each chunk (``k_sel``).
+        innovation_loss_weight (`float`): weight of the innovation predictor's auxiliary loss.
+        ssm_state_size (`int`): SSD state size ``N``.
+        ssm_expand (`int`): SSM inner width is ``ssm_expand * hidden_size``.
+        ssm_head_dim (`int`): SSD head size ``P``.
+        ssm_ngroups (`int`): groups sharing ``B``/``C`` (and gated-norm groups).
+        ssm_conv_kernel (`int`): width of the causal depthwise convolution.
+        ssm_dt_min, ssm_dt_max, ssm_dt_init_floor (`float`): range of the initial step sizes.
+        use_mlp (`bool`): add a SwiGLU MLP after the mixer in every block.
+        intermediate_size (`int`, *optional*): MLP width; defaults to ``ceil(8/3 * hidden_size)`` rounded up to 64.
+        rms_norm_eps (`float`), rope_theta (`float`), initializer_range (`float`): as in Llama.
+        tie_word_embeddings (`bool`): share the input embedding and the LM head.
+    """
+
+    model_type = "bmojo"
+    keys_to_ignore_at_inference = ["cache_params"]
+
+    def __init__(
+        self,
+        vocab_size: int = 264,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        layers_block_type: list[str] | None = None,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        window_size: int = 128,
+        chunk_size: int = 32,
+        use_fading: bool = True,
+        memory_size: int = 32,
+        selections_per_chunk: int = 2,
+        innovation_loss_weight: float = 0.01,
+        ssm_state_size: int = 32,
+        ssm_expand: int = 2,
+        ssm_head_dim: int = 32,
+        ssm_ngroups: int = 1,
+        ssm_conv_kernel: int = 4,
+        ssm_dt_min: float = 0.001,
+        ssm_dt_max: float = 0.1,
+        ssm_dt_init_floor: float = 1e-4,
+        use_mlp: bool = True,
+        intermediate_size: int | None = None,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = 0,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.layers_block_type = list(layers_block_type) if layers_block_type is not None else ["bmojo"] * num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.head_dim = head_dim
+        if self.head_dim is None and num_attention_heads > 0 and hidden_size % num_attention_heads == 0:
+            self.head_dim = hidden_size // num_attention_heads
+        self.window_size = window_size
+        self.chunk_size = chunk_size
+        self.use_fading = use_fading
+        self.memory_size = memory_size
+        self.selections_per_chunk = selections_per_chunk
+        self.innovation_loss_weight = innovation_loss_weight
+        self.ssm_state_size = ssm_state_size
+        self.ssm_expand = ssm_expand
+        self.ssm_head_dim = ssm_head_dim
+        self.ssm_ngroups = ssm_ngroups
+        self.ssm_conv_kernel = ssm_conv_kernel
+        self.ssm_dt_min = ssm_dt_min
+        self.ssm_dt_max = ssm_dt_max
+        self.ssm_dt_init_floor = ssm_dt_init_floor
+        self.use_mlp = use_mlp
+        self.intermediate_size = (
+            intermediate_size if intermediate_size is not None else 64 * math.ceil(8 * hidden_size / 3 / 64)
+        )
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self._validate_fields()
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    # Derived sizes -----------------------------------------------------------------------------------------------
+    @property
+    def ssm_inner_size(self) -> int:
+        return self.ssm_expand * self.hidden_size
+
+    @property
+    def ssm_num_heads(self) -> int:
+        return self.ssm_inner_size // self.ssm_head_dim
+
+    @property
+    def eidetic(self) -> bool:
+        """Whether ``bmojo`` layers keep an eidetic memory."""
+        return self.memory_size > 0
+
+    def layer_has_ssm(self, layer_type: str) -> bool:
+        # A bmojo layer needs its SSM for the fading tokens and for the innovation test.
+        return layer_type == "ssm" or (layer_type == "bmojo" and (self.use_fading or self.eidetic))
+
+    # Validation --------------------------------------------------------------------------------------------------
+    def _validate_fields(self) -> None:
+        """Raise ``ValueError`` naming the field and the rule it breaks."""
+
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "window_size",
+            "chunk_size",
+            "ssm_state_size",
+            "ssm_expand",
+            "ssm_head_dim",
+            "ssm_ngroups",
+            "ssm_conv_kernel",
+            "intermediate_size",
+        ):
+            positive(name)
+        for name in ("memory_size", "selections_per_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if len(self.layers_block_type) != self.num_hidden_layers:
+            raise ValueError(
+                f"layers_block_type has {len(self.layers_block_type)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        for i, layer_type in enumerate(self.layers_block_type):
+            if layer_type not in LAYER_TYPES:
+                raise ValueError(f"layers_block_type[{i}] is {layer_type!r}: unknown layer type, expected one of {LAYER_TYPES}")
+        if self.head_dim is None:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size}) "
+                "when head_dim is not given"
+            )
+        positive("head_dim")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.window_size % self.chunk_size:
+            raise ValueError(
+                f"window_size ({self.window_size}) must be a multiple of chunk_size ({self.chunk_size})"
+            )
+        if self.eidetic and self.selections_per_chunk < 1:
+            raise ValueError("selections_per_chunk must be >= 1 when memory_size > 0 (eidetic memory on)")
+        if self.selections_per_chunk > self.chunk_size:
+            raise ValueError(
+                f"selections_per_chunk ({self.selections_per_chunk}) must not exceed chunk_size ({self.chunk_size})"
+            )
+        if self.ssm_inner_size % self.ssm_head_dim:
+            raise ValueError(
+                f"ssm_head_dim ({self.ssm_head_dim}) must divide ssm_expand * hidden_size ({self.ssm_inner_size})"
+            )
+        if self.ssm_num_heads % self.ssm_ngroups:
+            raise ValueError(
+                f"ssm_ngroups ({self.ssm_ngroups}) must divide the number of SSM heads ({self.ssm_num_heads})"
+            )
+        if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
+            raise ValueError(f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got {self.ssm_dt_min}, {self.ssm_dt_max}")
+        if self.innovation_loss_weight < 0:
+            raise ValueError(f"innovation_loss_weight must be >= 0, got {self.innovation_loss_weight}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
+
+# Presets --------------------------------------------------------------------------------------------------------
+# Widths follow Mamba's ladder (768/1024/1536/2048); depths are chosen so that the B'MOJO model (mixer + SwiGLU
+# MLP per block, tied 50,280-token embedding) lands near the nominal size; `bmojo presets` prints the counts.
+_LADDER_COMMON = dict(
+    vocab_size=50280,
+    window_size=512,
+    chunk_size=128,
+    memory_size=128,
+    selections_per_chunk=4,
+    ssm_state_size=128,
+    ssm_head_dim=64,
+)
+
+PRESETS: dict[str, dict] = {
+    # For unit tests: every feature on, a few thousand parameters, chunks of 4 tokens.
+    "tiny": dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        window_size=8,
+        chunk_size=4,
+        memory_size=4,
+        selections_per_chunk=2,
+        ssm_state_size=8,
+        ssm_head_dim=16,
+        ssm_conv_kernel=4,
+        intermediate_size=64,
+    ),
+    # The embedded default for CPU training (a few million parameters, byte-level vocabulary).
+    "cpu": dict(
+        vocab_size=264,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        window_size=128,
+        chunk_size=32,
+        memory_size=32,
+        selections_per_chunk=2,
+        ssm_state_size=32,
+        ssm_head_dim=32,
+    ),
+    "130m": dict(_LADDER_COMMON, hidden_size=768, num_hidden_layers=8, num_attention_heads=12),
+    "370m": dict(_LADDER_COMMON, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16),
+    "790m": dict(_LADDER_COMMON, hidden_size=1536, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
+    "1.4b": dict(_LADDER_COMMON, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
+}
+
+
+def preset_config(name: str, **overrides) -> BMojoConfig:
+    """Build a named preset (see ``PRESETS``) with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    kwargs = dict(PRESETS[name])
+    kwargs.update(overrides)
+    if "layers_block_type" not in kwargs or kwargs["layers_block_type"] is None:
+        kwargs["layers_block_type"] = ["bmojo"] * kwargs.get("num_hidden_layers", 4)
+    return BMojoConfig(**kwargs)

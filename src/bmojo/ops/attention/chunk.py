@@ -1,0 +1,192 @@
+"""Chunked B'MOJO attention with static shapes, and its single-token (decode) form.
+
+The sequence is cut into chunks of ``C`` queries. A chunk ``c`` (queries ``[cC, cC+C)``) needs
+
+* in-context keys ``[cC-W, cC+C)``: ``W+C`` keys, an overlapping window taken with ``unfold`` (no gather);
+* fading keys ``[cC-2W, cC+C-W)``: ``W+C`` keys of the fading sequence, the same trick shifted by ``W``;
+* the ``M`` eidetic slots of the memory as it stands at the start of chunk ``c``.
+
+Every chunk therefore scores ``C x (2(W+C) + M)`` entries: cost and memory grow linearly with ``L`` for a fixed
+``W``. All chunks are computed at once; there is no Python loop and no data-dependent shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _ctype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunks: int) -> torch.Tensor:
+    """``x [B, Lp, ...]`` -> ``[B, nC, size, ...]``: window ``c`` holds positions ``[cC - front, cC - front + size)``
+    (zeros before the start and after the end)."""
+    length = x.shape[1]
+    back = max(0, (num_chunks - 1) * chunk - front + size - length)
+    pad = [0, 0] * (x.dim() - 2) + [front, back]
+    xp = F.pad(x, pad)
+    win = xp.unfold(1, size, chunk)[:, :num_chunks]  # [B, nC, ..., size]
+    return win.movedim(-1, 2)
+
+
+def _joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
+    """One softmax over the concatenation of several key sets.
+
+    ``score_blocks[n]``: ``[..., Q, K_n]``; ``mask_blocks[n]`` broadcastable to it (bool);
+    ``value_blocks[n]``: callable mapping probabilities ``[..., Q, K_n]`` to the weighted value sum.
+    """
+    neg = torch.finfo(score_blocks[0].dtype).min
+    s = torch.cat([sc.masked_fill(~m, neg) for sc, m in zip(score_blocks, mask_blocks)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    out, start = 0, 0
+    for sc, m, val in zip(score_blocks, mask_blocks, value_blocks):
+        width = sc.shape[-1]
+        # Multiply by the mask so a fully masked block contributes exact zeros.
+        out = out + val(p[..., start : start + width] * m)
+        start += width
+    return out.to(out_dtype)
+
+
+def bmojo_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    chunk_size: int,
+    k_fade: torch.Tensor | None = None,
+    v_fade: torch.Tensor | None = None,
+    q_eid: torch.Tensor | None = None,
+    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Chunked B'MOJO attention; same result as :func:`bmojo_attention_ref`.
+
+    Args:
+        q: ``[B, L, H, D]``; k, v: ``[B, L, Hkv, D]``; k_fade, v_fade: ``[B, L, Hkv, D]`` or ``None``.
+        window: ``W``, a multiple of ``chunk_size``.
+        q_eid: ``[B, L, H, D]`` queries for the eidetic scores.
+        memory: ``(mem_k, mem_v, mem_pos, mem_valid)`` with ``mem_k, mem_v [B, nC, M, Hkv, D]``,
+            ``mem_pos [B, nC, M]`` (long) and ``mem_valid [B, nC, M]`` (bool): the eidetic memory seen by each
+            chunk (``nC = ceil(L / chunk_size)``). Slot ``m`` is visible to query ``i`` iff it is valid and
+            ``mem_pos <= i - W``.
+        key_mask: ``[B, L]`` bool, ``False`` at padding keys.
+
+    Returns:
+        ``[B, L, H, D]`` in ``q.dtype``.
+    """
+    bsz, length, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    groups = num_heads // num_kv
+    chunk = chunk_size
+    num_chunks = -(-length // chunk)
+    padded = num_chunks * chunk
+    # A window longer than the (padded) sequence sees everything: clamp it so W >= L stays O(L^2), not O(L*W).
+    window = min(window, padded)
+    scale = head_dim**-0.5 if scale is None else scale
+    ctype = _ctype(q)
+    device = q.device
+    if key_mask is None:
+        key_mask = torch.ones(bsz, length, dtype=torch.bool, device=device)
+
+    def chunk_queries(x):  # [B, L, H, D] -> [B, nC, C, Hkv, G, D]
+        x = F.pad(x, [0, 0, 0, 0, 0, padded - length])
+        return x.view(bsz, num_chunks, chunk, num_kv, groups, head_dim).to(ctype)
+
+    def score(qc, kw):  # qc [B,nC,C,Hkv,G,D], kw [B,nC,K,Hkv,D] -> [B,nC,Hkv,G,C,K]
+        return torch.einsum("bncagd,bnkad->bnagck", qc, kw.to(ctype)) * scale
+
+    def weighted(vw):  # vw [B,nC,K,Hkv,D]
+        return lambda p: torch.einsum("bnagck,bnkad->bncagd", p, vw.to(ctype))
+
+    qc = chunk_queries(q)
+    qpos = torch.arange(padded, device=device).view(num_chunks, chunk)  # [nC, C]
+    cidx = torch.arange(num_chunks, device=device)[:, None] * chunk
+    size = window + chunk
+
+    # In-context keys: positions [cC - W, cC + C).
+    kpos = cidx - window + torch.arange(size, device=device)[None, :]  # [nC, K]
+    key_flag = key_mask[..., None].to(torch.uint8)  # F.pad does not take bool tensors
+    real = _chunk_windows(key_flag, window, size, chunk, num_chunks)[..., 0].bool()  # [B, nC, K]
+    rel = qpos[:, :, None] - kpos[:, None, :]  # [nC, C, K]
+    ctx_mask = (((rel >= 0) & (rel < window))[None] & real[:, :, None, :]) | (rel == 0)[None]
+    scores = [score(qc, _chunk_windows(k, window, size, chunk, num_chunks))]
+    masks = [ctx_mask[:, :, None, None]]
+    values = [weighted(_chunk_windows(v, window, size, chunk, num_chunks))]
+
+    if k_fade is not None:
+        # Fading keys: positions [cC - 2W, cC + C - W).
+        fpos = kpos - window
+        freal = _chunk_windows(key_flag, 2 * window, size, chunk, num_chunks)[..., 0].bool()
+        frel = qpos[:, :, None] - fpos[:, None, :]
+        fade_mask = ((frel >= window) & (frel < 2 * window))[None] & freal[:, :, None, :]
+        scores.append(score(qc, _chunk_windows(k_fade, 2 * window, size, chunk, num_chunks)))
+        masks.append(fade_mask[:, :, None, None])
+        values.append(weighted(_chunk_windows(v_fade, 2 * window, size, chunk, num_chunks)))
+
+    if memory is not None:
+        mem_k, mem_v, mem_pos, mem_valid = memory
+        eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
+        scores.append(score(chunk_queries(q_eid), mem_k))
+        masks.append(eid_mask[:, :, None, None])
+        values.append(weighted(mem_v))
+
+    out = _joint_softmax(scores, masks, values, q.dtype)  # [B, nC, C, Hkv, G, D]
+    return out.reshape(bsz, padded, num_heads, head_dim)[:, :length]
+
+
+def bmojo_attention_step(
+    q: torch.Tensor,
+    positions: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    window: int,
+    ring_k_fade: torch.Tensor | None = None,
+    ring_v_fade: torch.Tensor | None = None,
+    q_eid: torch.Tensor | None = None,
+    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decoding step of B'MOJO attention over a fixed-size state.
+
+    Args:
+        q: ``[B, H, D]`` query of the token at ``positions [B]`` (rotary applied).
+        ring_k, ring_v: ``[B, R, Hkv, D]`` ring buffer of recent keys/values, ``ring_pos [B, R]`` their positions
+            (``-1`` = empty). ``R >= W`` (``R >= 2W`` with fading).
+        ring_k_fade, ring_v_fade: ``[B, R, Hkv, D]`` fading keys/values in the same ring, or ``None``.
+        q_eid: ``[B, H, D]``; memory: ``(mem_k, mem_v [B, M, Hkv, D], mem_pos [B, M], mem_valid [B, M])``.
+
+    Returns:
+        ``[B, H, D]`` in ``q.dtype``.
+    """
+    bsz, num_heads, head_dim = q.shape
+    num_kv = ring_k.shape[2]
+    groups = num_heads // num_kv
+    scale = head_dim**-0.5 if scale is None else scale
+    ctype = _ctype(q)
+
+    def score(qq, kk):  # qq [B,H,D], kk [B,K,Hkv,D] -> [B,Hkv,G,K]
+        return torch.einsum("bagd,bkad->bagk", qq.view(bsz, num_kv, groups, head_dim).to(ctype), kk.to(ctype)) * scale
+
+    def weighted(vv):
+        return lambda p: torch.einsum("bagk,bkad->bagd", p, vv.to(ctype))
+
+    rel = positions[:, None] - ring_pos  # [B, R]
+    filled = ring_pos >= 0
+    scores = [score(q, ring_k)]
+    masks = [(filled & (rel >= 0) & (rel < window))[:, None, None]]
+    values = [weighted(ring_v)]
+    if ring_k_fade is not None:
+        scores.append(score(q, ring_k_fade))
+        masks.append((filled & (rel >= window) & (rel < 2 * window))[:, None, None])
+        values.append(weighted(ring_v_fade))
+    if memory is not None:
+        mem_k, mem_v, mem_pos, mem_valid = memory
+        scores.append(score(q_eid, mem_k))
+        masks.append((mem_valid & (mem_pos <= positions[:, None] - window))[:, None, None])
+        values.append(weighted(mem_v))
+    out = _joint_softmax(scores, masks, values, q.dtype)
+    return out.reshape(bsz, num_heads, head_dim)

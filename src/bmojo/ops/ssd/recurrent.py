@@ -1,0 +1,47 @@
+"""Single-token SSD update for decoding (same math as ``ssd_ref`` for one step)."""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .naive import compute_dtype, expand_groups
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Advance the SSD state by one token.
+
+    Args:
+        state: [b, H, P, N] state after the previous token
+        x:     [b, H, P]
+        dt:    [b, H]   positive step size (0 = identity step)
+        A:     [H]      negative decay rates
+        B, C:  [b, G, N]
+        D:     [H] or None
+
+    Returns:
+        y:         [b, H, P] in x.dtype
+        new_state: [b, H, P, N] float32 (float64 if inputs are float64), a new tensor;
+                   ``state`` is not modified (the caller copies it into its cache).
+    """
+    nheads = x.shape[1]
+    dtype = compute_dtype(state, x, dt, A, B, C, D)
+    xf, dtf = x.to(dtype), dt.to(dtype)
+    Bh = expand_groups(B.to(dtype), nheads)  # [b, H, N]
+    Ch = expand_groups(C.to(dtype), nheads)
+
+    decay = torch.exp(dtf * A.to(dtype))  # [b, H]
+    dBx = (dtf[:, :, None, None] * xf[:, :, :, None]) * Bh[:, :, None, :]  # [b, H, P, N]
+    new_state = decay[:, :, None, None] * state.to(dtype) + dBx
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * xf
+    return y.to(x.dtype), new_state
