@@ -270,8 +270,8 @@ PRESETS: dict[str, dict] = {
     ),
     "130m": dict(_LADDER_COMMON, hidden_size=768, num_hidden_layers=8, num_attention_heads=12),
     "370m": dict(_LADDER_COMMON, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16),
-    "790m": dict(_LADDER_COMMON, hidden_size=1536, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
-    "1.4b": dict(_LADDER_COMMON, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
+    "790m": dict(_LADDER_COMMON, hidden_size=1536, num_hidden_layers=17, num_attention_heads=16, num_key_value_heads=8),
+    "1.4b": dict(_LADDER_COMMON, hidden_size=2048, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=8),
 }
 
 
