@@ -281,6 +281,10 @@ class BMojoAttention(nn.Module):
             self.selections = config.selections_per_chunk
             # Predicts token t's key from the fading token f_{t-1}; its error is the innovation score.
             self.innovation_predictor = nn.Linear(d, self.num_kv * self.head_dim)
+            # The score averages over every key feature. Under tensor parallelism each rank holds some key heads;
+            # `sum_over_shards` then all-reduces the partial sums so that every rank selects the same tokens.
+            self.key_features = self.num_kv * self.head_dim
+            self.sum_over_shards = _identity
 
     def _qkv(self, h):
         lead = h.shape[:-1]
@@ -295,7 +299,7 @@ class BMojoAttention(nn.Module):
         Inputs are detached: the auxiliary loss trains the predictor only, and no gradient flows through the
         (hard) selection."""
         pred = self.innovation_predictor(f_prev.detach())
-        return (pred - k.detach().flatten(-2)).pow(2).mean(-1)
+        return self.sum_over_shards((pred - k.detach().flatten(-2)).pow(2).sum(-1)) / self.key_features
 
     def forward(self, h: torch.Tensor, info: _SequenceInfo):
         """``h [B, L, d]`` -> ``(out [B, L, d], innovation_loss or None, state dict)``."""
@@ -433,6 +437,10 @@ class BMojoAttention(nn.Module):
             memory,
         )
         return self.o_proj(out.reshape(bsz, -1))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _where_rows(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
