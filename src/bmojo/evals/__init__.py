@@ -1,0 +1,1 @@
+"""Evaluations: synthetic recall (MQAR) and language-model benchmarks."""
