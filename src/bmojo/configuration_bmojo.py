@@ -227,7 +227,7 @@ class BMojoConfig(PretrainedConfig):
 
 # Presets --------------------------------------------------------------------------------------------------------
 # Widths follow Mamba's ladder (768/1024/1536/2048); depths are chosen so that the B'MOJO model (mixer + SwiGLU
-# MLP per block, tied 50,280-token embedding) lands near the nominal size; `bmojo presets` prints the counts.
+# MLP per block, tied 50,280-token embedding) lands near the nominal size (tests/test_config.py checks within 15%).
 _LADDER_COMMON = dict(
     vocab_size=50280,
     window_size=512,
@@ -236,6 +236,7 @@ _LADDER_COMMON = dict(
     selections_per_chunk=4,
     ssm_state_size=128,
     ssm_head_dim=64,
+    ssm_ngroups=8,  # SSM groups split across tensor-parallel ranks (one or more per rank), as in NxD's Mamba-2
 )
 
 PRESETS: dict[str, dict] = {
@@ -268,10 +269,10 @@ PRESETS: dict[str, dict] = {
         ssm_state_size=32,
         ssm_head_dim=32,
     ),
-    "130m": dict(_LADDER_COMMON, hidden_size=768, num_hidden_layers=8, num_attention_heads=12),
-    "370m": dict(_LADDER_COMMON, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16),
-    "790m": dict(_LADDER_COMMON, hidden_size=1536, num_hidden_layers=17, num_attention_heads=16, num_key_value_heads=8),
-    "1.4b": dict(_LADDER_COMMON, hidden_size=2048, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=8),
+    "130m": dict(_LADDER_COMMON, hidden_size=768, num_hidden_layers=8, num_attention_heads=12, ssm_ngroups=4),
+    "370m": dict(_LADDER_COMMON, hidden_size=1024, num_hidden_layers=15, num_attention_heads=16),
+    "790m": dict(_LADDER_COMMON, hidden_size=1536, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
+    "1.4b": dict(_LADDER_COMMON, hidden_size=2048, num_hidden_layers=17, num_attention_heads=16, num_key_value_heads=8),
 }
 
 

@@ -286,12 +286,15 @@ class BMojoAttention(nn.Module):
             self.key_features = self.num_kv * self.head_dim
             self.sum_over_shards = _identity
 
-    def _qkv(self, h):
+    def _kv(self, h):
         lead = h.shape[:-1]
-        q = self.q_proj(h).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(h).view(*lead, self.num_kv, self.head_dim)
         v = self.v_proj(h).view(*lead, self.num_kv, self.head_dim)
-        return q, k, v
+        return k, v
+
+    def _qkv(self, h):
+        q = self.q_proj(h).view(*h.shape[:-1], self.num_heads, self.head_dim)
+        return (q, *self._kv(h))
 
     def _innovation(self, f_prev: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Squared error of predicting the key ``k [..., Hkv, D]`` from the previous fading token ``f_prev [..., d]``.
@@ -312,7 +315,7 @@ class BMojoAttention(nn.Module):
             f, state = self.ssm(h, info)
         k_fade = v_fade = None
         if self.use_fading:
-            _, kf, v_fade = self._qkv(f)
+            kf, v_fade = self._kv(f)  # the fading path shares the key/value weights
             k_fade = apply_rope(kf, info.cos, info.sin)
         reference = current_backend() == "reference"
         aux = None
@@ -382,7 +385,7 @@ class BMojoAttention(nn.Module):
             for name, t in zip(Slots._fields, slots):
                 state[f"{prefix}_{name}"] = at_chunk(t)
         idx = (lengths - 1)[:, None, None].expand(-1, 1, f.shape[-1])
-        state["prev_f"] = torch.gather(f, 1, idx)[:, 0]
+        state["prev_f"] = torch.gather(f, 1, idx)[:, 0].clone()
         return state
 
     # Decoding ------------------------------------------------------------------------------------------------------
@@ -404,7 +407,7 @@ class BMojoAttention(nn.Module):
         state["ring_pos"].copy_(torch.where(write, positions[:, None], state["ring_pos"]))
         f = self.ssm.step(h, state) if self.ssm is not None else None
         if self.use_fading:
-            _, kf, vf = self._qkv(f[:, None])
+            kf, vf = self._kv(f[:, None])
             put("ring_kf", apply_rope(kf, cos, sin)[:, 0])
             put("ring_vf", vf[:, 0])
         q_eid = memory = None
@@ -756,7 +759,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
             lm_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                _up(logits[:, :-1]).flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
             loss = lm_loss
             if out.innovation_loss is not None:
