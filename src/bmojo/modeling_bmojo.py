@@ -641,16 +641,17 @@ class BMojoModel(BMojoPreTrainedModel):
                     f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
                 )
             mask = attention_mask.to(torch.long)
-            if input_ids.device.type == "xla" or bool(mask.all()):
-                mask = None
-            if mask is not None:
+            # On XLA, value checks would force a host sync and a data-dependent branch: a given mask is always
+            # applied (rows are rolled even when nothing is padded) and trusted to be left/right padding.
+            on_xla = input_ids.device.type == "xla"
+            if on_xla or not bool(mask.all()):
                 lengths = mask.sum(-1)
-                if bool((lengths == 0).any()):
+                if not on_xla and bool((lengths == 0).any()):
                     raise ValueError("every row of attention_mask needs at least one real token")
                 shift = mask.argmax(-1)  # index of the first real token
                 input_ids = _roll_rows(input_ids, shift)
                 valid = torch.arange(length, device=input_ids.device)[None, :] < lengths[:, None]
-                if not bool((_roll_rows(mask, shift).bool() == valid).all()):
+                if not on_xla and not bool((_roll_rows(mask, shift).bool() == valid).all()):
                     raise ValueError("attention_mask must mark one contiguous run of tokens per row (left or right padding)")
         if use_cache and lengths is None:
             lengths = torch.full((bsz,), length, dtype=torch.long, device=input_ids.device)
