@@ -68,7 +68,7 @@ def topk_per_chunk(scores: torch.Tensor, chunk_size: int, k: int) -> tuple[torch
     for _ in range(k):  # k is a small constant: k rounds of argmax instead of a sort
         idx = work.argmax(dim=-1)  # the first maximum: earlier positions win ties
         hot = lane == idx[..., None]
-        values.append(work.gather(-1, idx[..., None])[..., 0])
+        values.append(work.amax(dim=-1))  # the picked value, without a data-indexed gather
         picks.append(idx)
         hots.append(hot)
         # Exclude the pick; -2 keeps it below padding so exhausted chunks pick padding, never a repeat.

@@ -22,13 +22,17 @@ def _ctype(x: torch.Tensor) -> torch.dtype:
 
 def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunks: int) -> torch.Tensor:
     """``x [B, Lp, ...]`` -> ``[B, nC, size, ...]``: window ``c`` holds positions ``[cC - front, cC - front + size)``
-    (zeros before the start and after the end)."""
-    length = x.shape[1]
-    back = max(0, (num_chunks - 1) * chunk - front + size - length)
-    pad = [0, 0] * (x.dim() - 2) + [front, back]
-    xp = F.pad(x, pad)
-    win = xp.unfold(1, size, chunk)[:, :num_chunks]  # [B, nC, ..., size]
-    return win.movedim(-1, 2)
+    (zeros before the start and after the end). ``front`` and ``size`` are multiples of ``chunk``.
+
+    Built from whole chunks (``size / C`` shifted slices of the padded sequence seen as blocks of ``C``), not with
+    ``unfold``: torch-xla 2.9 has no lowering for ``unfold`` and would run it on the CPU (tests/xla)."""
+    if front % chunk or size % chunk:
+        raise ValueError(f"window offsets ({front}, {size}) must be multiples of the chunk size {chunk}")
+    span = size // chunk
+    blocks = num_chunks + span - 1
+    pad = [0, 0] * (x.dim() - 2) + [front, max(0, blocks * chunk - front - x.shape[1])]
+    xb = F.pad(x, pad)[:, : blocks * chunk].unflatten(1, (blocks, chunk))  # [B, blocks, C, ...]
+    return torch.cat([xb[:, j : j + num_chunks] for j in range(span)], dim=2)
 
 
 def _joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
@@ -37,7 +41,9 @@ def _joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
     ``score_blocks[n]``: ``[..., Q, K_n]``; ``mask_blocks[n]`` broadcastable to it (bool);
     ``value_blocks[n]``: callable mapping probabilities ``[..., Q, K_n]`` to the weighted value sum.
     """
-    neg = torch.finfo(score_blocks[0].dtype).min
+    # A tensor fill value in the scores' dtype: a Python float would enter an XLA graph as an f64 scalar.
+    first = score_blocks[0]
+    neg = torch.tensor(torch.finfo(first.dtype).min, dtype=first.dtype, device=first.device)
     s = torch.cat([sc.masked_fill(~m, neg) for sc, m in zip(score_blocks, mask_blocks)], dim=-1)
     p = torch.softmax(s, dim=-1)
     out, start = 0, 0
