@@ -1,0 +1,34 @@
+"""A tiny MQAR sweep end to end: variants at equal parameters, results JSON, Markdown table and plot."""
+
+import json
+
+import torch
+
+from bmojo.evals.mqar_sweep import QUICK, VARIANTS, SweepConfig, main, matched_configs, parameter_count
+
+
+def test_variants_are_the_special_cases_at_equal_parameters():
+    configs = matched_configs(SweepConfig())
+    counts = {name: parameter_count(cfg) for name, cfg in configs.items()}
+    assert max(counts.values()) <= 1.1 * min(counts.values())
+    assert configs["transformer"].window_size >= SweepConfig().seq_len  # full attention
+    assert set(configs["swa"].layers_block_type) == {"attention"} and configs["swa"].window_size == 32
+    assert set(configs["mamba2"].layers_block_type) == {"ssm"}
+    assert configs["bmojo_f"].memory_size == 0 and configs["bmojo_f"].use_fading
+    assert configs["bmojo"].memory_size > 0 and configs["bmojo"].use_fading
+
+
+def test_quick_sweep_writes_results_table_and_plot(tmp_path):
+    torch.set_num_threads(1)  # tiny matmuls: one thread avoids contention on a busy machine
+    main(["--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "mqar.json").read_text())
+    assert list(results["variants"]) == list(VARIANTS)
+    keys = {f"kv={p}" for p in QUICK["test_pairs"]} | {f"long-gap kv={p}" for p in QUICK["long_gap_pairs"]}
+    for name, v in results["variants"].items():
+        assert set(v["best"]["accuracy"]) == keys
+        assert all(0.0 <= a <= 1.0 for a in v["best"]["accuracy"].values())
+        assert v["best"]["lr"] in QUICK["lrs"] and v["best"]["steps"] > 0
+    table = (tmp_path / "mqar.md").read_text()
+    assert "python -m bmojo.evals.mqar_sweep --quick" in table
+    assert all(label in table for label in ("Transformer", "SWA", "Mamba-2", "B'MOJO-F", "B'MOJO"))
+    assert (tmp_path / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
