@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bmojo import BMojoCache, BMojoForCausalLM, preset_config
+from bmojo.evals.peers import llama_config, mamba2_config
 
 
 def count(model) -> int:
@@ -58,41 +59,14 @@ def build_models(contexts, train_length):
     ssm = dict(num_hidden_layers=depth, layers_block_type=["ssm"] * depth, use_mlp=False)
 
     def llama(window=None):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = ours(**attn).config
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=cfg.vocab_size,
-                hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_hidden_layers,
-                num_attention_heads=cfg.num_attention_heads,
-                num_key_value_heads=cfg.num_key_value_heads,
-                tie_word_embeddings=True,
-                max_position_embeddings=max(contexts + [train_length]) + 64,
-            )
-        )
+        return LlamaForCausalLM(llama_config(ours(**attn).config, max(contexts + [train_length]) + 64))
 
     def mamba2(window=None):
-        from transformers import Mamba2Config, Mamba2ForCausalLM
+        from transformers import Mamba2ForCausalLM
 
-        cfg = ours(**ssm).config
-        return Mamba2ForCausalLM(
-            Mamba2Config(
-                vocab_size=cfg.vocab_size,
-                hidden_size=cfg.hidden_size,
-                num_hidden_layers=cfg.num_hidden_layers,
-                state_size=cfg.ssm_state_size,
-                expand=cfg.ssm_expand,
-                head_dim=cfg.ssm_head_dim,
-                num_heads=cfg.ssm_num_heads,
-                n_groups=cfg.ssm_ngroups,
-                conv_kernel=cfg.ssm_conv_kernel,
-                chunk_size=cfg.chunk_size,
-                tie_word_embeddings=True,
-            )
-        )
+        return Mamba2ForCausalLM(mamba2_config(ours(**ssm).config))
 
     return {
         "B'MOJO": (lambda window=None: ours(), "ours"),

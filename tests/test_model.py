@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bmojo import BMojoCache, BMojoForCausalLM, preset_config
+from bmojo.evals.peers import llama_config, llama_state_dict, mamba2_config, mamba2_state_dict
 from bmojo.ops.backends import use_backend
 
 
@@ -18,33 +19,10 @@ def _tokens(bsz, length, vocab=64, seed=1):
 
 # --- special cases ----------------------------------------------------------------------------------------------
 def _to_llama(model):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = model.config
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
-            rms_norm_eps=cfg.rms_norm_eps,
-            rope_theta=cfg.rope_theta,
-            tie_word_embeddings=True,
-            attention_bias=False,
-            mlp_bias=False,
-            max_position_embeddings=4096,
-        )
-    ).to(torch.float64)
-    renames = {"input_norm": "input_layernorm", "post_mixer_norm": "post_attention_layernorm", "mixer": "self_attn"}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        for ours, theirs in renames.items():
-            name = name.replace(f".{ours}.", f".{theirs}.")
-        state[name] = tensor
-    missing, unexpected = llama.load_state_dict(state, strict=False)
+    llama = LlamaForCausalLM(llama_config(model.config)).to(torch.float64)
+    missing, unexpected = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
     assert not unexpected and all("rotary" in m or m == "lm_head.weight" for m in missing), (missing, unexpected)
     llama.tie_weights()
     return llama.eval()
@@ -102,35 +80,11 @@ def test_chunked_model_equals_reference_model(layers, use_mlp):
 
 def test_ssm_model_is_transformers_mamba2():
     """All-``ssm`` layers without MLP == transformers' own Mamba2ForCausalLM with the same weights."""
-    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from transformers import Mamba2ForCausalLM
 
     model = _model(layers_block_type=["ssm", "ssm"], use_mlp=False)
-    cfg = model.config
-    mamba = Mamba2ForCausalLM(
-        Mamba2Config(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            state_size=cfg.ssm_state_size,
-            expand=cfg.ssm_expand,
-            head_dim=cfg.ssm_head_dim,
-            num_heads=cfg.ssm_num_heads,
-            n_groups=cfg.ssm_ngroups,
-            conv_kernel=cfg.ssm_conv_kernel,
-            chunk_size=cfg.chunk_size,
-            layer_norm_epsilon=cfg.rms_norm_eps,
-            use_bias=False,
-            use_conv_bias=True,
-            tie_word_embeddings=True,
-            residual_in_fp32=False,
-        )
-    ).to(torch.float64)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        name = name.replace("model.embed_tokens", "backbone.embeddings").replace("model.norm.", "backbone.norm_f.")
-        name = name.replace("model.layers.", "backbone.layers.").replace(".input_norm.", ".norm.")
-        state[name] = tensor
-    missing, unexpected = mamba.load_state_dict(state, strict=False)
+    mamba = Mamba2ForCausalLM(mamba2_config(model.config)).to(torch.float64)
+    missing, unexpected = mamba.load_state_dict(mamba2_state_dict(model.state_dict()), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     mamba.tie_weights()
     x = _tokens(2, 21)
