@@ -1,0 +1,354 @@
+"""The ``bmojo`` command: ``train``, ``eval``, ``generate`` and ``tokenizer {train,inspect,encode}``.
+
+Errors in what the user gave (paths, data, settings, checkpoints) print one line ``bmojo: error: ...`` and exit
+with status 2 (3 when training diverged); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .checkpoint import load_model, resolve_checkpoint, run_dir_of
+from .configuration_bmojo import PRESETS
+from .data import load_corpus, read_documents, source_files, token_dtype, write_token_file
+from .errors import BMojoError
+from .tokenization import load_tokenizer, train_bpe
+from .training import (
+    DEFAULT_PRESET,
+    TrainConfig,
+    default_threads,
+    evaluate,
+    generate_text,
+    load_train_settings,
+    train,
+)
+
+DATA_HELP = (
+    "data source, repeatable: 'stdlib' (the Python standard library's *.py files), a text file, a folder "
+    '(its files matching --glob), a .jsonl file (one {"text": ...} per line) or a pre-tokenized .bin '
+    "(see `bmojo tokenizer encode`). The byte-level tokenizer reads raw bytes; other tokenizers decode text as "
+    "UTF-8 and replace undecodable bytes with U+FFFD"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"bmojo: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_at_least(low: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: preset < --config file < --set < explicit flags
+# ---------------------------------------------------------------------------------------------------------------
+# Flags of `bmojo train` that set the training setting of the same name (dashes for underscores); the help
+# shows TrainConfig's default.
+TRAIN_FLAGS = {
+    "--data": dict(action="append", metavar="SOURCE", help=DATA_HELP),
+    "--glob": dict(metavar="PATTERN", help="which files of a data folder to read"),
+    "--text-key": dict(metavar="KEY", help="JSONL field holding the text"),
+    "--tokenizer": dict(metavar="SPEC", help="'byte', a tokenizer.json, or a tokenizer directory"),
+    "--out": dict(metavar="DIR", help="run directory"),
+    "--steps": dict(type=int, metavar="N", help="optimizer steps"),
+    "--batch-size": dict(type=int, metavar="N", help="sequences per optimizer step, over all processes"),
+    "--grad-accum": dict(type=int, metavar="N", help="micro-batches accumulated per step"),
+    "--seq-len": dict(type=int, metavar="N", help="tokens per sequence (at least the model's chunk_size)"),
+    "--lr": dict(type=float, metavar="LR", help="peak learning rate (linear warmup, cosine decay)"),
+    "--warmup-steps": dict(type=int, metavar="N", help="steps of linear warmup"),
+    "--seed": dict(type=int, metavar="N", help="initialization and data order"),
+    "--eval-every": dict(type=int, metavar="N", help="steps between evaluations (0: only before and after)"),
+    "--save-every": dict(type=int, metavar="N", help="steps between checkpoints (0: only at the end)"),
+    "--device": dict(metavar="NAME", help="cpu (the only device so far)"),
+    "--threads": dict(type=int, metavar="N", help="torch threads per process (0: the cores, shared among processes)"),
+    "--bf16": dict(action="store_true", help="bfloat16 autocast"),
+}
+
+TRAIN_EXAMPLES = """examples:
+  bmojo train                                   # 'cpu' preset on the Python standard library -> runs/default
+  bmojo train --preset tiny --data notes/ --glob '*.md' --steps 200 --out runs/notes
+  bmojo train --config run.yaml --set model.window_size=64 --lr 1e-3
+  bmojo train --out runs/notes --resume         # continue after a crash or to more --steps
+  torchrun --standalone --nproc_per_node=2 -m bmojo.cli train --out runs/ddp
+"""
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON file with optional ``preset: NAME``, ``model: {...}`` and ``train: {...}``."""
+    file = Path(path)
+    if not file.is_file():
+        raise BMojoError(f"config file {path!r} does not exist")
+    try:
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise BMojoError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict) or not set(values) <= {"preset", "model", "train"}:
+        raise BMojoError(f"{path}: expected a mapping with the sections preset, model and train")
+    for section in ("model", "train"):
+        if not isinstance(values.get(section, {}), dict):
+            raise BMojoError(f"{path}: section {section!r} must be a mapping")
+    return values
+
+
+def _parse_value(text: str):
+    """``--set`` values are YAML scalars or lists (``64``, ``true``, ``[a, b]``); anything else stays text."""
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def resolve_settings(args) -> tuple[str | None, dict, dict]:
+    """(preset, model settings, training settings) from ``--config``, ``--set`` and the flags."""
+    file = read_config_file(args.config) if args.config else {}
+    preset = args.preset or file.get("preset")
+    sections = {"model": dict(file.get("model") or {}), "train": dict(file.get("train") or {})}
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and name and section in sections):
+            raise BMojoError(f"--set expects model.NAME=VALUE or train.NAME=VALUE, got {item!r}")
+        sections[section][name] = _parse_value(text)
+    for flag in TRAIN_FLAGS:
+        name = flag[2:].replace("-", "_")
+        if name in vars(args):
+            sections["train"][name] = getattr(args, name)
+    return preset, sections["model"], sections["train"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    preset, model_settings, train_settings = resolve_settings(args)
+    train(preset, model_settings, train_settings, resume=args.resume)
+    return 0
+
+
+def _load_model_and_tokenizer(path: str, tokenizer_spec: str | None, threads: int):
+    torch.set_num_threads(threads or default_threads(1))
+    checkpoint = resolve_checkpoint(path)
+    model = load_model(checkpoint)
+    run_dir = run_dir_of(checkpoint)
+    if tokenizer_spec is None:
+        if not (run_dir / "tokenizer").is_dir():
+            raise BMojoError(f"no tokenizer directory next to {checkpoint}; pass --tokenizer")
+        tokenizer_spec = run_dir / "tokenizer"
+    tokenizer = load_tokenizer(tokenizer_spec)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise BMojoError(
+            f"tokenizer {str(tokenizer_spec)!r} has {tokenizer.vocab_size} tokens but the model in {checkpoint} "
+            f"has vocab_size {model.config.vocab_size}: they do not belong together"
+        )
+    return checkpoint, run_dir, model, tokenizer
+
+
+def cmd_eval(args) -> int:
+    checkpoint, run_dir, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
+    run = TrainConfig()
+    if (run_dir / "train_config.yaml").is_file():
+        run = TrainConfig.from_dict(load_train_settings(run_dir))
+    seq_len = args.seq_len or run.seq_len
+    if seq_len < model.config.chunk_size:
+        raise BMojoError(
+            f"--seq-len must be at least the model's chunk_size ({model.config.chunk_size}), got {seq_len}"
+        )
+    data = args.data or run.data
+    corpus = load_corpus(
+        data, tokenizer, seq_len, run.val_fraction, args.glob or run.glob, args.text_key or run.text_key
+    )
+    # The run's own data: its validation split. Other data: all of it.
+    windows = corpus.val_windows if not args.data else np.arange(len(corpus.tokens) // seq_len)
+    if args.max_batches:
+        windows = windows[: args.max_batches * args.batch_size]
+    result = evaluate(model, corpus, windows, args.batch_size, model.device, args.bf16)
+    result.update(checkpoint=str(checkpoint), data=data, split="validation" if not args.data else "all")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        innovation = result["innovation_loss"]
+        print(
+            f"{checkpoint}: LM loss {result['lm_loss']:.4f} | perplexity {result['perplexity']:.3f}"
+            + (f" | innovation loss {innovation:.4f}" if innovation is not None else "")
+            + f" | {result['tokens']:,} tokens ({result['split']} of {', '.join(data)})"
+        )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    _, _, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
+    temperature = 0.0 if args.greedy else args.temperature
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature, args.top_k, args.seed))
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    files = [f for source in args.data for f in source_files(source, args.glob)]
+    tokenizer = train_bpe(read_documents(files, args.text_key), args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"trained a BPE tokenizer of {tokenizer.vocab_size} tokens on {len(files)} file(s) -> {args.out}")
+    return 0
+
+
+def cmd_tokenizer_inspect(args) -> int:
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = tokenizer.encode(args.text)
+    specials = " ".join(f"{name}={i}" for name, i in tokenizer.special_tokens().items())
+    print(f"tokenizer:      {args.tokenizer}")
+    print(f"kind:           {tokenizer.description}")
+    print(f"vocab size:     {tokenizer.vocab_size}")
+    print(f"special tokens: {specials or '(none)'} (end of document: {tokenizer.eos_id})")
+    print(
+        f"example:        {args.text!r} -> {len(ids)} tokens "
+        f"({len(args.text.encode()) / max(1, len(ids)):.2f} bytes/token)"
+    )
+    print(f"  ids:          {ids}")
+    print(f"  tokens:       {tokenizer.tokens(ids)}")
+    return 0
+
+
+def cmd_tokenizer_encode(args) -> int:
+    tokenizer = load_tokenizer(args.tokenizer)
+    files = [f for source in args.data for f in source_files(source, args.glob)]
+    docs = (doc for doc in read_documents(files, args.text_key) if doc)
+    count = write_token_file(args.out, tokenizer.encode_documents(docs), tokenizer.vocab_size)
+    if count == 0:
+        raise BMojoError(f"data {', '.join(args.data)!r} holds no text (all files are empty)")
+    print(f"wrote {count:,} tokens ({token_dtype(tokenizer.vocab_size).name}) from {len(files)} file(s) to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bmojo", description="Train, evaluate and sample B'MOJO language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (default: the 'cpu' preset on the Python standard library, ~10 minutes on 2 cores)",
+        description="Train a model. Settings apply in order: the preset, --config, --set, the flags.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    train.add_argument("--config", metavar="FILE", help="YAML or JSON file with 'preset', 'model' and 'train' sections")
+    train.add_argument(
+        "--set", action="append", metavar="SECTION.NAME=VALUE", help="override one setting, e.g. model.window_size=64"
+    )
+    defaults = TrainConfig()
+    for flag, options in TRAIN_FLAGS.items():
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        shown = ", ".join(default) if isinstance(default, list) else default
+        options = {**options, "help": f"{options['help']} (default: {shown})"}
+        train.add_argument(flag, default=argparse.SUPPRESS, **options)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint (its saved settings apply)",
+    )
+    train.set_defaults(run=cmd_train)
+
+    def inference_args(p):
+        p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
+        p.add_argument("--tokenizer", help="override the run's tokenizer")
+        p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch threads (0: all cores)")
+
+    evaluate = commands.add_parser("eval", help="perplexity of a checkpoint", description="Perplexity of a checkpoint.")
+    inference_args(evaluate)
+    evaluate.add_argument(
+        "--data", action="append", metavar="SOURCE", help=DATA_HELP + " (default: the run's validation split)"
+    )
+    evaluate.add_argument("--glob", help="which files of a data folder to read")
+    evaluate.add_argument("--text-key", help="JSONL field holding the text")
+    evaluate.add_argument("--seq-len", type=_int_at_least(1), help="tokens per sequence (default: the run's)")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    evaluate.add_argument("--max-batches", type=_int_at_least(1), help="evaluate at most this many batches")
+    evaluate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    evaluate.set_defaults(run=cmd_eval)
+
+    generate = commands.add_parser("generate", help="sample text from a checkpoint", description="Sample text.")
+    inference_args(generate)
+    generate.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=200)
+    generate.add_argument("--temperature", type=_float_at_least(0.0), default=0.8, help="0 decodes greedily")
+    generate.add_argument("--top-k", type=_int_at_least(0), default=50, help="sample from the k likeliest (0: all)")
+    generate.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=cmd_generate)
+
+    tok = commands.add_parser("tokenizer", help="train, inspect or apply a tokenizer", description="Tokenizers.")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+
+    def data_args(p):
+        p.add_argument("--data", action="append", required=True, metavar="SOURCE", help=DATA_HELP)
+        p.add_argument("--glob", default="*", help="which files of a data folder to read (default: *)")
+        p.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
+
+    tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer with `tokenizers`")
+    data_args(tok_train)
+    tok_train.add_argument("--vocab-size", type=_int_at_least(1), required=True)
+    tok_train.add_argument("--out", required=True, help="directory to write (tokenizer.json, tokenizer_config.json)")
+    tok_train.set_defaults(run=cmd_tokenizer_train)
+
+    tok_inspect = tok_commands.add_parser("inspect", help="vocabulary size, special tokens and an example")
+    tok_inspect.add_argument("tokenizer", help="'byte', a tokenizer.json, or a tokenizer directory")
+    tok_inspect.add_argument("--text", default="def hello(name):\n    return f'hi {name}'\n", help="example text")
+    tok_inspect.set_defaults(run=cmd_tokenizer_inspect)
+
+    tok_encode = tok_commands.add_parser("encode", help="pre-tokenize data into a memory-mapped .bin corpus")
+    data_args(tok_encode)
+    tok_encode.add_argument("--tokenizer", default="byte", help="'byte' (default), a tokenizer.json, or a directory")
+    tok_encode.add_argument("--out", required=True, help="the .bin file to write (plus its .bin.json header)")
+    tok_encode.set_defaults(run=cmd_tokenizer_encode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save/load progress bars would drown the training bar
+    try:
+        return args.run(args)
+    except BMojoError as exc:
+        print(f"bmojo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
