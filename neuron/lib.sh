@@ -186,3 +186,35 @@ MULTI_NODE_HELP="Multi-node (every node runs the same command with its own --nod
   --node-rank R        this node's rank, 0 <= R < N (required when N > 1)
   --master-addr ADDR   address of node 0 (required when N > 1)
   --master-port P      port on node 0 (default 29500)"
+
+# help_requested ARGS...: true when -h/--help comes before `--` (help never needs the Neuron environment).
+help_requested() {
+    local arg
+    for arg in "$@"; do
+        [[ "$arg" == "--" ]] && return 1
+        [[ "$arg" == "-h" || "$arg" == "--help" ]] && return 0
+    done
+    return 1
+}
+
+# launch_training NPROC MULTI_NODE_OK ARGS...: the whole of a training launcher after its usage text.
+launch_training() {
+    local nproc=$1 multi_node_ok=$2
+    shift 2
+    if help_requested "$@"; then
+        usage
+        exit 0
+    fi
+    parse_args "$@"
+    validate_nodes "$multi_node_ok"
+    validate_passthrough
+    build_torchrun "$nproc"
+    local command=("${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}")
+    source "$NEURON_DIR/env.sh"
+    if ((DRY_RUN)); then
+        print_command "${command[@]}"
+        exit 0
+    fi
+    check_environment train "$nproc"
+    exec "${command[@]}"
+}

@@ -52,13 +52,10 @@ extra_option() {
     esac
 }
 
-for arg in "$@"; do
-    [[ "$arg" == "--" ]] && break
-    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-        usage # help never needs the Neuron environment
-        exit 0
-    fi
-done
+if help_requested "$@"; then
+    usage
+    exit 0
+fi
 
 parse_args "$@"
 case "$INSTANCE" in

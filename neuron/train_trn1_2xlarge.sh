@@ -25,24 +25,4 @@ EOF
 # No script-specific options; multi-node options are parsed (to give a clear error) but refused below.
 extra_option() { return 1; }
 
-for arg in "$@"; do
-    [[ "$arg" == "--" ]] && break
-    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-        usage # help never needs the Neuron environment
-        exit 0
-    fi
-done
-
-parse_args "$@"
-validate_nodes 0
-validate_passthrough
-build_torchrun "$NPROC"
-COMMAND=("${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}")
-
-source "$NEURON_DIR/env.sh"
-if ((DRY_RUN)); then
-    print_command "${COMMAND[@]}"
-    exit 0
-fi
-check_environment train "$NPROC"
-exec "${COMMAND[@]}"
+launch_training "$NPROC" 0 "$@"
