@@ -113,7 +113,7 @@ BAD_TRAIN = [
         "invalid model configuration: window_size (6) must be a multiple of chunk_size (4)",
     ),
     (["--set", "model.vocab_size=64"], "model.vocab_size (64) is smaller than the tokenizer's vocabulary (260)"),
-    (["--device", "xla"], "train.device must be one of cpu, got 'xla'"),
+    (["--device", "tpu"], "train.device must be one of cpu, xla, got 'tpu'"),
     (
         ["--tokenizer", "/no/tok"],
         "tokenizer '/no/tok' not found: give 'byte', a tokenizer.json file or a tokenizer directory",
@@ -128,6 +128,20 @@ def test_bad_training_input_is_one_error_line(extra, message, corpus, tmp_path, 
     assert cli(tiny(corpus, tmp_path / "run", *extra)) == 2
     error = one_error_line(capsys)
     assert error.startswith(message), error
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_device_xla_without_torch_xla_says_how_to_get_it(corpus, tmp_path, capsys):
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch-xla imports here: tests/xla runs --device xla")
+    assert cli(tiny(corpus, tmp_path / "run", "--device", "xla")) == 2
+    error = one_error_line(capsys)
+    assert error.startswith("--device xla needs torch-xla, which does not import here (No module named 'torch_xla')")
+    assert "scripts/setup_xla.sh" in error and "neuron/env.sh" in error
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

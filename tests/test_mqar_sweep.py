@@ -12,7 +12,7 @@ def test_variants_are_the_special_cases_at_equal_parameters():
     counts = {name: parameter_count(cfg) for name, cfg in configs.items()}
     assert max(counts.values()) <= 1.1 * min(counts.values())
     assert configs["transformer"].window_size >= SweepConfig().seq_len  # full attention
-    assert set(configs["swa"].layers_block_type) == {"attention"} and configs["swa"].window_size == 32
+    assert set(configs["swa"].layers_block_type) == {"attention"} and configs["swa"].window_size == SweepConfig().window
     assert set(configs["mamba2"].layers_block_type) == {"ssm"}
     assert configs["bmojo_f"].memory_size == 0 and configs["bmojo_f"].use_fading
     assert configs["bmojo"].memory_size > 0 and configs["bmojo"].use_fading

@@ -83,9 +83,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, state: dic
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # Host copies: safetensors writes CPU memory, and on XLA the tensors live on the device. A tensor shared by two
+    # names (the tied embedding / lm_head) stays one shared copy, which save_pretrained writes once.
+    copies: dict[int, torch.Tensor] = {}
+
+    def on_host(t: torch.Tensor) -> torch.Tensor:
+        return copies.setdefault(id(t), t.detach().cpu())
+
+    model.save_pretrained(tmp, state_dict={k: on_host(v) for k, v in model.state_dict(keep_vars=True).items()})
     opt = optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{name}": t for i, s in opt["state"].items() for name, t in s.items()}
+    tensors = {f"optimizer.{i}.{name}": on_host(t) for i, s in opt["state"].items() for name, t in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, tmp / STATE_TENSORS)
     (tmp / STATE_JSON).write_text(json.dumps({**state, "step": step, "param_groups": opt["param_groups"]}, indent=2))

@@ -89,7 +89,7 @@ TRAIN_FLAGS = {
     "--seed": dict(type=int, metavar="N", help="initialization and data order"),
     "--eval-every": dict(type=int, metavar="N", help="steps between evaluations (0: only before and after)"),
     "--save-every": dict(type=int, metavar="N", help="steps between checkpoints (0: only at the end)"),
-    "--device": dict(metavar="NAME", help="cpu (the only device so far)"),
+    "--device": dict(metavar="NAME", help="cpu, or xla (Trainium through torch-xla; see neuron/README.md)"),
     "--threads": dict(type=int, metavar="N", help="torch threads per process (0: the cores, shared among processes)"),
     "--bf16": dict(action="store_true", help="bfloat16 autocast"),
 }

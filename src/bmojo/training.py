@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .configuration_bmojo import PRESETS, BMojoConfig
 from .data import STDLIB, Corpus, batch_positions, load_corpus
+from .devices import DEVICES, Device
 from .errors import BMojoError, TrainingDiverged
 from .modeling_bmojo import BMojoForCausalLM
 from .plotting import plot_loss_curve
 from .tokenization import load_tokenizer
 
-DEVICES = ("cpu",)  # "xla" (Trainium) joins here: see select_device
 DEFAULT_PRESET = "cpu"
 MODEL_KEYS = tuple(p for p in inspect.signature(BMojoConfig.__init__).parameters if p not in ("self", "kwargs"))
 
@@ -61,7 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
     bf16: bool = False  # bfloat16 autocast
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # or "xla": Trainium through torch-xla (bmojo.devices)
     threads: int = 0  # torch threads per process; 0 = the cores, shared among the processes
     val_fraction: float = 0.01
     eval_every: int = 100  # 0: evaluate only before and after training
@@ -189,13 +189,6 @@ def check_same_model(config: BMojoConfig, saved: BMojoConfig, where: Path) -> No
 # ---------------------------------------------------------------------------------------------------------------
 # Devices and processes
 # ---------------------------------------------------------------------------------------------------------------
-def select_device(name: str) -> torch.device:
-    """The one place that maps ``--device`` to a torch device (Trainium's "xla" will be added here)."""
-    if name == "cpu":
-        return torch.device("cpu")
-    raise BMojoError(f"device {name!r} is not supported; choose one of {', '.join(DEVICES)}")
-
-
 @dataclass
 class Processes:
     """This process's place among those ``torchrun`` started (one process without torchrun)."""
@@ -208,12 +201,10 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-
-def init_processes() -> Processes:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # CPU collectives
-    return Processes(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    @classmethod
+    def from_env(cls) -> Processes:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def default_threads(local_world_size: int) -> int:
@@ -263,24 +254,35 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
-    model, corpus: Corpus, windows, batch_size: int, device, bf16: bool = False, procs: Processes | None = None
+    model,
+    corpus: Corpus,
+    windows,
+    batch_size: int,
+    device: Device | torch.device,
+    bf16: bool = False,
+    procs: Processes | None = None,
 ) -> dict:
-    """Mean LM loss (and innovation loss) over ``windows``, split among the processes."""
+    """Mean LM loss (and innovation loss) over ``windows``, split among the processes. The sums stay on the
+    device (one graph per batch on XLA) and are read once, at the end."""
     procs = procs or Processes()
+    device = device if isinstance(device, Device) else Device(device.type)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # lm_loss * rows, innovation_loss * rows, rows
-    has_innovation = False
+    # float64 where the device has it (XLA: Trainium has no float64)
+    sums = torch.zeros(2, dtype=torch.float32 if device.is_xla else torch.float64, device=device.torch_device)
+    rows, has_innovation = 0, False
     mine = windows[procs.rank :: procs.world_size]
     for i in range(0, len(mine), batch_size):
-        x = corpus.batch(mine[i : i + batch_size]).to(device)
+        x = corpus.batch(mine[i : i + batch_size]).to(device.torch_device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=x, labels=x)
         has_innovation = out.innovation_loss is not None
-        innovation = out.innovation_loss.item() if has_innovation else 0.0
-        sums += torch.tensor([out.lm_loss.item() * len(x), innovation * len(x), len(x)], dtype=torch.float64)
+        innovation = out.innovation_loss if has_innovation else torch.zeros_like(out.lm_loss)
+        sums += torch.stack([out.lm_loss, innovation]).to(sums.dtype) * len(x)
+        rows += len(x)
+        device.barrier()
     model.train(was_training)
-    lm_sum, innovation_sum, rows = _all_sum(sums, procs).tolist()
+    lm_sum, innovation_sum, rows = _all_sum(torch.cat([sums, sums.new_tensor([rows])]), procs).tolist()
     return {
         "lm_loss": lm_sum / rows,
         "innovation_loss": innovation_sum / rows if has_innovation else None,
@@ -350,7 +352,7 @@ def load_train_settings(run_dir: Path) -> dict:
 def train(preset: str | None, model_overrides: dict, train_overrides: dict, resume: bool = False) -> dict:
     """Train as configured; returns the final validation metrics. ``resume`` continues the run in
     ``train.out`` from its newest checkpoint, with its saved settings under the given ones."""
-    procs = init_processes()
+    procs = Processes.from_env()
     try:
         return _train(procs, preset, model_overrides, train_overrides, resume)
     finally:
@@ -386,17 +388,39 @@ def _resolve(procs: Processes, preset, model_overrides: dict, train_overrides: d
     return cfg, tokenizer, model_config, checkpoint
 
 
+class StepBatches:
+    """The token ids of training steps ``start .. steps-1`` for this process, one ``[grad_accum, micro_batch,
+    seq_len]`` tensor a step. The sequences of a step are a pure function of ``(seed, step)``, so a resumed run
+    sees exactly what the uninterrupted run saw."""
+
+    def __init__(self, corpus: Corpus, cfg: TrainConfig, procs: Processes, start: int):
+        self.corpus, self.cfg, self.procs, self.start = corpus, cfg, procs, start
+        self.micro_batch = cfg.batch_size // (procs.world_size * cfg.grad_accum)
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.start
+
+    def __iter__(self):
+        cfg, procs = self.cfg, self.procs
+        for step in range(self.start, cfg.steps):
+            positions = batch_positions(cfg.seed, step, cfg.batch_size, len(self.corpus.train_windows))
+            positions = positions.reshape(cfg.grad_accum, procs.world_size, self.micro_batch)[:, procs.rank]
+            yield torch.stack([self.corpus.batch(self.corpus.train_windows[micro]) for micro in positions])
+
+
 def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dict, resume: bool) -> dict:
     cfg, tokenizer, model_config, checkpoint = _resolve(procs, preset, model_overrides, train_overrides, resume)
     out = Path(cfg.out)
     say = tqdm.write if procs.is_main else (lambda *_: None)
-    device = select_device(cfg.device)
+    device = Device(cfg.device)
+    if procs.world_size > 1:
+        device.init_process_group(procs.world_size)
     torch.set_num_threads(cfg.threads or default_threads(procs.local_world_size))
     corpus = load_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.glob, cfg.text_key)
 
     torch.manual_seed(cfg.seed)
     model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(model_config)
-    model.to(device).train()
+    device.place_model(model).train()
     optimizer = make_optimizer(model, cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
     start = 0
@@ -416,39 +440,24 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
         say(f"{out} already finished {start} of {cfg.steps} steps; nothing to do")
         return {}
 
-    wrapped = DistributedDataParallel(model) if procs.world_size > 1 else model
-    micro_batch = cfg.batch_size // (procs.world_size * cfg.grad_accum)
+    # On the CPU, DDP averages the gradients during backward; on XLA, Device.reduce_gradients does after it.
+    wrapped = DistributedDataParallel(model) if procs.world_size > 1 and not device.is_xla else model
+    batches = StepBatches(corpus, cfg, procs, start)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    eval_windows = corpus.val_windows[: cfg.eval_batches * micro_batch * procs.world_size]
+    eval_windows = corpus.val_windows[: cfg.eval_batches * batches.micro_batch * procs.world_size]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     say(
-        f"run {out}: {sum(p.numel() for p in model.parameters()):,} parameters | "
+        f"run {out}: {sum(p.numel() for p in model.parameters()):,} parameters on {device.torch_device} | "
         f"{len(corpus.tokens):,} tokens ({len(corpus.train_windows):,} train / {len(corpus.val_windows):,} val "
         f"sequences of {cfg.seq_len}) | {procs.world_size} process(es) x {torch.get_num_threads()} thread(s)"
     )
+    finished: list[dict] = []  # the record of the step just run, once its values are on the host
 
-    def train_step(step: int) -> dict:
-        """One optimizer update on the global batch of ``step`` (0-based); returns its metrics record."""
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        positions = batch_positions(cfg.seed, step, cfg.batch_size, len(corpus.train_windows))
-        positions = positions.reshape(cfg.grad_accum, procs.world_size, micro_batch)[:, procs.rank]
-        losses = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, innovation_loss
-        for k, micro in enumerate(positions):
-            x = corpus.batch(corpus.train_windows[micro]).to(device)
-            # Gradients are averaged across processes once per step, on the last micro-batch.
-            last = k == cfg.grad_accum - 1
-            with nullcontext() if last or procs.world_size == 1 else wrapped.no_sync():
-                with autocast:
-                    output = wrapped(input_ids=x, labels=x)
-                (output.loss / cfg.grad_accum).backward()
-            has_innovation = output.innovation_loss is not None
-            innovation = output.innovation_loss.item() if has_innovation else 0.0
-            losses += torch.tensor([output.loss.item(), output.lm_loss.item(), innovation], dtype=torch.float64)
-        # The global batch's loss: all sequences have seq_len tokens, so it is the mean of the micro-batch means.
-        loss, lm_loss, innovation = (_all_sum(losses, procs) / (cfg.grad_accum * procs.world_size)).tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+    def check_and_record(step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor, has_innovation: bool):
+        """Runs when the step's values can be read: on the CPU before the update (a diverged update is never
+        applied); on XLA as a step closure, after the step's graph ran (reading earlier would split it)."""
+        loss, lm_loss, innovation = losses.tolist()
+        grad_norm = grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             found = ckpt.list_checkpoints(out)
             kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
@@ -456,21 +465,46 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
                 f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopped, {kept} "
                 "(try a lower --lr)"
             )
+        finished.append(
+            {
+                "step": step + 1,
+                "split": "train",
+                "loss": loss,
+                "lm_loss": lm_loss,
+                "innovation_loss": innovation if has_innovation else None,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": (step + 1) * tokens_per_step,
+            }
+        )
+
+    def train_step(step: int, batch: torch.Tensor) -> None:
+        """One optimizer update on ``batch``, this process's share of the global batch of ``step`` (0-based).
+        Traced only on XLA: it runs at the ``device.barrier()`` that follows."""
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # a new Python float each step is a graph input on XLA, not a constant: no recompile
+        losses = torch.zeros(3, device=device.torch_device)  # loss, lm_loss, innovation_loss
+        for k, x in enumerate(batch):
+            # Gradients are averaged across processes once per step, on the last micro-batch.
+            last = k == cfg.grad_accum - 1
+            with nullcontext() if last or wrapped is model else wrapped.no_sync():
+                with autocast:
+                    output = wrapped(input_ids=x, labels=x)
+                (output.loss / cfg.grad_accum).backward()
+            has_innovation = output.innovation_loss is not None
+            innovation = output.innovation_loss if has_innovation else torch.zeros_like(output.loss)
+            losses += torch.stack([output.loss, output.lm_loss, innovation]).detach().float()
+        device.reduce_gradients(optimizer, procs.world_size)
+        # The global batch's loss: all sequences have seq_len tokens, so it is the mean of the micro-batch means.
+        losses = _all_sum(losses, procs) / (cfg.grad_accum * procs.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        device.after_step(check_and_record, step, lr, losses, grad_norm, has_innovation)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {
-            "step": step + 1,
-            "split": "train",
-            "loss": loss,
-            "lm_loss": lm_loss,
-            "innovation_loss": innovation if has_innovation else None,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": (step + 1) * tokens_per_step,
-        }
 
     def run_eval(step: int) -> dict:
-        result = evaluate(model, corpus, eval_windows, micro_batch, device, cfg.bf16, procs)
+        result = evaluate(model, corpus, eval_windows, batches.micro_batch, device, cfg.bf16, procs)
         if procs.is_main:
             metrics.append({"step": step, "split": "val", **result})
             plot_loss_curve(metrics.read(), out / "loss_curve.png")
@@ -480,19 +514,24 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
     def save(step: int) -> None:
         if procs.is_main:
             ckpt.save_checkpoint(out, step, model, optimizer, {"tokens": step * tokens_per_step}, cfg.keep_checkpoints)
-        if procs.world_size > 1:
-            dist.barrier()
+        if procs.world_size > 1 and not device.is_xla:
+            dist.barrier()  # on XLA the next step's gradient all-reduce already waits for every process
 
     result = run_eval(0) if start == 0 else {}
     train_time = 0.0
     # In a log file (not a terminal) a progress line every 30 s is plenty.
     progress = dict(unit="step", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
     with tqdm(total=cfg.steps, initial=start, disable=not procs.is_main, **progress) as bar:
-        for step in range(start, cfg.steps):
-            started = time.perf_counter()
-            record = train_step(step)
+        started = time.perf_counter()
+        for step, batch in zip(range(start, cfg.steps), device.loader(batches)):
+            train_step(step, batch)
+            done, final = step + 1, step + 1 == cfg.steps
+            if final or (cfg.save_every and done % cfg.save_every == 0):
+                device.after_step(save, done)  # on XLA: once the updated parameters hold values
+            device.barrier()  # the step barrier: on XLA the step's graph runs here, then its closures
             train_time += time.perf_counter() - started
-            record["tokens_per_s"] = tokens_per_step * (step + 1 - start) / train_time
+            record = finished.pop()
+            record["tokens_per_s"] = tokens_per_step * (done - start) / train_time
             if procs.is_main:
                 metrics.append(record)
             bar.update(1)
@@ -501,15 +540,16 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
                 innov=f"{record['innovation_loss'] or 0:.3f}",
                 tok_s=f"{record['tokens_per_s']:,.0f}",
             )
-            done, final = step + 1, step + 1 == cfg.steps
             if final or (cfg.eval_every and done % cfg.eval_every == 0):
                 result = run_eval(done)
-            if final or (cfg.save_every and done % cfg.save_every == 0):
-                save(done)
+            started = time.perf_counter()
 
     if procs.is_main:
-        sample = generate_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
+        # Sampling is a host-driven loop of one-token steps: on XLA it runs on a CPU copy of the final checkpoint.
+        last = ckpt.list_checkpoints(out)[-1]
+        sampler = ckpt.load_model(last) if device.is_xla else model
+        sample = generate_text(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
         (out / "sample.txt").write_text(sample + "\n")
         say(f"sample ({out / 'sample.txt'}):\n{sample}")
-        say(f"done: {out} (checkpoint {ckpt.list_checkpoints(out)[-1].name})")
+        say(f"done: {out} (checkpoint {last.name})")
     return result

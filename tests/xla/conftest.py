@@ -14,6 +14,15 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("XLA_IR_DEBUG", "1")
 os.environ.setdefault("XLA_HLO_DEBUG", "1")
 
+try:
+    import torch_xla
+
+    # The autograd engine sizes its per-device queues at the first backward pass: the XLA device must exist by
+    # then, or a later backward on it fails an internal assert (tests here also run backward on the CPU first).
+    torch_xla.device()
+except ImportError:
+    pass
+
 if os.environ.get("BMOJO_REQUIRE_XLA") == "1":
     try:
         import torch_xla  # noqa: F401

@@ -24,32 +24,35 @@ import torch.nn.functional as F
 
 from ..configuration_bmojo import BMojoConfig
 from ..modeling_bmojo import BMojoForCausalLM
+from . import variants
 from .mqar import mqar_accuracy, multiquery_ar
-
-VARIANTS = ("transformer", "swa", "mamba2", "bmojo_f", "bmojo")
+from .variants import LABELS, VARIANTS, parameter_count
 
 
 @dataclass
 class SweepConfig:
-    vocab_size: int = 1024
-    seq_len: int = 256
+    """Sized for a 2-core CPU (about 80 minutes on one thread). zoology trains ~20k steps at V=8192; this budget is
+    3,000 steps (two epochs), so V is small (keys from 63 tokens) and the grid is zoology's top three learning rates."""
+
+    vocab_size: int = 128
+    seq_len: int = 64
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
-    window: int = 32
-    chunk: int = 16
-    memory_size: int = 32
+    window: int = 8
+    chunk: int = 4
+    memory_size: int = 16
     selections_per_chunk: int = 2
     ssm_state_size: int = 16
     ssm_head_dim: int = 16
-    train_pairs: tuple[int, ...] = (8, 16, 32)
-    train_examples: int = 12000
-    test_pairs: tuple[int, ...] = (8, 16, 32, 48)
-    long_gap_pairs: tuple[int, ...] = (8, 16)
-    test_examples: int = 250
-    batch_size: int = 48
+    train_pairs: tuple[int, ...] = (4, 8, 16)
+    train_examples: int = 48000
+    test_pairs: tuple[int, ...] = (2, 4, 8, 12, 16)
+    long_gap_pairs: tuple[int, ...] = (2, 4, 8)
+    test_examples: int = 500
+    batch_size: int = 32
     epochs: int = 2
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     weight_decay: float = 0.1
     seed: int = 0
     variants: tuple[str, ...] = VARIANTS
@@ -78,45 +81,25 @@ QUICK = dict(
 )
 
 
-def variant_config(name: str, sweep: SweepConfig, intermediate_size: int | None = None) -> BMojoConfig:
-    layers = {"transformer": "attention", "swa": "attention", "mamba2": "ssm"}.get(name, "bmojo")
-    return BMojoConfig(
+def base_fields(sweep: SweepConfig) -> dict:
+    return dict(
         vocab_size=sweep.vocab_size,
         hidden_size=sweep.hidden_size,
         num_hidden_layers=sweep.num_layers,
-        layers_block_type=[layers] * sweep.num_layers,
         num_attention_heads=sweep.num_heads,
-        # the Transformer's window covers the whole input: full causal attention
-        window_size=sweep.chunk * math.ceil(sweep.seq_len / sweep.chunk) if name == "transformer" else sweep.window,
+        window_size=sweep.window,
         chunk_size=sweep.chunk,
-        use_fading=name in ("bmojo_f", "bmojo"),
-        memory_size=sweep.memory_size if name == "bmojo" else 0,
+        memory_size=sweep.memory_size,
         selections_per_chunk=sweep.selections_per_chunk,
         ssm_state_size=sweep.ssm_state_size,
         ssm_head_dim=sweep.ssm_head_dim,
-        intermediate_size=intermediate_size,
     )
 
 
-def parameter_count(config: BMojoConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in BMojoForCausalLM(config).parameters())
-
-
 def matched_configs(sweep: SweepConfig) -> dict[str, BMojoConfig]:
-    """Each variant's config, its MLP widened until its parameter count reaches B'MOJO's (to within 10%)."""
-    target = parameter_count(variant_config("bmojo", sweep))
-    configs = {}
-    for name in sweep.variants:
-        cfg = variant_config(name, sweep)
-        width = cfg.intermediate_size
-        while parameter_count(cfg) < 0.98 * target:
-            width += 8
-            cfg = variant_config(name, sweep, width)
-        if abs(parameter_count(cfg) - target) > 0.1 * target:
-            raise ValueError(f"cannot match {name}'s parameters to B'MOJO's {target}: {parameter_count(cfg)}")
-        configs[name] = cfg
-    return configs
+    """The sweep's variants at equal parameters; the Transformer's window covers the whole input."""
+    full_window = sweep.chunk * math.ceil(sweep.seq_len / sweep.chunk)
+    return variants.matched_configs(sweep.variants, base_fields(sweep), full_window)
 
 
 def _batches(inputs, labels, batch_size, generator):
@@ -127,6 +110,7 @@ def _batches(inputs, labels, batch_size, generator):
 
 
 def train_and_evaluate(cfg: BMojoConfig, lr: float, sweep: SweepConfig, train, tests, progress=None) -> dict:
+    started = time.time()
     torch.manual_seed(sweep.seed)
     model = BMojoForCausalLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=sweep.weight_decay)
@@ -159,7 +143,7 @@ def train_and_evaluate(cfg: BMojoConfig, lr: float, sweep: SweepConfig, train, t
             accuracy[key] = float(
                 torch.cat([mqar_accuracy(model(input_ids=xb).logits, yb) for xb, yb in zip(x.split(64), y.split(64))]).mean()
             )
-    return {"lr": lr, "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "accuracy": accuracy, "steps": steps}
+    return {"lr": lr, "seconds": time.time() - started, "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "accuracy": accuracy, "steps": steps}
 
 
 def make_data(sweep: SweepConfig):
@@ -182,24 +166,41 @@ def make_data(sweep: SweepConfig):
 
 
 def run_sweep(sweep: SweepConfig, out: Path, command: str) -> dict:
+    """Train every (variant, learning rate) pair. Each finished run is appended to ``out/mqar.partial.jsonl`` at
+    once, and a restarted sweep with the same settings skips the runs found there: a crash loses one run at most."""
     from tqdm import tqdm
 
     configs = matched_configs(sweep)
     train, tests = make_data(sweep)
     steps = sweep.epochs * (len(train[0]) // sweep.batch_size)
-    results = {"command": command, "sweep": asdict(sweep), "long_gap": sweep.long_gap, "variants": {}}
-    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "mqar.partial.jsonl"
+    settings = asdict(sweep)
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            record = json.loads(line) if line.strip() else None
+            if record and record["sweep"] == json.loads(json.dumps(settings)):
+                done[(record["variant"], record["run"]["lr"])] = record["run"]
+    results = {"command": command, "sweep": settings, "long_gap": sweep.long_gap, "variants": {}}
     with tqdm(total=steps * len(configs) * len(sweep.lrs), desc="mqar sweep", unit="step") as progress:
         for name, cfg in configs.items():
-            runs = [train_and_evaluate(cfg, lr, sweep, train, tests, progress) for lr in sweep.lrs]
+            runs = []
+            for lr in sweep.lrs:
+                if (name, lr) in done:
+                    runs.append(done[(name, lr)])
+                    progress.update(steps)
+                    continue
+                run = train_and_evaluate(cfg, lr, sweep, train, tests, progress)
+                with open(partial, "a") as f:
+                    f.write(json.dumps({"sweep": settings, "variant": name, "run": run}) + "\n")
+                runs.append(run)
             best = max(runs, key=lambda r: sum(r["accuracy"].values()))
             results["variants"][name] = {"parameters": parameter_count(cfg), "best": best, "runs": runs}
-    results["seconds"] = time.time() - started
+    results["seconds"] = sum(run["seconds"] for v in results["variants"].values() for run in v["runs"])
     write_report(results, out)
+    partial.unlink()
     return results
-
-
-LABELS = {"transformer": "Transformer", "swa": "SWA", "mamba2": "Mamba-2", "bmojo_f": "B'MOJO-F", "bmojo": "B'MOJO"}
 
 
 def write_report(results: dict, out: Path) -> None:
