@@ -32,3 +32,20 @@ def test_quick_sweep_writes_results_table_and_plot(tmp_path):
     assert "python -m bmojo.evals.mqar_sweep --quick" in table
     assert all(label in table for label in ("Transformer", "SWA", "Mamba-2", "B'MOJO-F", "B'MOJO"))
     assert (tmp_path / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_restarted_sweep_skips_the_runs_it_finished(tmp_path):
+    """Each finished (variant, lr) run is appended to mqar.partial.jsonl at once; a restart reuses it."""
+    from dataclasses import asdict
+
+    torch.set_num_threads(1)
+    sweep = SweepConfig(**QUICK)
+    marker = {"lr": QUICK["lrs"][0], "seconds": 1.0, "final_loss": 0.5, "steps": 1, "accuracy": None}
+    marker["accuracy"] = {f"kv={p}": 0.123 for p in QUICK["test_pairs"]}
+    marker["accuracy"].update({f"long-gap kv={p}": 0.456 for p in QUICK["long_gap_pairs"]})
+    (tmp_path / "mqar.partial.jsonl").write_text(json.dumps({"sweep": asdict(sweep), "variant": "swa", "run": marker}) + "\n")
+    main(["--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "mqar.json").read_text())
+    assert results["variants"]["swa"]["runs"] == [marker]  # reused, not retrained
+    assert results["variants"]["mamba2"]["best"]["accuracy"] != marker["accuracy"]
+    assert not (tmp_path / "mqar.partial.jsonl").exists()
