@@ -32,7 +32,7 @@ from .variants import LABELS, VARIANTS, matched_configs, parameter_count
 
 @dataclass
 class CompareConfig:
-    """A small model (about 0.9M parameters) so that five runs fit in about half an hour on one CPU thread."""
+    """A small model (about 1.35M parameters) so that five runs fit in about half an hour on one CPU thread."""
 
     data: list[str] = field(default_factory=lambda: [STDLIB])
     hidden_size: int = 128
@@ -234,10 +234,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny comparison (seconds), for smoke tests")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {CompareConfig.steps})")
     args = parser.parse_args(argv)
-    cmp = CompareConfig(**(QUICK if args.quick else {}), data=args.data, variants=tuple(args.variants))
+    settings = dict(QUICK if args.quick else {}, **({"steps": args.steps} if args.steps else {}))
+    cmp = CompareConfig(**settings, data=args.data, variants=tuple(args.variants))
     command = "python -m bmojo.evals.lm_compare" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" if args.threads else ""
+    command += f" --steps {args.steps}" if args.steps else ""
     command += f" --data {' '.join(args.data)}" if args.data != [STDLIB] else ""
     compare(cmp, Path(args.runs), Path(args.out), args.threads, command + f" --out {args.out}")
 
