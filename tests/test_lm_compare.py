@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmojo import checkpoint as ckpt
-from bmojo.evals.lm_compare import QUICK, CompareConfig, compare, main, perplexity_by_length
+from bmojo.evals.lm_compare import ABLATIONS, QUICK, CompareConfig, ablated, compare, main, perplexity_by_length
 from bmojo.evals.variants import VARIANTS
 
 WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
@@ -66,3 +66,24 @@ def test_a_second_run_reuses_the_finished_trainings(finished, tmp_path):
 def test_eval_lengths_must_divide_the_longest_and_include_the_training_length(tmp_path):
     with pytest.raises(ValueError, match="must divide the longest and include seq_len"):
         compare(CompareConfig(**{**QUICK, "eval_lengths": (16, 24)}), tmp_path, tmp_path, 1, "x")
+
+
+
+def test_ablations_switch_off_a_memory_of_the_trained_bmojo(finished):
+    root, _ = finished
+    results = json.loads((root / "docs" / "lm.json").read_text())
+    assert set(results["ablations"]) == set(ABLATIONS)
+    assert all(list(p) == [str(x) for x in QUICK["eval_lengths"]] for p in results["ablations"].values())
+    assert "| as trained |" in (root / "docs" / "lm.md").read_text()
+    model = ckpt.load_model(ckpt.list_checkpoints(root / "runs" / "bmojo")[-1]).eval()
+    window = model.config.window_size
+    tokens = torch.randint(0, 200, (2, 4 * window), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(input_ids=tokens).logits
+        for change in ABLATIONS.values():
+            part = ablated(model, change).eval()
+            assert part.config.memory_size == change.get("memory_size", model.config.memory_size)
+            # Within the window neither memory is reached: the same weights give the same logits ...
+            torch.testing.assert_close(part(input_ids=tokens).logits[:, :window], full[:, :window])
+            # ... beyond it the switched-off memory is missing.
+            assert not torch.allclose(part(input_ids=tokens).logits[:, 2 * window :], full[:, 2 * window :])

@@ -125,6 +125,24 @@ def perplexity_by_length(model, tokens: torch.Tensor, lengths, batch_tokens: int
     return result
 
 
+# Parts of a trained B'MOJO switched off at evaluation (same weights): what each memory contributes.
+ABLATIONS = {
+    "without eidetic memory": dict(memory_size=0),
+    "without fading memory": dict(use_fading=False),
+    "without either (SWA)": dict(memory_size=0, use_fading=False),
+}
+
+
+def ablated(model, change: dict):
+    """``model`` rebuilt with ``change`` to its config and the weights it still uses."""
+    config = model.config.__class__.from_dict({**model.config.to_dict(), **change})
+    smaller = type(model)(config)
+    missing, _ = smaller.load_state_dict(model.state_dict(), strict=False)  # the switched-off parts' weights go unused
+    if missing:
+        raise ValueError(f"switching off {change} needs weights the model lacks: {missing}")
+    return smaller
+
+
 def compare(cmp: CompareConfig, runs: Path, out: Path, threads: int, command: str) -> dict:
     lmax = max(cmp.eval_lengths)
     if any(lmax % length for length in cmp.eval_lengths) or cmp.seq_len not in cmp.eval_lengths:
@@ -165,6 +183,11 @@ def compare(cmp: CompareConfig, runs: Path, out: Path, threads: int, command: st
         val = [r for r in records if r["split"] == "val"][-1]
         model = ckpt.load_model(ckpt.list_checkpoints(run)[-1])
         by_length = perplexity_by_length(model, held_out, cmp.eval_lengths, cmp.eval_batch_tokens)
+        if name == "bmojo":
+            results["ablations"] = {}
+            for label, change in ABLATIONS.items():
+                ppl = perplexity_by_length(ablated(model, change), held_out, cmp.eval_lengths, cmp.eval_batch_tokens)
+                results["ablations"][label] = {str(k): v for k, v in ppl.items()}
         results["variants"][name] = {
             "parameters": parameter_count(config),
             "train_tokens": cmp.steps * cmp.batch_size * cmp.seq_len,
@@ -210,6 +233,17 @@ def write_report(results: dict, out: Path) -> None:
             + " | ".join(f"{ppl[length]:.3f}" for length in lengths)
             + f" | {ppl[lengths[-1]] / ppl[lengths[0]]:.3f} |"
         )
+    if "ablations" in results:
+        lines += [
+            "",
+            "The trained B'MOJO with a memory switched off at evaluation (same weights, same tokens):",
+            "",
+            "| B'MOJO | " + " | ".join(f"ppl @ {length}" for length in lengths) + " |",
+            "|---" * (1 + len(lengths)) + "|",
+            "| as trained | " + " | ".join(f"{results['variants']['bmojo']['perplexity_by_length'][x]:.3f}" for x in lengths) + " |",
+        ]
+        for label, ppl in results["ablations"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{ppl[x]:.3f}" for x in lengths) + " |")
     (out / "lm.md").write_text("\n".join(lines) + "\n\n![perplexity vs evaluation length](lm.png)\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
