@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -110,7 +112,8 @@ def state_bytes(obj, seen=None) -> int:
 
 
 @torch.no_grad()
-def decode_ms_per_token(factory, kind, context, steps, vocab):
+def decoder(factory, kind, context, steps, vocab):
+    """(one-token step function, its cache, the token) for a model whose state holds ``context`` tokens."""
     model = factory(window=max(context + steps, 32)).eval()
     token = torch.randint(3, vocab, (1, 1))
     if kind == "ours":
@@ -138,11 +141,23 @@ def decode_ms_per_token(factory, kind, context, steps, vocab):
                 position[0] += 1
                 return result
 
-    start = time.perf_counter()
-    for _ in range(steps):
-        run(token)
-    elapsed = (time.perf_counter() - start) / steps
-    return 1000 * elapsed, state_bytes(cache)
+    return run, cache, token
+
+
+@torch.no_grad()
+def decode_ms_per_token(specs, context, steps, rounds, vocab):
+    """Median ms/token of each model over ``rounds`` rounds of ``steps`` tokens; the rounds interleave the models,
+    so machine noise hits them alike. Also the bytes of each model's decoding state."""
+    setups = {name: decoder(factory, kind, context, steps * (rounds + 1), vocab) for name, (factory, kind) in specs.items()}
+    times = {name: [] for name in specs}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (run, _, token) in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run(token)
+            if r:
+                times[name].append(1000 * (time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}, {n: state_bytes(c) for n, (_, c, _) in setups.items()}
 
 
 def main() -> None:
@@ -171,12 +186,13 @@ def main() -> None:
     del models
     decode, nbytes = {n: {} for n in specs}, {n: {} for n in specs}
     for context in args.contexts:
-        for name, (factory, kind) in specs.items():
-            ms, size = decode_ms_per_token(factory, kind, context, args.decode_steps, vocab)
-            decode[name][context], nbytes[name][context] = ms, size
-            print(f"context {context:6d}  {name:28s} {ms:8.2f} ms/token  {size / 2**20:8.2f} MiB state")
+        ms, size = decode_ms_per_token(specs, context, args.decode_steps, args.rounds, vocab)
+        for name in specs:
+            decode[name][context], nbytes[name][context] = ms[name], size[name]
+            print(f"context {context:6d}  {name:28s} {ms[name]:8.2f} ms/token  {size[name] / 2**20:8.2f} MiB state")
+    command = " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, sys.argv[1:])])
     results = {
-        "command": "python scripts/bench_throughput.py" + (" --quick" if args.quick else ""),
+        "command": command,
         "threads": torch.get_num_threads(),
         "parameters": params,
         "train_tokens_per_s": train,
@@ -185,6 +201,10 @@ def main() -> None:
         "state_bytes": nbytes,
     }
     write_report(results, Path(args.out))
+
+
+def size_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
 def write_report(results, out: Path) -> None:
@@ -201,13 +221,13 @@ def write_report(results, out: Path) -> None:
     lines = [
         "# Throughput on the CPU (ratios to B'MOJO)",
         "",
-        f"Regenerate: `{results['command']}` ({results['threads']} threads). Absolute times depend on the machine;",
+        f"Regenerate: `{results['command']}` ({results['threads']} thread(s)). Absolute times depend on the machine;",
         "quote the ratios. Ratio > 1 means that many times B'MOJO's value.",
         "",
         f"| model | parameters | training tokens/s (L={results['train_length']}) | "
-        + " | ".join(f"decode ms/token @{c // 1024}K" for c in contexts)
+        + " | ".join(f"decode ms/token @{size_label(c)}" for c in contexts)
         + " | "
-        + " | ".join(f"state @{c // 1024}K" for c in contexts)
+        + " | ".join(f"state @{size_label(c)}" for c in contexts)
         + " |",
         "|---" * (3 + 2 * len(contexts)) + "|",
     ]
