@@ -268,7 +268,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sweep = SweepConfig(**(QUICK if args.quick else {}), seed=args.seed, variants=tuple(args.variants))
-    command = "python -m bmojo.evals.mqar_sweep" + (" --quick" if args.quick else "") + f" --out {args.out}"
+    command = "python -m bmojo.evals.mqar_sweep" + (" --quick" if args.quick else "")
+    command += (f" --threads {args.threads}" if args.threads else "") + f" --out {args.out}"
     results = run_sweep(sweep, Path(args.out), command)
     for name, v in results["variants"].items():
         print(f"{LABELS[name]:12s} lr={v['best']['lr']:g} " + " ".join(f"{k}:{a:.3f}" for k, a in v["best"]["accuracy"].items()))
