@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -264,12 +266,15 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the epochs (a longer-budget follow-up)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the learning-rate grid")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sweep = SweepConfig(**(QUICK if args.quick else {}), seed=args.seed, variants=tuple(args.variants))
-    command = "python -m bmojo.evals.mqar_sweep" + (" --quick" if args.quick else "")
-    command += (f" --threads {args.threads}" if args.threads else "") + f" --out {args.out}"
+    overrides = dict(QUICK if args.quick else {})
+    overrides.update({k: v for k, v in (("epochs", args.epochs), ("lrs", tuple(args.lrs or ()))) if v})
+    sweep = SweepConfig(**overrides, seed=args.seed, variants=tuple(args.variants))
+    command = " ".join(["python -m bmojo.evals.mqar_sweep", *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
     results = run_sweep(sweep, Path(args.out), command)
     for name, v in results["variants"].items():
         print(f"{LABELS[name]:12s} lr={v['best']['lr']:g} " + " ".join(f"{k}:{a:.3f}" for k, a in v["best"]["accuracy"].items()))
