@@ -31,7 +31,7 @@ from .variants import LABELS, VARIANTS, matched_configs, parameter_count
 
 @dataclass
 class CompareConfig:
-    """A small model (about 1.35M parameters) so that five runs fit in about half an hour on one CPU thread."""
+    """A small model (about 1.35M parameters) so that five runs fit in about 25 minutes on one CPU thread."""
 
     data: list[str] = field(default_factory=lambda: [STDLIB])
     hidden_size: int = 128
