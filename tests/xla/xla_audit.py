@@ -17,6 +17,7 @@ import torch_xla
 import torch_xla.debug.metrics as met
 
 from bmojo import BMojoForCausalLM, preset_config
+from bmojo.devices import Device
 
 # CPU fallbacks (``aten::*`` counters: ops torch-xla cannot lower, run on the host, which splits the step graph)
 # that are tolerated, each with its reason. Empty: the model lowers completely. An entry needs a justification.
@@ -53,10 +54,10 @@ def device() -> torch.device:
 
 
 def to_xla(model: BMojoForCausalLM) -> BMojoForCausalLM:
-    """Move to the XLA device. ``Module.to`` gives each module its own copy of a shared parameter when the
-    tensor type changes (CPU -> XLA), which unties ``lm_head`` from the embedding: tie again."""
-    model.to(device())
-    model.tie_weights()
+    """Move to the XLA device as ``bmojo train --device xla`` does (``Device.place_model`` ties ``lm_head`` to the
+    embedding again: ``Module.to`` gives each module its own copy of a shared parameter when the tensor type
+    changes)."""
+    Device("xla").place_model(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight, "lm_head must stay tied to the embedding"
     return model
 

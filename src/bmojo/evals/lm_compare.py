@@ -26,7 +26,7 @@ from .. import checkpoint as ckpt
 from ..data import STDLIB, load_corpus
 from ..tokenization import load_tokenizer
 from ..training import MetricsLog, train
-from .variants import LABELS, VARIANTS, matched_configs, parameter_count
+from .variants import LABELS, VARIANTS, base_fields, matched_configs, parameter_count
 
 
 @dataclass
@@ -73,20 +73,8 @@ QUICK = dict(
 
 
 def model_configs(cmp: CompareConfig, vocab_size: int) -> dict:
-    base = dict(
-        vocab_size=vocab_size,
-        hidden_size=cmp.hidden_size,
-        num_hidden_layers=cmp.num_layers,
-        num_attention_heads=cmp.num_heads,
-        window_size=cmp.window,
-        chunk_size=cmp.chunk,
-        memory_size=cmp.memory_size,
-        selections_per_chunk=cmp.selections_per_chunk,
-        ssm_state_size=cmp.ssm_state_size,
-        ssm_head_dim=cmp.ssm_head_dim,
-    )
     full_window = cmp.chunk * math.ceil(max(cmp.eval_lengths) / cmp.chunk)
-    return matched_configs(cmp.variants, base, full_window)
+    return matched_configs(cmp.variants, base_fields(cmp, vocab_size), full_window)
 
 
 # The fields a variant sets; the special-token ids and the rest follow `bmojo train`'s defaults for the tokenizer.
@@ -201,10 +189,7 @@ def compare(cmp: CompareConfig, runs: Path, out: Path, threads: int, command: st
 
 
 def write_report(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm.json").write_text(json.dumps(results, indent=2))
@@ -245,7 +230,8 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {label} | " + " | ".join(f"{ppl[x]:.3f}" for x in lengths) + " |")
     (out / "lm.md").write_text("\n".join(lines) + "\n\n![perplexity vs evaluation length](lm.png)\n")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     for name, v in results["variants"].items():
         ppl = v["perplexity_by_length"]
         ax.plot([int(x) for x in lengths], [ppl[x] for x in lengths], marker="o", label=LABELS[name])
@@ -255,7 +241,6 @@ def write_report(results: dict, out: Path) -> None:
     ax.set_ylabel("perplexity (per byte)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(out / "lm.png", dpi=120)
 
 

@@ -83,25 +83,10 @@ QUICK = dict(
 )
 
 
-def base_fields(sweep: SweepConfig) -> dict:
-    return dict(
-        vocab_size=sweep.vocab_size,
-        hidden_size=sweep.hidden_size,
-        num_hidden_layers=sweep.num_layers,
-        num_attention_heads=sweep.num_heads,
-        window_size=sweep.window,
-        chunk_size=sweep.chunk,
-        memory_size=sweep.memory_size,
-        selections_per_chunk=sweep.selections_per_chunk,
-        ssm_state_size=sweep.ssm_state_size,
-        ssm_head_dim=sweep.ssm_head_dim,
-    )
-
-
 def matched_configs(sweep: SweepConfig) -> dict[str, BMojoConfig]:
     """The sweep's variants at equal parameters; the Transformer's window covers the whole input."""
     full_window = sweep.chunk * math.ceil(sweep.seq_len / sweep.chunk)
-    return variants.matched_configs(sweep.variants, base_fields(sweep), full_window)
+    return variants.matched_configs(sweep.variants, variants.base_fields(sweep, sweep.vocab_size), full_window)
 
 
 def _batches(inputs, labels, batch_size, generator):
@@ -206,10 +191,7 @@ def run_sweep(sweep: SweepConfig, out: Path, command: str) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "mqar.json").write_text(json.dumps(results, indent=2))
@@ -239,7 +221,8 @@ def write_report(results: dict, out: Path) -> None:
         )
     (out / "mqar.md").write_text("\n".join(lines) + "\n\n![MQAR accuracy](mqar.png)\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="tight")
+    axes = fig.subplots(1, 2)
     standard = [k for k in keys if k.startswith("kv=")]
     gap = [k for k in keys if k.startswith("long-gap")]
     for name, v in results["variants"].items():
@@ -255,7 +238,6 @@ def write_report(results: dict, out: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
     fig.savefig(out / "mqar.png", dpi=120)
 
 

@@ -20,6 +20,24 @@ VARIANTS = ("transformer", "swa", "mamba2", "bmojo_f", "bmojo")
 LABELS = {"transformer": "Transformer", "swa": "SWA", "mamba2": "Mamba-2", "bmojo_f": "B'MOJO-F", "bmojo": "B'MOJO"}
 
 
+def base_fields(settings, vocab_size: int) -> dict:
+    """The BMojoConfig fields shared by every variant, from a study's settings (``hidden_size``, ``num_layers``,
+    ``num_heads``, ``window``, ``chunk``, ``memory_size``, ``selections_per_chunk``, ``ssm_state_size``,
+    ``ssm_head_dim``)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=settings.hidden_size,
+        num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads,
+        window_size=settings.window,
+        chunk_size=settings.chunk,
+        memory_size=settings.memory_size,
+        selections_per_chunk=settings.selections_per_chunk,
+        ssm_state_size=settings.ssm_state_size,
+        ssm_head_dim=settings.ssm_head_dim,
+    )
+
+
 def variant_config(name: str, base: dict, full_window: int, intermediate_size: int | None = None) -> BMojoConfig:
     """``base``: BMojoConfig fields shared by all variants (``window_size`` is the SWA/B'MOJO window, ``memory_size``
     B'MOJO's eidetic memory); ``full_window``: the Transformer's window, at least the longest input."""
