@@ -101,7 +101,7 @@ class PrefillGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         out = self.model(input_ids, use_cache=True, logits_to_keep=1)
-        cache = out.cache_params
+        cache = out.cache
         return (out.logits[:, -1], cache.positions) + flatten_cache(cache, self.spec)
 
 

@@ -119,8 +119,8 @@ def decoder(factory, kind, context, steps, vocab):
     if kind == "ours":
         cache = BMojoCache.empty(model.config, 1)
         cache.positions.fill_(context)
-        run = lambda t: model(input_ids=t, cache_params=cache)  # noqa: E731
-        model(input_ids=token, cache_params=cache)  # warm-up
+        run = lambda t: model(input_ids=t, cache=cache)  # noqa: E731
+        model(input_ids=token, cache=cache)  # warm-up
     else:
         prompt = torch.randint(3, vocab, (1, context))
         if kind == "hf_attention":
@@ -131,7 +131,7 @@ def decoder(factory, kind, context, steps, vocab):
             run = lambda t: model(input_ids=t, past_key_values=cache, use_cache=True)  # noqa: E731
         else:
             out = model(input_ids=prompt, use_cache=True)
-            cache = out.cache_params
+            cache = out.cache_params  # transformers Mamba2 (5.2x: an alias of .cache)
             position = [context]
 
             def run(t):

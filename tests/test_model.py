@@ -129,8 +129,8 @@ def test_token_by_token_decoding_equals_parallel_forward(dtype, tol):
         cache = BMojoCache.empty(cfg, 2, dtype=dtype)
         stepped, selections = [], []
         for t in range(length):
-            stepped.append(model(x[:, t : t + 1], cache_params=cache).logits)
-            prefix = model(x[:1, : t + 1], use_cache=True).cache_params
+            stepped.append(model(x[:, t : t + 1], cache=cache).logits)
+            prefix = model(x[:1, : t + 1], use_cache=True).cache
             selections.append((_memory_positions(prefix), _memory_positions(cache)))
     torch.testing.assert_close(torch.cat(stepped, 1), parallel.logits, rtol=tol, atol=tol)
     # The same tokens are selected and remembered at every position, by the parallel form and by decoding.
@@ -150,7 +150,7 @@ def test_prefill_then_decode_equals_parallel_forward():
         full = model(x).logits
         for split in (1, 4, 13, 32):
             out = model(x[:, :split], use_cache=True)
-            rest = model(x[:, split:], cache_params=out.cache_params).logits
+            rest = model(x[:, split:], cache=out.cache).logits
             torch.testing.assert_close(torch.cat([out.logits, rest], 1), full, rtol=1e-12, atol=1e-12)
 
 
@@ -159,10 +159,10 @@ def test_decode_state_size_does_not_grow():
     sizes, shapes = [], []
     with torch.no_grad():
         for length in (1000, 10000):
-            cache = model(_tokens(1, length), use_cache=True).cache_params
+            cache = model(_tokens(1, length), use_cache=True).cache
             assert int(cache.positions[0]) == length
             for _ in range(3):
-                model(_tokens(1, 1, seed=length), cache_params=cache)
+                model(_tokens(1, 1, seed=length), cache=cache)
             sizes.append(cache.nbytes())
             shapes.append([{k: tuple(v.shape) for k, v in layer.items()} for layer in cache.layers])
     assert sizes[0] == sizes[1] > 0
@@ -211,7 +211,7 @@ def test_planted_innovation_reaches_a_token_far_beyond_window_and_fading_span(mo
 
     monkeypatch.setattr(type(attn), "_innovation", planted)
     changed_with_plant = (output_at_query(1.0) - output_at_query(0.0)).abs().max()
-    cache = model(x, use_cache=True).cache_params
+    cache = model(x, use_cache=True).cache
     assert far in cache.layers[0]["mem_pos"][0].tolist()
     monkeypatch.setattr(type(attn), "_innovation", original)
     changed_without = (output_at_query(1.0) - output_at_query(0.0)).abs().max()

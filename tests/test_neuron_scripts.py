@@ -323,7 +323,7 @@ def test_state_spec_order_and_flatten_round_trip(model, tokens):
     assert [e.name for e in spec if e.layer == 1] == ["conv", "ssm"]
     assert [e.name for e in spec if e.layer == 2] == ["ring_k", "ring_v", "ring_pos"]
     with torch.no_grad():
-        cache = model(tokens[:, :P], use_cache=True).cache_params  # the forward fills its dicts in another order
+        cache = model(tokens[:, :P], use_cache=True).cache  # the forward fills its dicts in another order
     flat = ig.flatten_cache(cache, spec)
     assert [tuple(t.shape) for t in flat] == [e.shape for e in spec]
     assert [t.dtype for t in flat] == [e.dtype for e in spec]
@@ -345,14 +345,14 @@ def test_decode_wrapper_equals_decoding_with_the_model(model, tokens, expected):
     with torch.no_grad():
         logits, positions, *state = prefill(tokens[:, :P])
         assert torch.equal(positions, torch.full((B,), P))
-        cache = model(tokens[:, :P], use_cache=True).cache_params
+        cache = model(tokens[:, :P], use_cache=True).cache
         torch.testing.assert_close(logits, expected[:, P - 1], rtol=0, atol=1e-5)
         for t in range(P, P + STEPS):
             inputs = (tokens[:, t], positions, *state)
             snapshot = [x.clone() for x in inputs]
             logits, positions, *state = decode(*inputs)
             assert all(torch.equal(a, b) for a, b in zip(inputs, snapshot))  # the graph's inputs stay untouched
-            reference = model(tokens[:, t : t + 1], cache_params=cache).logits[:, 0]
+            reference = model(tokens[:, t : t + 1], cache=cache).logits[:, 0]
             torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
             torch.testing.assert_close(logits, expected[:, t], rtol=0, atol=1e-5)
         assert torch.equal(positions, cache.positions)

@@ -62,7 +62,7 @@ def _train_and_decode(model, clip):
     model.eval()
     with torch.no_grad():
         prefill = model(ids[:, :20], attention_mask=mask[:, :20], use_cache=True)
-        steps = model(ids[:, 20:], cache_params=prefill.cache_params)
+        steps = model(ids[:, 20:], cache=prefill.cache)
     result["decoded"] = torch.cat([prefill.logits[:, -1:], steps.logits], dim=1)
     return result
 

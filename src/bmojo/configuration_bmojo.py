@@ -53,7 +53,7 @@ class BMojoConfig(PretrainedConfig):
     """
 
     model_type = "bmojo"
-    keys_to_ignore_at_inference = ["cache_params"]
+    keys_to_ignore_at_inference = ["cache", "cache_params"]
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import utils as _generation_utils
 from transformers.utils import ModelOutput
 
 from .configuration_bmojo import BMojoConfig
@@ -45,6 +46,30 @@ from .ops.ssd import ssd_chunked, ssd_ref, ssd_step
 # ---------------------------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------------------------
+# The keyword under which `generate()` carries a model's cache between steps. transformers 5.2x renamed every cache
+# keyword to ``cache`` (``cache_params`` and ``past_key_values`` became deprecated aliases, and model outputs answer
+# ``.cache_params`` from a field called ``cache``); 4.5x, the trn1 line, reorders only ``past_key_values`` in beam
+# search. Read from the installed transformers so that both lines decode from the fixed-size cache.
+CACHE_KWARG = "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+CACHE_ALIASES = ("cache", "cache_params", "past_key_values")
+
+
+def pop_cache_argument(cache, kwargs: dict):
+    """The cache given under any of its names (``cache``, ``cache_params``, ``past_key_values``); one at most."""
+    given = {"cache": cache} if cache is not None else {}
+    for name in CACHE_ALIASES[1:]:
+        value = kwargs.pop(name, None)
+        if value is not None:
+            given[name] = value
+    if len(given) > 1:
+        raise ValueError(f"give the decoding cache once, as `cache`; got {' and '.join(sorted(given))}")
+    value = next(iter(given.values()), None)
+    if value is not None and not isinstance(value, BMojoCache):
+        got = type(value).__name__
+        raise TypeError(f"the cache must be a BMojoCache (from a forward with use_cache=True), got {got}")
+    return value
+
+
 class BMojoCache:
     """Fixed-size decoding state of every layer; its size never depends on how many tokens were seen.
 
@@ -60,6 +85,9 @@ class BMojoCache:
     ``positions [B]`` is the position of the next token of each row. States are updated in place.
     """
 
+    # transformers' generate() asks this before compiling the decoding step; ours is compiled by XLA, not there.
+    is_compileable = False
+
     def __init__(self, config: BMojoConfig, layers: list[dict[str, torch.Tensor]], positions: torch.Tensor):
         self.config = config
         self.layers = layers
@@ -74,6 +102,11 @@ class BMojoCache:
     @property
     def batch_size(self) -> int:
         return self.positions.shape[0]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Every layer's state is a fixed-size recurrence (transformers 5.2x: a cache it must not slice by length)."""
+        return [True] * len(self.layers)
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
@@ -548,16 +581,27 @@ class BMojoPreTrainedModel(PreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------
+class _CacheAlias:
+    """``output.cache_params`` answers ``output.cache`` on every transformers line (5.2x has it built in)."""
+
+    @property
+    def cache_params(self) -> BMojoCache | None:
+        return self.cache
+
+
 @dataclass
-class BMojoModelOutput(ModelOutput):
+class BMojoModelOutput(_CacheAlias, ModelOutput):
+    """``last_hidden_state [B, L, d]``; ``cache``: the decoding state after the last token (``use_cache=True``);
+    ``hidden_states``: the input of every layer and the final normed output (``output_hidden_states=True``)."""
+
     last_hidden_state: torch.Tensor | None = None
-    cache_params: BMojoCache | None = None
+    cache: BMojoCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     innovation_loss: torch.Tensor | None = None
 
 
 @dataclass
-class BMojoCausalLMOutput(ModelOutput):
+class BMojoCausalLMOutput(_CacheAlias, ModelOutput):
     """``loss = lm_loss + innovation_loss_weight * innovation_loss`` is what training backpropagates;
     ``lm_loss`` and ``innovation_loss`` are reported separately."""
 
@@ -565,7 +609,7 @@ class BMojoCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     innovation_loss: torch.Tensor | None = None
-    cache_params: BMojoCache | None = None
+    cache: BMojoCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -615,22 +659,29 @@ class BMojoModel(BMojoPreTrainedModel):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache_params: BMojoCache | None = None,
+        cache: BMojoCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BMojoModelOutput:
+    ) -> BMojoModelOutput | tuple:
         """``input_ids [B, L]`` (left- or right-padded, with ``attention_mask [B, L]``).
 
-        Without ``cache_params``: a parallel forward; with ``use_cache`` it also returns the decoding state.
-        With ``cache_params``: the tokens are decoded one at a time from that state (updated in place).
+        Without ``cache``: a parallel forward; with ``use_cache`` it also returns the decoding state.
+        With ``cache`` (also accepted as ``cache_params`` or ``past_key_values``): the tokens are decoded one at a
+        time from that state, which is updated in place (``attention_mask`` is then ignored: a cached row has no
+        padding ahead of it). ``output_hidden_states`` and ``return_dict`` mean the same on both paths;
+        ``output_attentions`` is refused (the joint softmax over three key sets has no per-token attention map).
         """
+        cache = pop_cache_argument(cache, kwargs)
+        _refuse_unsupported_outputs(kwargs)
         if input_ids is None:
             raise ValueError("input_ids is required (inputs_embeds is not supported)")
         self._check_input_ids(input_ids)
-        if cache_params is not None:
-            return self._decode(input_ids, cache_params, output_hidden_states)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if cache is not None:
+            out = self._decode(input_ids, cache, output_hidden_states)
+            return out if return_dict else out.to_tuple()
         bsz, length = input_ids.shape
         shift = None
         valid = None
@@ -676,27 +727,49 @@ class BMojoModel(BMojoPreTrainedModel):
             hidden_states = [_roll_rows(t, -shift) if shift is not None else t for t in hidden_states]
         if shift is not None:
             x = _roll_rows(x, -shift)
-        cache = BMojoCache(self.config, states, lengths.clone()) if use_cache else None
+        new_cache = BMojoCache(self.config, states, lengths.clone()) if use_cache else None
         innovation = torch.stack(aux_losses).mean() if aux_losses else None
-        return BMojoModelOutput(x, cache, tuple(hidden_states) if hidden_states else None, innovation)
+        out = BMojoModelOutput(x, new_cache, tuple(hidden_states) if hidden_states else None, innovation)
+        return out if return_dict else out.to_tuple()
 
     def _decode(self, input_ids, cache: BMojoCache, output_hidden_states) -> BMojoModelOutput:
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the cache holds {cache.batch_size}")
-        outputs = []
+        outputs, per_layer = [], []
         for t in range(input_ids.shape[1]):
-            outputs.append(self.step(input_ids[:, t], cache))
-        return BMojoModelOutput(torch.stack(outputs, dim=1), cache, None, None)
+            layer_inputs = [] if output_hidden_states else None
+            outputs.append(self.step(input_ids[:, t], cache, layer_inputs))
+            per_layer.append(layer_inputs)
+        hidden_states = None
+        if output_hidden_states:  # same layout as the parallel forward: one [B, L, d] per layer input + final
+            hidden_states = tuple(torch.stack(h, dim=1) for h in zip(*per_layer))
+        return BMojoModelOutput(torch.stack(outputs, dim=1), cache, hidden_states, None)
 
-    def step(self, token: torch.Tensor, cache: BMojoCache) -> torch.Tensor:
-        """Decode one token per row (``token [B]``): returns the final hidden state ``[B, d]``."""
+    def step(self, token: torch.Tensor, cache: BMojoCache, hidden_states: list | None = None) -> torch.Tensor:
+        """Decode one token per row (``token [B]``): returns the final hidden state ``[B, d]``.
+
+        ``hidden_states``, if a list, receives every layer's input and then the final hidden state (each ``[B, d]``).
+        """
         positions = cache.positions
         rope = self._rope(positions[:, None])
         x = self.embed_tokens(token)
         for layer, state in zip(self.layers, cache.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = layer.step(x, state, positions, rope)
         cache.positions = positions + 1
-        return self.norm(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
+
+
+def _refuse_unsupported_outputs(kwargs: dict) -> None:
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "output_attentions is not supported: a B'MOJO layer attends under one softmax over window, fading and "
+            "eidetic keys, which has no per-token attention map"
+        )
 
 
 def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -736,20 +809,27 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        cache_params: BMojoCache | None = None,
+        cache: BMojoCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
-    ) -> BMojoCausalLMOutput:
-        """Logits ``[B, L, vocab]``; with ``labels [B, L]`` (``-100`` ignored) the shifted next-token loss."""
+    ) -> BMojoCausalLMOutput | tuple:
+        """Logits ``[B, L, vocab]``; with ``labels [B, L]`` (``-100`` ignored) the shifted next-token loss.
+
+        ``cache`` (or ``cache_params`` / ``past_key_values``) decodes from a fixed-size state, see ``BMojoModel``.
+        """
+        cache = pop_cache_argument(cache, kwargs)
+        _refuse_unsupported_outputs(kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
-            cache_params=cache_params,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -765,27 +845,32 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             loss = lm_loss
             if out.innovation_loss is not None:
                 loss = lm_loss + self.config.innovation_loss_weight * out.innovation_loss
-        return BMojoCausalLMOutput(loss, logits, lm_loss, out.innovation_loss, out.cache_params, out.hidden_states)
+        result = BMojoCausalLMOutput(loss, logits, lm_loss, out.innovation_loss, out.cache, out.hidden_states)
+        return result if return_dict else result.to_tuple()
 
     # generate() support ----------------------------------------------------------------------------------------------
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we bring our own fixed-size cache (``cache_params``)
+        return False  # we bring our own fixed-size cache (``BMojoCache``)
 
-    def prepare_inputs_for_generation(
-        self, input_ids, attention_mask=None, cache_params: BMojoCache | None = None, use_cache=True, **kwargs
-    ):
-        if cache_params is not None:
-            # The cache already holds every token but the newest one.
-            return {"input_ids": input_ids[:, -1:], "cache_params": cache_params, "use_cache": True}
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, **kwargs):
+        # transformers passes the cache under CACHE_KWARG; a user may pass it under any alias.
+        cache = pop_cache_argument(kwargs.get("cache"), {k: kwargs.get(k) for k in CACHE_ALIASES[1:]})
+        inputs = {k: kwargs[k] for k in ("output_hidden_states", "logits_to_keep") if kwargs.get(k) is not None}
+        if cache is not None:
+            # The cache already holds every token but the newest one: feed exactly one token per step.
+            return {**inputs, "input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
+        return {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
-        model_kwargs["cache_params"] = outputs.get("cache_params")
+        for name in CACHE_ALIASES:
+            model_kwargs.pop(name, None)
+        if outputs.cache is not None:  # (use_cache=False: no cache, and no key that beam search would reorder)
+            model_kwargs[CACHE_KWARG] = outputs.cache
         mask = model_kwargs.get("attention_mask")
         if mask is not None:
             model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], num_new_tokens)], dim=-1)
         return model_kwargs
 
-    def _reorder_cache(self, cache_params, beam_idx):
-        return cache_params.reorder_cache(beam_idx)
+    def _reorder_cache(self, cache, beam_idx):
+        return None if cache is None else cache.reorder_cache(beam_idx)

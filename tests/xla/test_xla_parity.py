@@ -54,10 +54,10 @@ def test_decode_logits_match_cpu(models, ids):
         xla_out = xla(ids[:, : xa.PREFILL].to(xa.device()), use_cache=True)
         torch_xla.sync()  # the prefill graph alone, as in real decoding (then each step is the one decode graph)
         torch.testing.assert_close(_on_cpu(xla_out.logits), cpu_out.logits, **TOL, msg="prefill")
-        cpu_cache, xla_cache = cpu_out.cache_params, xla_out.cache_params
+        cpu_cache, xla_cache = cpu_out.cache, xla_out.cache
         for t in range(xa.PREFILL, ids.shape[1]):
-            expect = cpu(ids[:, t : t + 1], cache_params=cpu_cache).logits
-            got = xla(ids[:, t : t + 1].to(xa.device()), cache_params=xla_cache).logits
+            expect = cpu(ids[:, t : t + 1], cache=cpu_cache).logits
+            got = xla(ids[:, t : t + 1].to(xa.device()), cache=xla_cache).logits
             torch_xla.sync()
             torch.testing.assert_close(_on_cpu(got), expect, **TOL, msg=f"decode step at position {t}")
         torch.testing.assert_close(_on_cpu(xla_cache.positions), cpu_cache.positions)
@@ -76,9 +76,9 @@ def test_left_padded_prefill_and_decode_match_cpu(models, ids):
         torch_xla.sync()
         real = mask[:, :split].bool()
         torch.testing.assert_close(_on_cpu(xla_out.logits)[real], cpu_out.logits[real], **TOL, msg="prefill")
-        cpu_cache, xla_cache = cpu_out.cache_params, xla_out.cache_params
+        cpu_cache, xla_cache = cpu_out.cache, xla_out.cache
         for t in range(split, xa.LENGTH):
-            expect = cpu(ids[:, t : t + 1], cache_params=cpu_cache).logits
-            got = xla(ids[:, t : t + 1].to(xa.device()), cache_params=xla_cache).logits
+            expect = cpu(ids[:, t : t + 1], cache=cpu_cache).logits
+            got = xla(ids[:, t : t + 1].to(xa.device()), cache=xla_cache).logits
             torch_xla.sync()
             torch.testing.assert_close(_on_cpu(got), expect, **TOL, msg=f"decode step at position {t}")

@@ -155,13 +155,13 @@ def run_decode(model: BMojoForCausalLM, tokens: int, seed: int = 0) -> DecodeRun
     with torch.no_grad():
         before = counters()
         out = model(random_ids(gen, model.config.vocab_size, PREFILL).to(device()), use_cache=True)
-        cache, token = out.cache_params, out.logits[:, -1].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1].argmax(-1)
         torch_xla.sync()
         prefill = counters() - before
         deltas, hlo = [], ""
         for step in range(tokens):
             before = counters()
-            logits = model(token[:, None], cache_params=cache).logits
+            logits = model(token[:, None], cache=cache).logits
             token = logits[:, -1].argmax(-1)
             if step == 1:
                 state = [t for layer in cache.layers for t in layer.values()]
