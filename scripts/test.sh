@@ -22,4 +22,4 @@ bash scripts/setup_xla.sh
 # BMOJO_REQUIRE_XLA=1: a torch_xla that does not import is an error here, not a skip.
 PJRT_DEVICE=CPU BMOJO_REQUIRE_XLA=1 .venv-xla/bin/python -m pytest -q -p no:cacheprovider tests/xla \
     tests/test_model.py tests/test_generation.py tests/test_attention.py tests/test_selection.py tests/test_ssd.py \
-    tests/test_config.py tests/test_tensor_parallel.py
+    tests/test_config.py tests/test_tensor_parallel.py tests/test_install.py
