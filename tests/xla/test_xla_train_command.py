@@ -139,7 +139,7 @@ def test_several_processes_on_the_cpu_client_are_refused(corpus, tmp_path):
     """torch-xla's CPU client gives each torchrun process a world of its own; training on would average nothing.
     (Several XLA processes need NeuronCores: that path has not run here.)"""
     env = dict(os.environ, PJRT_DEVICE="CPU", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bmojo.cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bmojo.cli"]
     done = subprocess.run(
         [*command, *args(corpus, tmp_path / "run", "--device", "xla")], env=env, capture_output=True, text=True
     )
