@@ -1,5 +1,2 @@
-import os
-import sys
-
-# Make `import bmojo` work from a plain checkout (no install needed).
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+"""Shared test setup. ``import bmojo`` finds this checkout's src/ through pytest's ``pythonpath`` setting
+(pyproject.toml); test tiers are pytest markers (``xla``, ``core``, registered there)."""

@@ -1,8 +1,9 @@
 """Shared pieces of the XLA tier (tests/xla) and of scripts/hlo_census.py: the audited model, graph counters,
 the training/decoding loops they watch, and the HLO op census.
 
-Needs torch-xla (``.venv-xla``, see scripts/setup_xla.sh) with ``PJRT_DEVICE=CPU``. Set ``XLA_IR_DEBUG=1
-XLA_HLO_DEBUG=1`` before torch_xla is imported to get source locations into the census (tests/xla/conftest.py does).
+Needs torch-xla (``.venv-xla``, see scripts/setup_xla.sh) with ``PJRT_DEVICE=CPU``: it imports torch_xla, so
+nothing else in the package imports it. Set ``XLA_IR_DEBUG=1 XLA_HLO_DEBUG=1`` before torch_xla is imported to get
+source locations into the census (tests/xla/conftest.py does).
 """
 
 from __future__ import annotations
