@@ -474,7 +474,7 @@ def test_wrappers_on_an_xla_device_compile_one_decode_graph(model, tokens, expec
             results.append(logits)
         assert per_step == [(1, 0)] + [(0, 1)] * (STEPS - 1)  # one graph, compiled once, for every position
         assert counts()[2] == [] and counts()[3] == 0  # no CPU fallback, no device read during decoding
-    # No loop, sort, data-dependent branch or dynamic shape in the decode graph (ARCHITECTURE.md §5).
+    # No loop, sort, data-dependent branch or dynamic shape in the decode graph (docs/xla.md, static-graph rules).
     for opcode in ("while", "sort", "conditional", "set-dimension-size", "get-dimension-size"):
         assert not re.search(rf"\s{opcode}\(", hlo), opcode
     assert not re.search(r"\[[^\]]*<=[^\]]*\]", hlo), "dynamic dimension"

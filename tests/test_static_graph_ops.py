@@ -1,13 +1,14 @@
 """The ops and model code stay free of the operations that break static graphs on XLA / neuronx-cc.
 
 A traced graph (torch-xla, ``torch_neuronx.trace``) needs shapes fixed by the configuration and no reads of tensor
-values on the host. Forbidden, found by parsing the source with ``ast`` (no import, so it runs everywhere):
+values on the host (docs/xla.md, static-graph rules). Forbidden, found by parsing the source with ``ast`` (no
+import, so it runs everywhere):
 
 * ``sort``, ``argsort``, ``msort``, ``topk``, ``kthvalue``: lower to an XLA ``sort``, which neuronx-cc handles badly
   (``bmojo.xla_audit.FORBIDDEN_OPCODES``; the selection ops use rounds of ``argmax`` instead);
 * ``nonzero``, ``argwhere``, ``unique``, ``unique_consecutive``, ``masked_select``, ``torch.where`` with one argument
   and boolean-mask indexing (``x[mask]``, ``x[x > 0]``, ``x[~keep]``): results whose shape depends on the data;
-* ``unfold``: materialises overlapping windows as a gather (ARCHITECTURE.md section 5: blocks come from reshapes);
+* ``unfold``: materialises overlapping windows as a gather (blocks come from reshapes);
 * ``.item()``, ``.tolist()``: a device-to-host read, which cuts the graph and waits for the device.
 
 Boolean-mask indexing is undecidable from the source alone; an index counts as a mask when it is a comparison, a

@@ -26,8 +26,8 @@ ALLOWED_FALLBACKS: frozenset[str] = frozenset()
 
 # HLO opcodes the training and decode graphs must not contain.
 FORBIDDEN_OPCODES = {
-    "while": "a loop in the graph; untested on neuronx-cc for training (reference/neuron.md §3)",
-    "conditional": "data-dependent control flow (ARCHITECTURE.md §5)",
+    "while": "a loop in the graph; no Neuron document covers HLO while for training (docs/xla.md)",
+    "conditional": "data-dependent control flow (docs/xla.md, static-graph rules)",
     "sort": "from topk/argsort; neuronx-cc handles it badly (argsort crash, aws-neuron-sdk #868)",
     "set-dimension-size": "a data-dependent (dynamic) shape",
     "get-dimension-size": "a data-dependent (dynamic) shape",

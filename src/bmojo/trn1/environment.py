@@ -28,8 +28,7 @@ import shutil
 import sys
 
 PREFIX = "bmojo-neuron"
-EXIT_NOT_READY = 3
-EXIT_USAGE = 2
+EXIT_NOT_READY = 3  # (bad arguments exit with 2, argparse's status)
 
 # The Neuron DLAMI's virtual environment with torch-neuronx and NxD Core for PyTorch 2.9 (Neuron DLAMI guide).
 VENV = "/opt/aws_neuronx_venv_pytorch_2_9"
