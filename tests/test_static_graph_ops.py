@@ -85,6 +85,8 @@ def _violation(node: ast.AST) -> str | None:
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr in FORBIDDEN_METHODS:
             return f"{func.attr}: {FORBIDDEN_METHODS[func.attr]}"
+        if isinstance(func, ast.Name) and func.id in FORBIDDEN_METHODS:  # from torch import nonzero
+            return f"{func.id}: {FORBIDDEN_METHODS[func.id]}"
         if isinstance(func, ast.Attribute) and func.attr == "where" and len(node.args) == 1 and not node.keywords:
             return "where with one argument: a data-dependent shape (nonzero)"
     if isinstance(node, ast.Subscript):
@@ -174,6 +176,11 @@ def helper_ref(scores):
     return scores.sort()
 
 
+def imported(x, mask):
+    x[mask] = 0                                 # 28
+    return nonzero(x)                           # 29
+
+
 def audited(x):  # static-graph: ok (runs on the host before tracing)
     return x.nonzero()
 '''
@@ -184,7 +191,7 @@ def test_the_check_fails_on_planted_ops_naming_file_and_line(tmp_path):
     path.write_text(PLANTED)
     found = check_source(path.read_text(), str(path))
     lines = [int(f.split(":")[1]) for f in found]
-    assert lines == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 18, 19], found
+    assert lines == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 18, 19, 28, 29], found
     assert all(f.startswith(f"{path}:") for f in found)
     assert found[0].endswith("sort: sorts (an XLA sort)")
     assert "where with one argument" in found[4] and "'x[keep_mask]'" in found[5]
