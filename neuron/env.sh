@@ -2,7 +2,8 @@
 # Sourced by neuron/train_trn1_*.sh and neuron/precompile.sh; `source neuron/env.sh` gives an interactive shell
 # the same settings. Values already set in the environment win (except PJRT_DEVICE, see below), so a job can
 # override any of them: NEURON_CC_FLAGS="..." neuron/train_trn1_32xlarge.sh -- ...
-# Sources: /work/shared/reference/neuron.md §3 (Neuron env-var, parallel-compile and troubleshooting guides).
+# Sources: the Neuron SDK documentation for torch-neuronx training: the environment variables page
+# (torch-neuron-envvars), neuron_parallel_compile, and the training troubleshooting guide.
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     echo "env.sh: source this file (source neuron/env.sh), do not run it" >&2

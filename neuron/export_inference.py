@@ -8,11 +8,12 @@ writes into ``--out``:
 * ``prefill.pt``: ``input_ids [B, P] -> (logits [B, V] of the last position, positions [B], *state)``;
 * ``decode.pt``:  ``(token [B], positions [B], *state) -> (logits [B, V], positions [B], *state)``;
 * ``initial_state.safetensors``: the empty state (position 0), for prompts shorter than ``P``;
-* ``manifest.json``: shapes, dtypes and the order of the state tensors (see ``neuron/inference_graphs.py``).
+* ``manifest.json``: shapes, dtypes and the order of the state tensors (see ``bmojo.trn1.inference_graphs``).
 
 Both graphs are TorchScript modules (``torch.jit.load`` them after ``import torch_neuronx``);
-``inference_graphs.NeuronBMojoGenerator.load(DIR)`` runs them for greedy decoding. After saving, the graphs are
-loaded back and their logits compared with the eager model on the CPU (prefill and ``--check-steps`` decode steps).
+``bmojo.trn1.inference_graphs.NeuronBMojoGenerator.load(DIR)`` runs them for greedy decoding. After saving, the
+graphs are loaded back and their logits compared with the eager model on the CPU (prefill and ``--check-steps``
+decode steps).
 
 Order of work: arguments are checked first (exit 2), then the environment (exit 3, one line per missing piece,
 before anything imports torch_neuronx), and only then is the model loaded and traced.
@@ -27,17 +28,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
+import runpy
 import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import check_env  # noqa: E402  (standard library only)
+# The environment checker (bmojo.trn1.environment, standard library only), run by its path in this checkout as
+# neuron/check_env.py does: the check must report before anything imports torch or the bmojo package, which may be
+# missing here.
+check_env = SimpleNamespace(
+    **runpy.run_path(str(Path(__file__).resolve().parents[1] / "src" / "bmojo" / "trn1" / "environment.py"))
+)
 
 PROG = "export_inference.py"
 DEFAULT_COMPILER_ARGS = "--model-type=transformer --auto-cast=none"
@@ -165,7 +169,7 @@ def export(args, compiler_args: list[str], out: Path) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    import inference_graphs as ig
+    from bmojo.trn1 import inference_graphs as ig
 
     hf_logging.disable_progress_bar()  # the weight-loading bar says nothing useful here
     dtype = getattr(torch, args.dtype)
@@ -224,7 +228,7 @@ def verify(model, out: Path, args) -> int:
     """Load the saved graphs back and compare their logits with the eager model's (teacher-forced tokens)."""
     import torch
 
-    import inference_graphs as ig
+    from bmojo.trn1 import inference_graphs as ig
 
     tolerance = args.tolerance or (1e-3 if args.dtype == "float32" else 0.1)
     runner = ig.NeuronBMojoGenerator.load(out)

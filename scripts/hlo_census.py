@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 # Before torch_xla is imported: the CPU PJRT client, and source locations in the HLO metadata.
@@ -21,15 +20,14 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("XLA_IR_DEBUG", "1")
 os.environ.setdefault("XLA_HLO_DEBUG", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "xla"))
-
 import torch  # noqa: E402
 import torch_xla  # noqa: E402
 import transformers  # noqa: E402
 
-import xla_audit as xa  # noqa: E402
 from bmojo import BMojoForCausalLM  # noqa: E402
+from bmojo import xla_audit as xa  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 COMMAND = ".venv-xla/bin/python scripts/hlo_census.py"
 
@@ -140,7 +138,7 @@ def markdown(facts: dict) -> str:
         for where, count in places.items()
     ]
     lines += _table(rows, ["graph", "opcode", "origin", "count"])
-    lines += ["", "Accepted gather/scatter origins (tests/xla/xla_audit.py):", ""]
+    lines += ["", "Accepted gather/scatter origins (src/bmojo/xla_audit.py):", ""]
     lines += [f"* `{origin}`: {why}" for origin, why in xa.GATHER_SCATTER_ORIGINS.items()]
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,9 @@ from transformers import AutoConfig
 import bmojo
 from bmojo import PRESETS, BMojoConfig, BMojoForCausalLM, preset_config
 
+# core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize(
     "overrides,message",

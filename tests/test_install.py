@@ -10,6 +10,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+# core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
+pytestmark = pytest.mark.core
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = {"cpu": ROOT / "constraints" / "cpu.txt", "xla": ROOT / "constraints" / "xla.txt"}
 

@@ -7,6 +7,9 @@ from bmojo import BMojoCache, BMojoForCausalLM, preset_config
 from bmojo.evals.peers import llama_config, llama_state_dict, mamba2_config, mamba2_state_dict
 from bmojo.ops.backends import use_backend
 
+# core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
+pytestmark = pytest.mark.core
+
 
 def _model(seed=0, dtype=torch.float64, **overrides):
     torch.manual_seed(seed)

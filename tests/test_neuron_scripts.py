@@ -3,7 +3,7 @@
 * Launch scripts (bash): --help needs no environment; bad arguments fail with one line (exit 2) before the
   environment is checked; --dry-run prints the exact torchrun / neuron_parallel_compile command; without the
   Neuron SDK the environment check fails with fixed one-line messages (exit 3) instead of a traceback.
-* neuron/check_env.py and neuron/env.sh.
+* neuron/check_env.py (bmojo.trn1.environment) and neuron/env.sh.
 * The inference export: the flatten/unflatten of the decoding cache, the prefill/decode wrappers against the
   model, and ``torch.jit.trace`` of both wrappers (the CPU stand-in for ``torch_neuronx.trace``, which needs
   the Neuron SDK and has not been run) reproducing the eager logits over many decode steps.
@@ -24,15 +24,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from bmojo import BMojoForCausalLM, preset_config
+from bmojo.trn1 import environment as check_env
+from bmojo.trn1 import inference_graphs as ig
+
 ROOT = Path(__file__).resolve().parents[1]
 NEURON = ROOT / "neuron"
-sys.path.insert(0, str(NEURON))
 
-import check_env  # noqa: E402
-import export_inference  # noqa: E402
-import inference_graphs as ig  # noqa: E402
 
-from bmojo import BMojoForCausalLM, preset_config  # noqa: E402
+def _load_script(path: Path):
+    """A script of neuron/ as a module (its ``main`` is called in-process), without putting neuron/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_inference = _load_script(NEURON / "export_inference.py")
 
 ON_TRN1 = importlib.util.find_spec("torch_neuronx") is not None
 off_trn1 = pytest.mark.skipif(ON_TRN1, reason="checks the messages of a machine without the Neuron SDK")
@@ -420,6 +428,7 @@ def test_export_reads_a_run_directory(model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["source"].endswith("step_000010")
 
 
+@pytest.mark.xla
 def test_wrappers_on_an_xla_device_compile_one_decode_graph(model, tokens, expected):
     """On an XLA device (torch_neuronx.trace lowers through XLA): the prefill is one graph, the decode step one
     graph reused at every position, nothing falls back to the CPU or reads the device, and the logits match.
@@ -465,7 +474,7 @@ def test_wrappers_on_an_xla_device_compile_one_decode_graph(model, tokens, expec
             results.append(logits)
         assert per_step == [(1, 0)] + [(0, 1)] * (STEPS - 1)  # one graph, compiled once, for every position
         assert counts()[2] == [] and counts()[3] == 0  # no CPU fallback, no device read during decoding
-    # No loop, sort, data-dependent branch or dynamic shape in the decode graph (ARCHITECTURE.md §5).
+    # No loop, sort, data-dependent branch or dynamic shape in the decode graph (docs/xla.md, static-graph rules).
     for opcode in ("while", "sort", "conditional", "set-dimension-size", "get-dimension-size"):
         assert not re.search(rf"\s{opcode}\(", hlo), opcode
     assert not re.search(r"\[[^\]]*<=[^\]]*\]", hlo), "dynamic dimension"

@@ -8,6 +8,9 @@ import torch
 from bmojo.ops.ssd import ssd_chunked, ssd_ref, ssd_step
 from bmojo.ops.ssd.chunk import segsum, segsum_ref
 
+# core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
+pytestmark = pytest.mark.core
+
 
 def make_inputs(batch=2, L=64, H=4, P=8, G=1, N=6, dtype=torch.float64, seed=0, D=True, init=True):
     g = torch.Generator().manual_seed(seed)

@@ -1,15 +1,17 @@
 """Configuration of B'MOJO models.
 
-One config describes every member of the family through a per-layer type list:
+One config describes every member of the family through a per-layer type list (the same table is in README.md,
+"The model", with the test that checks each equality):
 
-| ``layers_block_type``                      | other settings                     | the model is                   |
-|--------------------------------------|------------------------------------|--------------------------------|
-| all ``"attention"``                  | ``window_size >= sequence length`` | a causal Transformer           |
-| all ``"attention"``                  | finite ``window_size``             | a sliding-window Transformer   |
-| all ``"ssm"``                        | ``use_mlp=False``                  | Mamba-2                        |
-| ``"ssm"`` and ``"attention"`` mixed  |                                    | a Jamba-style hybrid           |
-| all ``"bmojo"``                      | ``memory_size=0``                  | B'MOJO-F (fading memory only)  |
-| all ``"bmojo"``                      | ``memory_size>0``                  | B'MOJO                         |
+| ``layers_block_type``               | other settings                       | the model is                  |
+|-------------------------------------|--------------------------------------|-------------------------------|
+| all ``"attention"``                 | ``window_size >= sequence length``   | a causal Transformer          |
+| all ``"attention"``                 | finite ``window_size``               | a sliding-window Transformer  |
+| all ``"ssm"``                       | ``use_mlp=False``                    | Mamba-2                       |
+| ``"ssm"`` and ``"attention"`` mixed |                                      | a Jamba-style hybrid          |
+| all ``"bmojo"``                     | ``memory_size=0``                    | B'MOJO-F (fading memory only) |
+| all ``"bmojo"``                     | ``use_fading=False, memory_size=0``  | sliding-window attention      |
+| all ``"bmojo"``                     | ``memory_size>0``                    | B'MOJO                        |
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class BMojoConfig(PretrainedConfig):
         window_size (`int`): in-context window ``W``: query ``i`` sees tokens ``[i-W+1, i]``; a multiple of
             ``chunk_size``. With ``W >= L`` an ``attention`` layer is full causal attention.
         chunk_size (`int`): chunk ``C`` of the chunked SSD scan, of the chunked attention and of eidetic
-            selection. 128 matches the Trainium partition width.
+            selection. The 130m-1.4b presets use 128, the Trainium partition width.
         use_fading (`bool`): ``bmojo`` layers attend the SSM's fading tokens of the span ``[i-2W+1, i-W]``.
         memory_size (`int`): eidetic memory slots ``M`` per ``bmojo`` layer; 0 turns eidetic memory off.
         selections_per_chunk (`int`): tokens selected by the innovation test in each chunk (``k_sel``).
@@ -50,6 +52,11 @@ class BMojoConfig(PretrainedConfig):
         intermediate_size (`int`, *optional*): MLP width; defaults to ``ceil(8/3 * hidden_size)`` rounded up to 64.
         rms_norm_eps (`float`), rope_theta (`float`), initializer_range (`float`): as in Llama.
         tie_word_embeddings (`bool`): share the input embedding and the LM head.
+        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): 0, 1 and 2, the byte tokenizer's specials.
+        use_cache (`bool`): the default of transformers' ``generate`` (decode with the cache); ``forward``
+            returns a cache only when called with ``use_cache=True``.
+
+    Defaults (in ``__init__``) describe the small ``cpu`` preset's shape; ``PRESETS`` below holds the named sizes.
     """
 
     model_type = "bmojo"
@@ -240,7 +247,7 @@ _LADDER_COMMON = dict(
 )
 
 PRESETS: dict[str, dict] = {
-    # For unit tests: every feature on, a few thousand parameters, chunks of 4 tokens.
+    # For unit tests: every feature on, about 36 thousand parameters, chunks of 4 tokens.
     "tiny": dict(
         vocab_size=64,
         hidden_size=32,

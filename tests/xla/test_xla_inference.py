@@ -6,11 +6,13 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.xla  # needs torch-xla: run by the XLA tier (scripts/test.sh)
+
 torch_xla = pytest.importorskip("torch_xla")
 
 import torch  # noqa: E402
 
-import xla_audit as xa  # noqa: E402
+from bmojo import xla_audit as xa  # noqa: E402
 from bmojo import BMojoForCausalLM  # noqa: E402
 
 TOKENS = 64

@@ -4,11 +4,13 @@ import copy
 
 import pytest
 
+pytestmark = pytest.mark.xla  # needs torch-xla: run by the XLA tier (scripts/test.sh)
+
 torch_xla = pytest.importorskip("torch_xla")
 
 import torch  # noqa: E402
 
-import xla_audit as xa  # noqa: E402
+from bmojo import xla_audit as xa  # noqa: E402
 from bmojo import BMojoForCausalLM  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.xla  # needs torch-xla: run by the XLA tier (scripts/test.sh)
+
 torch_xla = pytest.importorskip("torch_xla")
 
 import torch  # noqa: E402

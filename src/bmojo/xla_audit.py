@@ -1,8 +1,9 @@
 """Shared pieces of the XLA tier (tests/xla) and of scripts/hlo_census.py: the audited model, graph counters,
 the training/decoding loops they watch, and the HLO op census.
 
-Needs torch-xla (``.venv-xla``, see scripts/setup_xla.sh) with ``PJRT_DEVICE=CPU``. Set ``XLA_IR_DEBUG=1
-XLA_HLO_DEBUG=1`` before torch_xla is imported to get source locations into the census (tests/xla/conftest.py does).
+Needs torch-xla (``.venv-xla``, see scripts/setup_xla.sh) with ``PJRT_DEVICE=CPU``: it imports torch_xla, so
+nothing else in the package imports it. Set ``XLA_IR_DEBUG=1 XLA_HLO_DEBUG=1`` before torch_xla is imported to get
+source locations into the census (tests/xla/conftest.py does).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ ALLOWED_FALLBACKS: frozenset[str] = frozenset()
 
 # HLO opcodes the training and decode graphs must not contain.
 FORBIDDEN_OPCODES = {
-    "while": "a loop in the graph; untested on neuronx-cc for training (reference/neuron.md §3)",
-    "conditional": "data-dependent control flow (ARCHITECTURE.md §5)",
+    "while": "a loop in the graph; no Neuron document covers HLO while for training (docs/xla.md)",
+    "conditional": "data-dependent control flow (docs/xla.md, static-graph rules)",
     "sort": "from topk/argsort; neuronx-cc handles it badly (argsort crash, aws-neuron-sdk #868)",
     "set-dimension-size": "a data-dependent (dynamic) shape",
     "get-dimension-size": "a data-dependent (dynamic) shape",
