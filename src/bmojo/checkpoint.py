@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .configuration_bmojo import BMojoConfig
@@ -199,6 +199,9 @@ _CONFIG_DEFAULTS = {
 }
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _config_values(checkpoint: Path) -> dict:
     """``config.json`` as a dict whose model settings have the types of BMojoConfig's defaults (TypeError if not)."""
     values = json.loads((checkpoint / "config.json").read_text())
@@ -210,7 +213,7 @@ def _config_values(checkpoint: Path) -> dict:
             continue
         kinds = (int, float) if isinstance(default, float) else type(default)
         if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
-            raise TypeError(f"{key} must be a {type(default).__name__}, got {value!r}")
+            raise TypeError(f"{key} must be {_KIND_NAMES[type(default)]}, got {value!r}")
     return values
 
 
@@ -225,10 +228,31 @@ def load_config(checkpoint: Path) -> BMojoConfig:
     return _read_config(checkpoint, "read the model configuration")
 
 
+def _check_shapes(checkpoint: Path, config: BMojoConfig) -> None:
+    """The weights' shapes against those ``config.json`` implies (a model built on the meta device: no memory)."""
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        return  # a sharded or missing file: from_pretrained reports it
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in BMojoForCausalLM(config).state_dict().items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, SafetensorError) as exc:
+        raise BMojoError(f"cannot load the model in {checkpoint}: {_reason(exc)}") from None
+    for name, shape in stored.items():
+        if name in expected and expected[name] != shape:
+            raise BMojoError(
+                f"cannot load the model in {checkpoint}: {name} has shape {list(shape)} in model.safetensors but "
+                f"config.json implies {list(expected[name])}"
+            )
+
+
 def load_model(checkpoint: Path) -> BMojoForCausalLM:
     """The model of a checkpoint, its checksums verified first."""
     verify_checkpoint(checkpoint)
     config = _read_config(checkpoint, "load the model")
+    _check_shapes(checkpoint, config)
     try:
         model = BMojoForCausalLM.from_pretrained(checkpoint, config=config, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:

@@ -416,11 +416,20 @@ class RunLock:
     def __init__(self, out: Path, enabled: bool):
         self.out, self.enabled, self.lock = out, enabled, None
 
+    def check(self) -> bool:
+        """Whether ``out`` is an existing directory; a ``BMojoError`` if it cannot be one."""
+        try:
+            exists, is_dir = self.out.exists(), self.out.is_dir()
+        except OSError as exc:  # a name too long, ...
+            raise BMojoError(f"cannot use --out {self.out}: {exc.strerror or exc}") from None
+        if exists and not is_dir:
+            raise BMojoError(f"--out {self.out} exists and is not a directory")
+        return is_dir
+
     def acquire(self) -> None:
         if not self.enabled or self.lock is not None:
             return
-        if self.out.exists() and not self.out.is_dir():
-            raise BMojoError(f"--out {self.out} exists and is not a directory")
+        self.check()
         lock = FileLock(self.out / LOCK_FILE, timeout=0)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -569,7 +578,7 @@ def train(
     out = Path(train_overrides.get("out", TrainConfig.out))
     try:
         with RunLock(out, procs.is_main) as lock:
-            if out.is_dir():
+            if lock.check():
                 lock.acquire()  # before reading the run's state; a new directory is created only once all is checked
             plan = _resolve(procs, preset, model_overrides, train_overrides, resume, allow_changes)
             lock.acquire()
