@@ -1,6 +1,7 @@
 """The run directory is safe: one run at a time, signals save, records before checkpoints, --resume refuses
 changed settings, the run file reproduces the run, checkpoints are verified, and every fault is one error line."""
 
+import itertools
 import json
 import os
 import random
@@ -238,7 +239,7 @@ def test_more_steps_keep_the_schedule_and_allowed_changes_keep_the_token_count(c
     original = TrainConfig(lr=3e-3, warmup_steps=2, steps=10)
     assert lrs == pytest.approx([learning_rate(s, original) for s in range(16)], rel=1e-12)
     assert lrs[10:] == pytest.approx([3e-4] * 6)  # the floor: no jump at the resume point
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
     assert yaml.safe_load((run / "train_config.yaml").read_text())["decay_steps"] == 10
 
     changed = ("--steps", "20", "--eval-every", "0", "--batch-size", "2", "--resume", "--allow-changes")
@@ -387,8 +388,10 @@ CHECKPOINT_FAULTS = {
     "config.json against the weights": (
         edit_json("config.json", lambda s: {**s, "intermediate_size": 72}),
         True,
-        "cannot load the model in {c}: model.layers.0.mlp.down_proj.weight has shape [32, 64] in model.safetensors "
-        "but config.json implies [32, 72]",
+        (
+            "cannot load the model in {c}: model.layers.0.mlp.down_proj.weight has shape [32, 64] in "
+            "model.safetensors but config.json implies [32, 72]"
+        ),
     ),
 }  # fmt: skip
 
