@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-changes",
         action="store_true",
         help="with --resume: accept settings that differ from the run's (refused otherwise, except --steps, "
-        "--eval-every, --save-every, --threads and the sample settings)",
+        "--eval-every, --save-every, --threads, train.keep_checkpoints and the sample settings); resuming to other "
+        "--steps keeps the run's cosine schedule (train.decay_steps)",
     )
     train.set_defaults(run=cmd_train)
 
