@@ -60,6 +60,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent
 
@@ -89,8 +93,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Atomically write the checkpoint of ``step``, then delete all but the ``keep`` newest. A failure (a full disk)
     leaves no temporary directory behind and raises a ``BMojoError`` naming the checkpoint."""
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:06d}"
+    final = checkpoint_path(run_dir, step)
+    root = final.parent
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -747,14 +747,13 @@ def _train(procs: Processes, plan: RunPlan) -> dict:
 
     def save(step: int) -> Path:
         """After the step's records: a checkpoint that exists always has them (on XLA the step has run by now)."""
-        path = ckpt.CHECKPOINTS  # what the other processes know of it
         if procs.is_main:
             metrics.sync()
             state = {"tokens": tokens_after(step)}
-            path = ckpt.save_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
+            ckpt.save_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
         if procs.world_size > 1 and not device.is_xla:
             dist.barrier()  # on XLA the next step's gradient all-reduce already waits for every process
-        return path
+        return ckpt.checkpoint_path(out, step)
 
     result = run_eval(0) if start == 0 else {}
     train_time = 0.0
