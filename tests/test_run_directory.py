@@ -1,6 +1,7 @@
 """The run directory is safe: one run at a time, signals save, records before checkpoints, --resume refuses
 changed settings, the run file reproduces the run, checkpoints are verified, and every fault is one error line."""
 
+import errno
 import itertools
 import json
 import os
@@ -341,6 +342,17 @@ def test_unusable_out(fault, corpus, tmp_path, capsys):
     assert main(tiny(corpus, out, "--steps", "1")) == 2
     assert error_line(capsys) == message
     assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_while_writing_records_is_one_line(corpus, tmp_path, monkeypatch, capsys):
+    from bmojo.training import MetricsLog
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(MetricsLog, "append", full)
+    assert main(tiny(corpus, tmp_path / "run", "--steps", "2")) == 2
+    assert error_line(capsys) == f"cannot write into {tmp_path / 'run'}: No space left on device"
 
 
 def reseal(checkpoint: Path) -> None:

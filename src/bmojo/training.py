@@ -588,7 +588,8 @@ def train(
     except OSError as exc:  # the disk is full, a file became unwritable, ...
         if exc.errno is None:
             raise
-        raise BMojoError(f"{exc.strerror}: {exc.filename or out}") from exc
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise BMojoError(f"cannot write into {out}: {exc.strerror}{where}") from exc
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
