@@ -311,6 +311,17 @@ def test_with_no_intact_checkpoint_resume_names_the_newest(finished, tmp_path, c
     )
 
 
+def test_with_every_checkpoint_damaged_resume_names_the_newest(two_checkpoints, tmp_path, capsys):
+    run = copy_run(two_checkpoints, tmp_path)
+    for checkpoint in ckpt.list_checkpoints(run):
+        flip_byte(checkpoint / "model.safetensors")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    newest = run / "checkpoints" / "step_000004"
+    assert err[-1] == f"bmojo: error: checkpoint {newest} is damaged; no earlier one is intact"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000002", "step_000004"]  # nothing renamed
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Faults of --out and of checkpoints: one line, exit 2, nothing left behind
 # ---------------------------------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def newest_verified(run_dir: Path, warn) -> tuple[Path, list[Path]]:
             return checkpoint, damaged
         except BMojoError as exc:
             if checkpoint == found[0]:
-                raise BMojoError(f"{exc}; no earlier checkpoint is intact") if damaged else exc from None
+                newest = f"{exc}" if not damaged else f"checkpoint {damaged[0]} is damaged; no earlier one is intact"
+                raise BMojoError(newest) from None
             warn(f"{exc}; falling back to the previous checkpoint")
             damaged.append(checkpoint)
     raise BMojoError(f"no checkpoint in {Path(run_dir) / CHECKPOINTS}")
