@@ -225,10 +225,13 @@ def test_bad_eval_generate_tokenizer_input(argv, message, run, corpus, capsys):
 def test_checkpoint_with_a_broken_config_is_a_clear_error(run, tmp_path, capsys):
     import shutil
 
+    from bmojo.checkpoint import write_manifest
+
     broken = tmp_path / "ckpt"
     shutil.copytree(run / "checkpoints" / "step_000002", broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "window_size": 6}))
+    write_manifest(broken)  # re-sealed, so the configuration check (not the checksum check) answers
     assert cli(["eval", str(broken), "--data", str(tmp_path)]) == 2
     assert one_error_line(capsys).startswith(f"cannot load the model in {broken}: window_size (6) must be a multiple")
 

@@ -1,5 +1,6 @@
 """Training: schedule, run directory, checkpoints, exact resume after SIGKILL, DDP, divergence."""
 
+import errno
 import json
 import math
 import os
@@ -80,6 +81,7 @@ def test_training_writes_a_complete_run_directory_and_learns(corpus, tmp_path):
         "generation_config.json",
         "training_state.safetensors",
         "training_state.json",
+        "checksums.sha256",
     }  # fmt: skip
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "sample.txt").read_text().startswith("def ")
@@ -189,17 +191,21 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(co
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_crash_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+def test_a_crash_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     assert main(tiny(corpus, run, "--steps", "2", "--save-every", "1")) == 0
     before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000002").iterdir()}
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt, "save_file", crash)  # dies after the model, before the optimizer state
-    with pytest.raises(OSError, match="disk full"):
-        main(tiny(corpus, run, "--steps", "4", "--save-every", "1", "--resume"))
+    capsys.readouterr()
+    assert main(tiny(corpus, run, "--steps", "4", "--save-every", "1", "--resume")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"bmojo: error: cannot save the checkpoint {run / 'checkpoints' / 'step_000003'}: No space left on device"
+    )
+    assert not list((run / "checkpoints").glob(".tmp-*"))
     assert ckpt.resolve_checkpoint(run).name == "step_000002"
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000001", "step_000002"]
     assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000002").iterdir()} == before

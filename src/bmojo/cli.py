@@ -27,6 +27,7 @@ from .training import (
     evaluate,
     generate_text,
     load_train_settings,
+    run_file_sections,
     train,
 )
 
@@ -99,12 +100,14 @@ TRAIN_EXAMPLES = """examples:
   bmojo train --preset tiny --data notes/ --glob '*.md' --steps 200 --out runs/notes
   bmojo train --config run.yaml --set model.window_size=64 --lr 1e-3
   bmojo train --out runs/notes --resume         # continue after a crash or to more --steps
+  bmojo train --config runs/notes/train_config.yaml --out runs/again   # the same run again
   torchrun --standalone --nproc_per_node=2 -m bmojo.cli train --out runs/ddp
 """
 
 
 def read_config_file(path: str) -> dict:
-    """A YAML or JSON file with optional ``preset: NAME``, ``model: {...}`` and ``train: {...}``."""
+    """A YAML or JSON file with optional ``preset: NAME``, ``model: {...}`` and ``train: {...}``, or a run's own
+    ``train_config.yaml``."""
     file = Path(path)
     if not file.is_file():
         raise BMojoError(f"config file {path!r} does not exist")
@@ -114,6 +117,7 @@ def read_config_file(path: str) -> dict:
     except (ValueError, yaml.YAMLError) as exc:
         raise BMojoError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
     values = {} if values is None else values
+    values = run_file_sections(values) if isinstance(values, dict) else values
     if not isinstance(values, dict) or not set(values) <= {"preset", "model", "train"}:
         raise BMojoError(f"{path}: expected a mapping with the sections preset, model and train")
     for section in ("model", "train"):
@@ -153,7 +157,7 @@ def resolve_settings(args) -> tuple[str | None, dict, dict]:
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     preset, model_settings, train_settings = resolve_settings(args)
-    train(preset, model_settings, train_settings, resume=args.resume)
+    train(preset, model_settings, train_settings, resume=args.resume, allow_changes=args.allow_changes)
     return 0
 
 
@@ -278,7 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its newest checkpoint (its saved settings apply)",
+        help="continue the run in --out from its newest intact checkpoint (its saved settings apply; a damaged "
+        "newer checkpoint is set aside with a warning). SIGTERM or Ctrl-C saves a checkpoint to continue from",
+    )
+    train.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: accept settings that differ from the run's (refused otherwise, except --steps, "
+        "--eval-every, --save-every, --threads, train.keep_checkpoints and the sample settings); resuming to other "
+        "--steps keeps the run's cosine schedule (train.decay_steps)",
     )
     train.set_defaults(run=cmd_train)
 

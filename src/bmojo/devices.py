@@ -3,7 +3,7 @@
 ``Device`` holds the few things the training loop does differently on XLA, so the loop itself reads the same:
 
 - tensors are lazy: a step is traced, then compiled and run at ``barrier()`` (``torch_xla.sync()``). Everything
-  that needs a value on the host (logging, the divergence check, checkpoints) goes through ``after_step``, which
+  that needs a value on the host during a step (logging, the divergence check) goes through ``after_step``, which
   on XLA becomes an ``xm.add_step_closure`` run once the step's graph has executed, so no host read splits the
   step into several graphs;
 - batches reach the device through ``pl.MpDeviceLoader`` (transfer in a background thread);

@@ -2,7 +2,25 @@
 
 A run directory ``<out>/`` holds ``config.json`` (the model), ``train_config.yaml`` (this module's
 ``TrainConfig``), ``tokenizer/``, ``checkpoints/step_XXXXXX/``, ``metrics.jsonl`` (one JSON record per training
-step and per evaluation), ``loss_curve.png`` and ``sample.txt``.
+step and per evaluation), ``loss_curve.png``, ``sample.txt`` and ``.lock``.
+
+Safety of the run directory:
+
+* One run at a time: the main process holds ``<out>/.lock`` (``filelock``) while it trains; a second run on the
+  same directory stops with one error line before it writes anything.
+* SIGTERM and SIGINT finish the step in flight, save a checkpoint and exit with status 128 + the signal's number
+  (143, 130); a second signal stops at once.
+* A step's records (metrics, evaluation, plot) are written before its checkpoint is renamed into place, and a
+  resumed run drops the records newer than its checkpoint. If the last step's checkpoint exists but the sample
+  does not, ``--resume`` writes it.
+* ``--resume`` continues with the run's saved settings; any other than ``RESUMABLE`` that differs is refused
+  (``allow_changes`` accepts them). Resuming to another ``steps`` keeps the run's cosine schedule
+  (``decay_steps``): past its end the learning rate stays at the floor, so it never jumps at the resume point.
+  The token counter continues from the checkpoint's.
+* ``train_config.yaml`` records the preset and the model settings given beside the training settings, so
+  ``--config <run>/train_config.yaml`` builds the same run (``run_file_sections``).
+* Checkpoints carry SHA-256 checksums; ``--resume`` falls back past damaged ones (with a warning, and renames
+  them ``step_XXXXXX.damaged``).
 
 Exact resume: the sequences of step ``s`` are a pure function of ``(seed, s)`` (``data.batch_positions``) and a
 checkpoint holds the model, the AdamW state and the RNG state, so continuing from step ``s`` computes bit for bit
@@ -16,7 +34,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from filelock import FileLock, Timeout
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -39,6 +60,13 @@ from .tokenization import load_tokenizer
 
 DEFAULT_PRESET = "cpu"
 MODEL_KEYS = tuple(p for p in inspect.signature(BMojoConfig.__init__).parameters if p not in ("self", "kwargs"))
+RUN_FILE = "train_config.yaml"
+LOCK_FILE = ".lock"
+# Training settings that --resume may change without --allow-changes: they do not alter what a step computes.
+RESUMABLE = (
+    *("out", "steps", "eval_every", "save_every", "threads"),
+    *("keep_checkpoints", "sample_prompt", "sample_tokens"),
+)
 
 
 @dataclass
@@ -54,6 +82,7 @@ class TrainConfig:
     steps: int = 600
     lr: float = 7e-4  # best of 5e-4..6e-3 in a 300-step sweep of the default run
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    decay_steps: int = 0  # the cosine reaches its floor at this step; 0: at `steps`
     warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -89,6 +118,7 @@ class TrainConfig:
             check(getattr(self, name) >= 1, name, "at least 1")
         for name in (
             "warmup_steps",
+            "decay_steps",
             "eval_every",
             "save_every",
             "threads",
@@ -248,6 +278,11 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def sync(self) -> None:
+        """Flush the records to the disk (before the checkpoint they belong to is committed)."""
+        if self.path.exists():
+            ckpt.fsync(self.path)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation and sampling
@@ -320,10 +355,12 @@ def generate_text(
 # Training
 # ---------------------------------------------------------------------------------------------------------------
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then a cosine decay to ``lr * min_lr_ratio`` at the last step (``step`` 0-based)."""
+    """Linear warmup to ``lr``, then a cosine decay to ``lr * min_lr_ratio`` at step ``decay_steps`` (default: the
+    last step), and the floor after it (``step`` 0-based)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    horizon = cfg.decay_steps or cfg.steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
     low = cfg.lr * cfg.min_lr_ratio
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
 
@@ -338,54 +375,224 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def load_train_settings(run_dir: Path) -> dict:
-    """The training settings a run directory was started with."""
+# ---------------------------------------------------------------------------------------------------------------
+# The run directory: its settings file, its lock, the signals that stop it
+# ---------------------------------------------------------------------------------------------------------------
+def load_run_file(run_dir: Path) -> dict:
+    """``train_config.yaml``: the training settings, plus ``preset`` and ``model`` (the model settings given)."""
     try:
-        values = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+        values = yaml.safe_load((run_dir / RUN_FILE).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise BMojoError(f"cannot read the training settings of {run_dir}: {exc}") from None
     if not isinstance(values, dict):
-        raise BMojoError(f"{run_dir / 'train_config.yaml'} is not a mapping of training settings")
+        raise BMojoError(f"{run_dir / RUN_FILE} is not a mapping of training settings")
     return values
 
 
-def train(preset: str | None, model_overrides: dict, train_overrides: dict, resume: bool = False) -> dict:
-    """Train as configured; returns the final validation metrics. ``resume`` continues the run in
-    ``train.out`` from its newest checkpoint, with its saved settings under the given ones."""
-    procs = Processes.from_env()
-    try:
-        return _train(procs, preset, model_overrides, train_overrides, resume)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def load_train_settings(run_dir: Path) -> dict:
+    """The training settings a run directory was started with."""
+    return {k: v for k, v in load_run_file(run_dir).items() if k not in ("preset", "model")}
 
 
-def _resolve(procs: Processes, preset, model_overrides: dict, train_overrides: dict, resume: bool):
-    """(training config, tokenizer, model config, checkpoint to resume from or None), checked."""
+def run_file_sections(values: dict) -> dict:
+    """A run's own ``train_config.yaml`` (training settings at the top level) as the sections of a ``--config``
+    file (``preset``, ``model``, ``train``); any other mapping unchanged."""
+    flat = set(values) - {"preset", "model", "train"}
+    if "train" in values or not flat or not flat <= {f.name for f in dataclasses.fields(TrainConfig)}:
+        return values
+    sections = {k: values[k] for k in ("preset", "model") if k in values}
+    return {**sections, "train": {k: v for k, v in values.items() if k in flat}}
+
+
+def write_run_file(out: Path, preset: str | None, model_settings: dict, cfg: TrainConfig) -> None:
+    values = {"preset": preset, "model": model_settings, **dataclasses.asdict(cfg)}
+    ckpt.write_text_atomic(out / RUN_FILE, yaml.safe_dump(values, sort_keys=False))
+
+
+class RunLock:
+    """``<out>/.lock``, held by the main process while it uses the run directory (the other processes of a
+    ``torchrun`` job follow it). ``acquire`` creates ``out`` if needed; it is idempotent."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled, self.lock = out, enabled, None
+
+    def check(self) -> bool:
+        """Whether ``out`` is an existing directory; a ``BMojoError`` if it cannot be one."""
+        try:
+            exists, is_dir = self.out.exists(), self.out.is_dir()
+        except OSError as exc:  # a name too long, ...
+            raise BMojoError(f"cannot use --out {self.out}: {exc.strerror or exc}") from None
+        if exists and not is_dir:
+            raise BMojoError(f"--out {self.out} exists and is not a directory")
+        return is_dir
+
+    def acquire(self) -> None:
+        if not self.enabled or self.lock is not None:
+            return
+        self.check()
+        lock = FileLock(self.out / LOCK_FILE, timeout=0)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Timeout:
+            raise BMojoError(f"{self.out} is in use by another run (lock {self.out / LOCK_FILE})") from None
+        except OSError as exc:
+            raise BMojoError(f"cannot use --out {self.out}: {exc.strerror or exc}") from None
+        self.lock = lock
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+class Interrupted(BMojoError):
+    """SIGTERM or SIGINT stopped training; the exit status is 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set ``signum``: the training loop saves and stops at the next step
+    boundary. A second signal gets the previous handler (SIGINT: KeyboardInterrupt; SIGTERM: the process ends)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, procs: Processes, device: Device):
+        self.procs, self.device, self.signum, self.previous = procs, device, None, {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        signal.signal(signum, self.previous[signum])
+        signal.raise_signal(signum)
+
+    def requested(self) -> int | None:
+        """The signal to stop for, agreed among all processes (any process's signal stops them all)."""
+        if self.procs.world_size == 1:
+            return self.signum
+        flags = torch.zeros(len(self.SIGNALS), device=self.device.torch_device)
+        if self.signum is not None:
+            flags[self.SIGNALS.index(self.signum)] = 1
+        flags = _all_sum(flags, self.procs).tolist()
+        return next((s for s, f in zip(self.SIGNALS, flags, strict=True) if f > 0), None)
+
+
+def _newest_note(out: Path) -> str:
+    found = ckpt.list_checkpoints(out)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolving the settings
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunPlan:
+    """What a run trains: the checked settings, and on --resume the checkpoint (and the damaged newer ones)."""
+
+    cfg: TrainConfig
+    tokenizer: object
+    model_config: BMojoConfig
+    preset: str | None  # recorded in train_config.yaml with the model settings given
+    model_settings: dict
+    checkpoint: Path | None = None
+    damaged: list[Path] = field(default_factory=list)
+
+
+def changed_settings(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """``name: saved -> requested`` for each setting outside ``RESUMABLE`` that differs."""
+    return [
+        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(requested, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(requested, f.name)
+    ]
+
+
+def _resolve(procs: Processes, preset, model_overrides: dict, train_overrides: dict, resume: bool, allow_changes: bool):
     out = Path(train_overrides.get("out", TrainConfig.out))
-    checkpoint = None
     if resume:
-        found = ckpt.list_checkpoints(out)
-        if not found:
-            raise BMojoError(f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS} to resume from")
-        checkpoint = found[-1]
-        saved_model, saved_train = ckpt.load_config(checkpoint), load_train_settings(out)
-        cfg = TrainConfig.from_dict({**saved_train, **train_overrides, "out": str(out)})
-        if cfg.tokenizer != saved_train.get("tokenizer"):
-            raise BMojoError(
-                f"{out} was trained with tokenizer {saved_train.get('tokenizer')!r}, not {cfg.tokenizer!r}"
-            )
-        tokenizer = load_tokenizer(out / "tokenizer")
-        model_config = build_model_config(preset, model_overrides, tokenizer, saved=saved_model)
-        check_same_model(model_config, saved_model, checkpoint)
+        plan = _resolve_resume(out, preset, model_overrides, train_overrides, allow_changes, procs.is_main)
     else:
         if ckpt.list_checkpoints(out):
             raise BMojoError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
         cfg = TrainConfig.from_dict(train_overrides)
         tokenizer = load_tokenizer(cfg.tokenizer)
         model_config = build_model_config(preset, model_overrides, tokenizer)
-    cfg.validate(model_config, procs.world_size)
-    return cfg, tokenizer, model_config, checkpoint
+        plan = RunPlan(cfg, tokenizer, model_config, preset or DEFAULT_PRESET, dict(model_overrides))
+    plan.cfg.validate(plan.model_config, procs.world_size)
+    return plan
+
+
+def _resolve_resume(out: Path, preset, model_overrides: dict, train_overrides: dict, allow_changes: bool, main: bool):
+    if not ckpt.list_checkpoints(out):
+        raise BMojoError(f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS} to resume from")
+    warn = (lambda line: print(f"bmojo: warning: {line}", file=sys.stderr)) if main else (lambda line: None)
+    checkpoint, damaged = ckpt.newest_verified(out, warn)
+    run_file = load_run_file(out)
+    saved_settings = load_train_settings(out)
+    saved = TrainConfig.from_dict(saved_settings)
+    cfg = TrainConfig.from_dict({**saved_settings, **train_overrides, "out": str(out)})
+    if cfg.tokenizer != saved.tokenizer:
+        raise BMojoError(f"{out} was trained with tokenizer {saved.tokenizer!r}, not {cfg.tokenizer!r}")
+    changes = changed_settings(saved, cfg)
+    if changes and not allow_changes:
+        raise BMojoError(
+            f"--resume: {out} was started with other settings ({'; '.join(changes)}); "
+            "pass --allow-changes to continue with the new ones"
+        )
+    if cfg.steps != saved.steps and not cfg.decay_steps:
+        cfg.decay_steps = saved.steps  # keep the run's cosine schedule: no jump in the learning rate
+    saved_model = ckpt.load_config(checkpoint)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    model_config = build_model_config(preset, model_overrides, tokenizer, saved=saved_model)
+    check_same_model(model_config, saved_model, checkpoint)
+    model_settings = {**(run_file.get("model") or {}), **model_overrides}
+    return RunPlan(cfg, tokenizer, model_config, run_file.get("preset", preset), model_settings, checkpoint, damaged)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def train(
+    preset: str | None, model_overrides: dict, train_overrides: dict, resume: bool = False, allow_changes: bool = False
+) -> dict:
+    """Train as configured; returns the final validation metrics. ``resume`` continues the run in ``train.out``
+    from its newest intact checkpoint, with its saved settings under the given ones (settings outside
+    ``RESUMABLE`` may differ only with ``allow_changes``)."""
+    procs = Processes.from_env()
+    out = Path(train_overrides.get("out", TrainConfig.out))
+    try:
+        with RunLock(out, procs.is_main) as lock:
+            if lock.check():
+                lock.acquire()  # before reading the run's state; a new directory is created only once all is checked
+            plan = _resolve(procs, preset, model_overrides, train_overrides, resume, allow_changes)
+            lock.acquire()
+            return _train(procs, plan)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, the final sample) or a second Ctrl-C
+        raise Interrupted(f"stopped by SIGINT; {_newest_note(out)}", signal.SIGINT) from None
+    except OSError as exc:  # the disk is full, a file became unwritable, ...
+        if exc.errno is None:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise BMojoError(f"cannot write into {out}: {exc.strerror}{where}") from exc
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class StepBatches:
@@ -408,8 +615,32 @@ class StepBatches:
             yield torch.stack([self.corpus.batch(self.corpus.train_windows[micro]) for micro in positions])
 
 
-def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dict, resume: bool) -> dict:
-    cfg, tokenizer, model_config, checkpoint = _resolve(procs, preset, model_overrides, train_overrides, resume)
+def _start_run_directory(out: Path, plan: RunPlan, metrics: MetricsLog) -> None:
+    """A new run: forget the records of an earlier, checkpoint-less attempt; write the model and tokenizer."""
+    for stale in (metrics.path, out / "loss_curve.png", out / "sample.txt"):
+        stale.unlink(missing_ok=True)
+    plan.model_config.to_json_file(str(out / "config.json"))
+    plan.tokenizer.save(out / "tokenizer")
+
+
+def _finish_run(out: Path, model, tokenizer, cfg: TrainConfig, device: Device, metrics: MetricsLog, say) -> None:
+    """The end-of-run work once the last checkpoint exists: the loss curve and the sample."""
+    plot_loss_curve(metrics.read(), out / "loss_curve.png")
+    # Sampling is a host-driven loop of one-token steps: on XLA it runs on a CPU copy of the final checkpoint.
+    last = ckpt.list_checkpoints(out)[-1]
+    sampler = ckpt.load_model(last) if device.is_xla else model
+    sample = generate_text(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
+    ckpt.write_text_atomic(out / "sample.txt", sample + "\n")
+    say(f"sample ({out / 'sample.txt'}):\n{sample}")
+    say(f"done: {out} (checkpoint {last.name})")
+
+
+def _due(every: int, done: int) -> bool:
+    return bool(every) and done % every == 0
+
+
+def _train(procs: Processes, plan: RunPlan) -> dict:
+    cfg, tokenizer, checkpoint = plan.cfg, plan.tokenizer, plan.checkpoint
     out = Path(cfg.out)
     say = tqdm.write if procs.is_main else (lambda *_: None)
     device = Device(cfg.device)
@@ -419,25 +650,28 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
     corpus = load_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.glob, cfg.text_key)
 
     torch.manual_seed(cfg.seed)
-    model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(model_config)
+    model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(plan.model_config)
     device.place_model(model).train()
     optimizer = make_optimizer(model, cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
-    start = 0
+    start, start_tokens = 0, 0
     if checkpoint is not None:
-        start = ckpt.load_training_state(checkpoint, optimizer)["step"]
+        state = ckpt.load_training_state(checkpoint, optimizer)
+        start, start_tokens = state["step"], state["tokens"]
         if procs.is_main:
+            for damaged in plan.damaged:
+                ckpt.set_aside(damaged)
             metrics.truncate_after(start)
         say(f"resuming {out} from {checkpoint.name}")
     elif procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics.path.unlink(missing_ok=True)
-        model_config.to_json_file(str(out / "config.json"))
-        tokenizer.save(out / "tokenizer")
+        _start_run_directory(out, plan, metrics)
     if procs.is_main:  # also when resuming: a later --resume continues with the settings in force now
-        ckpt.write_text_atomic(out / "train_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_run_file(out, plan.preset, plan.model_settings, cfg)
     if start >= cfg.steps:
-        say(f"{out} already finished {start} of {cfg.steps} steps; nothing to do")
+        if procs.is_main and not (out / "sample.txt").is_file():  # stopped between the last checkpoint and the end
+            _finish_run(out, model, tokenizer, cfg, device, metrics, say)
+        else:
+            say(f"{out} already finished {start} of {cfg.steps} steps; nothing to do")
         return {}
 
     # On the CPU, DDP averages the gradients during backward; on XLA, Device.reduce_gradients does after it.
@@ -453,17 +687,18 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
     )
     finished: list[dict] = []  # the record of the step just run, once its values are on the host
 
+    def tokens_after(done: int) -> int:  # continues from the checkpoint's count, whatever the batch is now
+        return start_tokens + (done - start) * tokens_per_step
+
     def check_and_record(step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor, has_innovation: bool):
         """Runs when the step's values can be read: on the CPU before the update (a diverged update is never
         applied); on XLA as a step closure, after the step's graph ran (reading earlier would split it)."""
         loss, lm_loss, innovation = losses.tolist()
         grad_norm = grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            found = ckpt.list_checkpoints(out)
-            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
             raise TrainingDiverged(
-                f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopped, {kept} "
-                "(try a lower --lr)"
+                f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopped, "
+                f"{_newest_note(out)} (try a lower --lr)"
             )
         finished.append(
             {
@@ -474,7 +709,7 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
                 "innovation_loss": innovation if has_innovation else None,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens": (step + 1) * tokens_per_step,
+                "tokens": tokens_after(step + 1),
             }
         )
 
@@ -511,25 +746,28 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
         say(f"step {step}: validation LM loss {result['lm_loss']:.4f} (perplexity {result['perplexity']:.2f})")
         return result
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path:
+        """After the step's records: a checkpoint that exists always has them (on XLA the step has run by now)."""
         if procs.is_main:
-            ckpt.save_checkpoint(out, step, model, optimizer, {"tokens": step * tokens_per_step}, cfg.keep_checkpoints)
+            metrics.sync()
+            state = {"tokens": tokens_after(step)}
+            ckpt.save_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
         if procs.world_size > 1 and not device.is_xla:
             dist.barrier()  # on XLA the next step's gradient all-reduce already waits for every process
+        return ckpt.checkpoint_path(out, step)
 
     result = run_eval(0) if start == 0 else {}
     train_time = 0.0
-    # In a log file (not a terminal) a progress line every 30 s is plenty.
+    # In a log file (not a terminal) a progress line every 30 s is plenty; set_postfix must not refresh it.
     progress = dict(unit="step", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
-    with tqdm(total=cfg.steps, initial=start, disable=not procs.is_main, **progress) as bar:
+    bar = tqdm(total=cfg.steps, initial=start, disable=not procs.is_main, **progress)
+    with bar, StopSignals(procs, device) as stop:
         started = time.perf_counter()
         for step, batch in zip(range(start, cfg.steps), device.loader(batches)):
             train_step(step, batch)
-            done, final = step + 1, step + 1 == cfg.steps
-            if final or (cfg.save_every and done % cfg.save_every == 0):
-                device.after_step(save, done)  # on XLA: once the updated parameters hold values
             device.barrier()  # the step barrier: on XLA the step's graph runs here, then its closures
             train_time += time.perf_counter() - started
+            done, final = step + 1, step + 1 == cfg.steps
             record = finished.pop()
             record["tokens_per_s"] = tokens_per_step * (done - start) / train_time
             if procs.is_main:
@@ -539,17 +777,18 @@ def _train(procs: Processes, preset, model_overrides: dict, train_overrides: dic
                 lm=f"{record['lm_loss']:.3f}",
                 innov=f"{record['innovation_loss'] or 0:.3f}",
                 tok_s=f"{record['tokens_per_s']:,.0f}",
+                refresh=False,
             )
-            if final or (cfg.eval_every and done % cfg.eval_every == 0):
+            if final or _due(cfg.eval_every, done):
                 result = run_eval(done)
+            signum = stop.requested()
+            if final or _due(cfg.save_every, done) or signum is not None:
+                saved = save(done)
+            if signum is not None and not final:
+                name = signal.Signals(signum).name
+                raise Interrupted(f"stopped by {name} after step {done}: saved {saved}; continue with --resume", signum)
             started = time.perf_counter()
 
     if procs.is_main:
-        # Sampling is a host-driven loop of one-token steps: on XLA it runs on a CPU copy of the final checkpoint.
-        last = ckpt.list_checkpoints(out)[-1]
-        sampler = ckpt.load_model(last) if device.is_xla else model
-        sample = generate_text(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
-        (out / "sample.txt").write_text(sample + "\n")
-        say(f"sample ({out / 'sample.txt'}):\n{sample}")
-        say(f"done: {out} (checkpoint {last.name})")
+        _finish_run(out, model, tokenizer, cfg, device, metrics, say)
     return result

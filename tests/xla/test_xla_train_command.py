@@ -1,5 +1,5 @@
 """``bmojo train --device xla`` (the trn1 path) on torch-xla's CPU client: the same numbers as the CPU run, a
-number of graphs that does not grow with the steps, checkpoints written through step closures that load on the
+number of graphs that does not grow with the steps, checkpoints saved after the step barrier that load on the
 CPU, exact resume, the divergence check in a step closure, and bf16 autocast."""
 
 import json
