@@ -1,4 +1,4 @@
-"""The ``bmojo`` command: ``train``, ``eval``, ``generate`` and ``tokenizer {train,inspect,encode}``.
+"""The ``bmojo`` command: ``train``, ``eval``, ``generate``, ``export`` and ``tokenizer {train,inspect,encode}``.
 
 Errors in what the user gave (paths, data, settings, checkpoints) print one line ``bmojo: error: ...`` and exit
 with status 2 (3 when training diverged); anything else is a bug and keeps its traceback.
@@ -211,11 +211,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .training import generate_text
+    from .training import TextStream, generate_text
 
     _, _, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
     temperature = 0.0 if args.greedy else args.temperature
-    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature, args.top_k, args.seed))
+    print(args.prompt, end="", flush=True)  # then the continuation, token by token
+    stream = TextStream(tokenizer)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature, args.top_k, args.seed, stream)
+    print()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    source = export(args.path, args.out, args.checkpoint, args.tokenizer)
+    print(f"exported {source} -> {args.out} (AutoModelForCausalLM after `import bmojo`, AutoTokenizer)")
     return 0
 
 
@@ -323,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=cmd_generate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load",
+        description="Write a checkpoint and its tokenizer to a new directory that "
+        "AutoModelForCausalLM.from_pretrained (after `import bmojo`) and AutoTokenizer.from_pretrained load.",
+    )
+    export.add_argument("path", help="a run directory or a checkpoint directory")
+    export.add_argument("--out", required=True, metavar="DIR", help="the directory to write (new, or empty)")
+    export.add_argument(
+        "--checkpoint", metavar="STEP", help="a step number, step_XXXXXX or a checkpoint directory (default: newest)"
+    )
+    export.add_argument("--tokenizer", help="override the run's tokenizer")
+    export.set_defaults(run=cmd_export)
 
     tok = commands.add_parser("tokenizer", help="train, inspect or apply a tokenizer", description="Tokenizers.")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

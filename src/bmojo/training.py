@@ -195,10 +195,18 @@ def evaluate(
 
 @torch.no_grad()
 def generate_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    streamer=None,
 ) -> str:
     """``prompt`` and its continuation. The prompt follows an end-of-document token, as every document did in
-    training. ``temperature == 0`` decodes greedily."""
+    training. ``temperature == 0`` decodes greedily. ``streamer`` (e.g. ``TextStream``) receives the tokens as
+    they come."""
     from transformers import GenerationConfig
 
     ids = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + tokenizer.encode(prompt)
@@ -214,8 +222,38 @@ def generate_text(
         pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
         **sampling,
     )
-    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config, streamer=streamer)
     return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+class TextStream:
+    """A ``generate(streamer=...)`` streamer (transformers' ``BaseStreamer`` interface: ``put``, ``end``) that
+    writes the continuation to ``out`` (default: ``sys.stdout``) token by token and flushes; what it writes adds
+    up to ``tokenizer.decode`` of all generated ids. A trailing U+FFFD, which may be an unfinished UTF-8
+    character, waits for the next token."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] | None = None  # None until generate has passed the prompt
+        self.written = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.ids is None:  # the first call carries the prompt
+            self.ids = []
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids)
+        self._write(text[:-1] if text.endswith("\ufffd") else text)
+
+    def end(self) -> None:
+        self._write(self.tokenizer.decode(self.ids or []))
+
+    def _write(self, text: str) -> None:
+        if len(text) > self.written:
+            out = self.out or sys.stdout
+            out.write(text[self.written :])
+            out.flush()
+            self.written = len(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
