@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def set_thread_environment() -> None:
     """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless already set), which
-    OpenMP reads once, when torch loads it. Spinning threads are 13% faster on an idle machine but 3x slower
-    when another process keeps one core busy (README, "CPU threads"; ``bmojo.training.default_threads``)."""
+    OpenMP reads once, when torch loads it. Spinning threads were at best 14% faster on a quiet machine and up to
+    22x slower when other processes kept a core busy (README, "CPU threads"; ``bmojo.training.default_threads``)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -110,7 +110,21 @@ class Processes:
 
 
 def default_threads(local_world_size: int) -> int:
-    """The cores this process may use, shared among the processes on this machine."""
+    """The cores this process may use, shared among the processes on this machine.
+
+    All cores is right only with ``OMP_WAIT_POLICY=PASSIVE``, which the ``bmojo`` command sets before torch loads
+    (``bmojo.cli.set_thread_environment``): with spinning OpenMP threads, one other busy process makes every
+    parallel region wait for the thread that shares its core. Seconds per step of the default run on 2 cores
+    (``scripts/bench_threads.py``, median of 3, machine shared; README "CPU threads"):
+
+    ====================  =====  ===============  ==================  ===============
+    threads               alone  one busy core    alone, load 8-12    one busy core
+    ====================  =====  ===============  ==================  ===============
+    2, spinning           6.18   21.6             36.7                51.5
+    1                     1.46   4.13             3.94                7.18
+    2, passive (default)  1.39   3.53             4.13                2.90
+    ====================  =====  ===============  ==================  ===============
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local_world_size)
 
