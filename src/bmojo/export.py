@@ -23,6 +23,10 @@ import re
 import shutil
 from pathlib import Path
 
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from .checkpoint import list_checkpoints, load_model, resolve_checkpoint, run_dir_of
 from .errors import BMojoError
 from .tokenization import SPECIAL_TOKENS, ByteTokenizer, Tokenizer, load_tokenizer
@@ -30,13 +34,10 @@ from .tokenization import SPECIAL_TOKENS, ByteTokenizer, Tokenizer, load_tokeniz
 PORTABLE = {"tokenizer_class": "PreTrainedTokenizerFast"}
 
 
-def byte_level_tokenizer():
+def byte_level_tokenizer() -> tokenizers.Tokenizer:
     """A ``tokenizers.Tokenizer`` that encodes and decodes as ``ByteTokenizer``: the specials ``<pad> <bos> <eos>
     <unk>`` are ids 0-3 and byte ``b`` is id ``4 + b`` (GPT-2's byte-to-character map names the 256 tokens; no
     merges, no pre-splitting, no normalization), decoding with invalid UTF-8 replaced by U+FFFD."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-
     vocab = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
     vocab.update({c: ByteTokenizer.offset + b for b, c in bytes_to_unicode().items()})
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
@@ -60,11 +61,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def hf_tokenizer(tokenizer: Tokenizer):
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     """``tokenizer`` as a transformers ``PreTrainedTokenizerFast``. Special-token names inside text stay text
     (``split_special_tokens``), as when bmojo encodes its training data."""
-    from transformers import PreTrainedTokenizerFast
-
     backend = byte_level_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer.tokenizer
     names = {"pad_token": tokenizer.pad_id, "bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
     if isinstance(tokenizer, ByteTokenizer):
