@@ -1,4 +1,4 @@
-"""The ``bmojo`` command: ``train``, ``eval``, ``generate`` and ``tokenizer {train,inspect,encode}``.
+"""The ``bmojo`` command: ``train``, ``eval``, ``generate``, ``export`` and ``tokenizer {train,inspect,encode}``.
 
 Errors in what the user gave (paths, data, settings, checkpoints) print one line ``bmojo: error: ...`` and exit
 with status 2 (3 when training diverged); anything else is a bug and keeps its traceback.
@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
-from .checkpoint import load_model, resolve_checkpoint, run_dir_of
-from .configuration_bmojo import PRESETS
-from .data import load_corpus, read_documents, source_files, token_dtype, write_token_file
+# Only what the parser needs is imported here (no torch, no transformers): `bmojo --help` and argument errors
+# answer at once. The commands import the rest.
 from .errors import BMojoError
-from .tokenization import load_tokenizer, train_bpe
-from .training import (
-    DEFAULT_PRESET,
-    TrainConfig,
-    default_threads,
-    evaluate,
-    generate_text,
-    load_train_settings,
-    run_file_sections,
-    train,
-)
+from .presets import PRESETS
+from .settings import DEFAULT_PRESET, TrainConfig, run_file_sections
 
 DATA_HELP = (
     "data source, repeatable: 'stdlib' (the Python standard library's *.py files), a text file, a folder "
@@ -101,7 +90,7 @@ TRAIN_EXAMPLES = """examples:
   bmojo train --config run.yaml --set model.window_size=64 --lr 1e-3
   bmojo train --out runs/notes --resume         # continue after a crash or to more --steps
   bmojo train --config runs/notes/train_config.yaml --out runs/again   # the same run again
-  torchrun --standalone --nproc_per_node=2 -m bmojo.cli train --out runs/ddp
+  torchrun --standalone --nproc_per_node=2 -m bmojo_cli train --out runs/ddp
 """
 
 
@@ -156,12 +145,20 @@ def resolve_settings(args) -> tuple[str | None, dict, dict]:
 # Commands
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from .training import train
+
     preset, model_settings, train_settings = resolve_settings(args)
     train(preset, model_settings, train_settings, resume=args.resume, allow_changes=args.allow_changes)
     return 0
 
 
 def _load_model_and_tokenizer(path: str, tokenizer_spec: str | None, threads: int):
+    import torch
+
+    from .checkpoint import load_model, resolve_checkpoint, run_dir_of
+    from .tokenization import load_tokenizer
+    from .training import default_threads
+
     torch.set_num_threads(threads or default_threads(1))
     checkpoint = resolve_checkpoint(path)
     model = load_model(checkpoint)
@@ -180,6 +177,11 @@ def _load_model_and_tokenizer(path: str, tokenizer_spec: str | None, threads: in
 
 
 def cmd_eval(args) -> int:
+    import numpy as np
+
+    from .data import load_corpus
+    from .training import evaluate, load_train_settings
+
     checkpoint, run_dir, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
     run = TrainConfig()
     if (run_dir / "train_config.yaml").is_file():
@@ -212,13 +214,29 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .training import TextStream, generate_text
+
     _, _, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
     temperature = 0.0 if args.greedy else args.temperature
-    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature, args.top_k, args.seed))
+    print(args.prompt, end="", flush=True)  # then the continuation, token by token
+    stream = TextStream(tokenizer)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature, args.top_k, args.seed, stream)
+    print()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    source = export(args.path, args.out, args.checkpoint, args.tokenizer)
+    print(f"exported {source} -> {args.out} (AutoModelForCausalLM after `import bmojo`, AutoTokenizer)")
     return 0
 
 
 def cmd_tokenizer_train(args) -> int:
+    from .data import read_documents, source_files
+    from .tokenization import train_bpe
+
     files = [f for source in args.data for f in source_files(source, args.glob)]
     tokenizer = train_bpe(read_documents(files, args.text_key), args.vocab_size)
     tokenizer.save(args.out)
@@ -227,6 +245,8 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_tokenizer_inspect(args) -> int:
+    from .tokenization import load_tokenizer
+
     tokenizer = load_tokenizer(args.tokenizer)
     ids = tokenizer.encode(args.text)
     specials = " ".join(f"{name}={i}" for name, i in tokenizer.special_tokens().items())
@@ -244,6 +264,9 @@ def cmd_tokenizer_inspect(args) -> int:
 
 
 def cmd_tokenizer_encode(args) -> int:
+    from .data import read_documents, source_files, token_dtype, write_token_file
+    from .tokenization import load_tokenizer
+
     tokenizer = load_tokenizer(args.tokenizer)
     files = [f for source in args.data for f in source_files(source, args.glob)]
     docs = (doc for doc in read_documents(files, args.text_key) if doc)
@@ -323,6 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=cmd_generate)
 
+    export = commands.add_parser(
+        "export",
+        help="write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load",
+        description="Write a checkpoint and its tokenizer to a new directory that "
+        "AutoModelForCausalLM.from_pretrained (after `import bmojo`) and AutoTokenizer.from_pretrained load.",
+    )
+    export.add_argument("path", help="a run directory or a checkpoint directory")
+    export.add_argument("--out", required=True, metavar="DIR", help="the directory to write (new, or empty)")
+    export.add_argument(
+        "--checkpoint", metavar="STEP", help="a step number, step_XXXXXX or a checkpoint directory (default: newest)"
+    )
+    export.add_argument("--tokenizer", help="override the run's tokenizer")
+    export.set_defaults(run=cmd_export)
+
     tok = commands.add_parser("tokenizer", help="train, inspect or apply a tokenizer", description="Tokenizers.")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
 
@@ -350,8 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def set_thread_environment() -> None:
+    """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless already set), which
+    OpenMP reads once, when torch loads it. Spinning threads were at best 14% faster on a quiet machine and up to
+    22x slower when other processes kept a core busy (README, "CPU threads"; ``bmojo.training.default_threads``)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed (``--help`` and argument errors exit here) without importing torch."""
+    return build_parser().parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; a ``BMojoError`` becomes one line on stderr and its exit status."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save/load progress bars would drown the training bar
@@ -360,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     except BMojoError as exc:
         print(f"bmojo: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

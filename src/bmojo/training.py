@@ -51,14 +51,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .configuration_bmojo import PRESETS, BMojoConfig
-from .data import STDLIB, Corpus, batch_positions, load_corpus
-from .devices import DEVICES, Device
+from .data import Corpus, batch_positions, load_corpus
+from .devices import Device
 from .errors import BMojoError, TrainingDiverged
 from .modeling_bmojo import BMojoForCausalLM
 from .plotting import plot_loss_curve
+from .settings import DEFAULT_PRESET, TrainConfig, _coerce, run_file_sections  # noqa: F401 (re-exported)
 from .tokenization import load_tokenizer
 
-DEFAULT_PRESET = "cpu"
 MODEL_KEYS = tuple(p for p in inspect.signature(BMojoConfig.__init__).parameters if p not in ("self", "kwargs"))
 RUN_FILE = "train_config.yaml"
 LOCK_FILE = ".lock"
@@ -67,106 +67,6 @@ RESUMABLE = (
     *("out", "steps", "eval_every", "save_every", "threads"),
     *("keep_checkpoints", "sample_prompt", "sample_tokens"),
 )
-
-
-@dataclass
-class TrainConfig:
-    data: list[str] = field(default_factory=lambda: [STDLIB])  # see bmojo.data for what a source can be
-    glob: str = "*"  # which files of a data folder to read
-    text_key: str = "text"  # the field of a JSONL record that holds the text
-    tokenizer: str = "byte"
-    out: str = "runs/default"
-    seq_len: int = 256
-    batch_size: int = 8  # sequences per optimizer step, summed over processes and accumulation steps
-    grad_accum: int = 1
-    steps: int = 600
-    lr: float = 7e-4  # best of 5e-4..6e-3 in a 300-step sweep of the default run
-    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
-    decay_steps: int = 0  # the cosine reaches its floor at this step; 0: at `steps`
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 turns clipping off
-    bf16: bool = False  # bfloat16 autocast
-    seed: int = 0
-    device: str = "cpu"  # or "xla": Trainium through torch-xla (bmojo.devices)
-    threads: int = 0  # torch threads per process; 0 = the cores, shared among the processes
-    val_fraction: float = 0.01
-    eval_every: int = 100  # 0: evaluate only before and after training
-    eval_batches: int = 8
-    save_every: int = 100  # 0: save only at the end
-    keep_checkpoints: int = 2
-    sample_prompt: str = "def "
-    sample_tokens: int = 300
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        defaults = cls()
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise BMojoError(f"unknown training setting {key!r}; known: {', '.join(sorted(known))}")
-        return cls(**{key: _coerce(f"train.{key}", value, getattr(defaults, key)) for key, value in values.items()})
-
-    def validate(self, model_config: BMojoConfig, world_size: int) -> None:
-        def check(ok: bool, name: str, rule: str):
-            if not ok:
-                raise BMojoError(f"train.{name} must be {rule}, got {getattr(self, name)!r}")
-
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
-            check(getattr(self, name) >= 1, name, "at least 1")
-        for name in (
-            "warmup_steps",
-            "decay_steps",
-            "eval_every",
-            "save_every",
-            "threads",
-            "sample_tokens",
-            "weight_decay",
-            "grad_clip",
-        ):
-            check(getattr(self, name) >= 0, name, ">= 0")
-        check(math.isfinite(self.lr) and self.lr > 0, "lr", "> 0")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
-        check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
-        check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")
-        check(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
-        check(bool(self.data), "data", "a non-empty list of data sources")
-        check(
-            self.seq_len >= model_config.chunk_size,
-            "seq_len",
-            f"at least model.chunk_size ({model_config.chunk_size}): a sequence must hold a whole chunk",
-        )
-        processes = world_size * self.grad_accum
-        check(
-            self.batch_size % processes == 0,
-            "batch_size",
-            f"a multiple of processes x grad_accum ({world_size} x {self.grad_accum})",
-        )
-
-
-def _coerce(name: str, value, default):
-    """``value`` as the type of ``default`` (YAML reads ``1e-3`` as a string, and ints where floats are meant)."""
-    if default is None or value is None:
-        return value
-    kind = type(default)
-    if kind is float and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif kind is int and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-    elif kind is list and isinstance(value, str):
-        return [value]
-    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
-        return value
-    raise BMojoError(f"{name} must be a {kind.__name__}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +138,21 @@ class Processes:
 
 
 def default_threads(local_world_size: int) -> int:
-    """The cores this process may use, shared among the processes on this machine."""
+    """The cores this process may use, shared among the processes on this machine.
+
+    All cores is right only with ``OMP_WAIT_POLICY=PASSIVE``, which the ``bmojo`` command sets before torch loads
+    (``bmojo.cli.set_thread_environment``): with spinning OpenMP threads, one other busy process makes every
+    parallel region wait for the thread that shares its core. Seconds per step of the default run on 2 cores
+    (``scripts/bench_threads.py``, median of 3, machine shared; README "CPU threads"):
+
+    ====================  =====  ===============  ==================  ===============
+    threads               alone  one busy core    alone, load 8-12    one busy core
+    ====================  =====  ===============  ==================  ===============
+    2, spinning           6.18   21.6             36.7                51.5
+    1                     1.46   4.13             3.94                7.18
+    2, passive (default)  1.39   3.53             4.13                2.90
+    ====================  =====  ===============  ==================  ===============
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local_world_size)
 
@@ -328,10 +242,18 @@ def evaluate(
 
 @torch.no_grad()
 def generate_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    streamer=None,
 ) -> str:
     """``prompt`` and its continuation. The prompt follows an end-of-document token, as every document did in
-    training. ``temperature == 0`` decodes greedily."""
+    training. ``temperature == 0`` decodes greedily. ``streamer`` (e.g. ``TextStream``) receives the tokens as
+    they come."""
     from transformers import GenerationConfig
 
     ids = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + tokenizer.encode(prompt)
@@ -347,8 +269,38 @@ def generate_text(
         pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
         **sampling,
     )
-    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config, streamer=streamer)
     return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+class TextStream:
+    """A ``generate(streamer=...)`` streamer (transformers' ``BaseStreamer`` interface: ``put``, ``end``) that
+    writes the continuation to ``out`` (default: ``sys.stdout``) token by token and flushes; what it writes adds
+    up to ``tokenizer.decode`` of all generated ids. A trailing U+FFFD, which may be an unfinished UTF-8
+    character, waits for the next token."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] | None = None  # None until generate has passed the prompt
+        self.written = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.ids is None:  # the first call carries the prompt
+            self.ids = []
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids)
+        self._write(text[:-1] if text.endswith("\ufffd") else text)
+
+    def end(self) -> None:
+        self._write(self.tokenizer.decode(self.ids or []))
+
+    def _write(self, text: str) -> None:
+        if len(text) > self.written:
+            out = self.out or sys.stdout
+            out.write(text[self.written :])
+            out.flush()
+            self.written = len(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,16 +344,6 @@ def load_run_file(run_dir: Path) -> dict:
 def load_train_settings(run_dir: Path) -> dict:
     """The training settings a run directory was started with."""
     return {k: v for k, v in load_run_file(run_dir).items() if k not in ("preset", "model")}
-
-
-def run_file_sections(values: dict) -> dict:
-    """A run's own ``train_config.yaml`` (training settings at the top level) as the sections of a ``--config``
-    file (``preset``, ``model``, ``train``); any other mapping unchanged."""
-    flat = set(values) - {"preset", "model", "train"}
-    if "train" in values or not flat or not flat <= {f.name for f in dataclasses.fields(TrainConfig)}:
-        return values
-    sections = {k: values[k] for k in ("preset", "model") if k in values}
-    return {**sections, "train": {k: v for k, v in values.items() if k in flat}}
 
 
 def write_run_file(out: Path, preset: str | None, model_settings: dict, cfg: TrainConfig) -> None:

@@ -1,0 +1,128 @@
+"""The settings of a training run (``TrainConfig``), importable without torch so that ``bmojo --help`` shows their
+defaults at once; ``bmojo.training`` runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import BMojoError
+
+if TYPE_CHECKING:
+    from .configuration_bmojo import BMojoConfig
+
+DEFAULT_PRESET = "cpu"
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=lambda: ["stdlib"])  # bmojo.data.STDLIB; see bmojo.data
+    glob: str = "*"  # which files of a data folder to read
+    text_key: str = "text"  # the field of a JSONL record that holds the text
+    tokenizer: str = "byte"
+    out: str = "runs/default"
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per optimizer step, summed over processes and accumulation steps
+    grad_accum: int = 1
+    steps: int = 600
+    lr: float = 7e-4  # best of 5e-4..6e-3 in a 300-step sweep of the default run
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    decay_steps: int = 0  # the cosine reaches its floor at this step; 0: at `steps`
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    bf16: bool = False  # bfloat16 autocast
+    seed: int = 0
+    device: str = "cpu"  # or "xla": Trainium through torch-xla (bmojo.devices)
+    threads: int = 0  # torch threads per process; 0 = the cores, shared among the processes
+    val_fraction: float = 0.01
+    eval_every: int = 100  # 0: evaluate only before and after training
+    eval_batches: int = 8
+    save_every: int = 100  # 0: save only at the end
+    keep_checkpoints: int = 2
+    sample_prompt: str = "def "
+    sample_tokens: int = 300
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise BMojoError(f"unknown training setting {key!r}; known: {', '.join(sorted(known))}")
+        return cls(**{key: _coerce(f"train.{key}", value, getattr(defaults, key)) for key, value in values.items()})
+
+    def validate(self, model_config: BMojoConfig, world_size: int) -> None:
+        def check(ok: bool, name: str, rule: str):
+            if not ok:
+                raise BMojoError(f"train.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, name, "at least 1")
+        for name in (
+            "warmup_steps",
+            "decay_steps",
+            "eval_every",
+            "save_every",
+            "threads",
+            "sample_tokens",
+            "weight_decay",
+            "grad_clip",
+        ):
+            check(getattr(self, name) >= 0, name, ">= 0")
+        check(math.isfinite(self.lr) and self.lr > 0, "lr", "> 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
+        check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
+        check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")
+        from .devices import DEVICES  # imports torch
+
+        check(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
+        check(bool(self.data), "data", "a non-empty list of data sources")
+        check(
+            self.seq_len >= model_config.chunk_size,
+            "seq_len",
+            f"at least model.chunk_size ({model_config.chunk_size}): a sequence must hold a whole chunk",
+        )
+        processes = world_size * self.grad_accum
+        check(
+            self.batch_size % processes == 0,
+            "batch_size",
+            f"a multiple of processes x grad_accum ({world_size} x {self.grad_accum})",
+        )
+
+
+def _coerce(name: str, value, default):
+    """``value`` as the type of ``default`` (YAML reads ``1e-3`` as a string, and ints where floats are meant)."""
+    if default is None or value is None:
+        return value
+    kind = type(default)
+    if kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    elif kind is list and isinstance(value, str):
+        return [value]
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise BMojoError(f"{name} must be a {kind.__name__}, got {value!r}")
+
+
+def run_file_sections(values: dict) -> dict:
+    """A run's own ``train_config.yaml`` (training settings at the top level) as the sections of a ``--config``
+    file (``preset``, ``model``, ``train``); any other mapping unchanged."""
+    flat = set(values) - {"preset", "model", "train"}
+    if "train" in values or not flat or not flat <= {f.name for f in dataclasses.fields(TrainConfig)}:
+        return values
+    sections = {k: values[k] for k in ("preset", "model") if k in values}
+    return {**sections, "train": {k: v for k, v in values.items() if k in flat}}
