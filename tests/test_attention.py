@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref, bmojo_attention_step
-from bmojo.ops.selection import EideticMemory, Slots, memory_per_chunk, select_per_chunk_ref, take_selected, topk_per_chunk
+from bmojo.ops.selection import (
+    EideticMemory,
+    Slots,
+    memory_per_chunk,
+    select_per_chunk_ref,
+    take_selected,
+    topk_per_chunk,
+)
 
 
 def _inputs(bsz, length, heads, kv_heads, dim, dtype=torch.float64, seed=0):

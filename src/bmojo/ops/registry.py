@@ -10,7 +10,7 @@ Backends:
 
 A further backend (e.g. Trainium NKI kernels) registers its functions here with ``register(op, name,
 supports=...)``; ``supports(*args, **kwargs)`` is a cheap per-call check (dtype, device, shape limits). Where the
-active backend has no implementation of an op, or its check says no, the call runs the ``"chunked`` form and the
+active backend has no implementation of an op, or its check says no, the call runs the ``"chunked"`` form and the
 fallback is logged once per (op, backend). Every form of an op takes the same arguments.
 
 Select with ``BMOJO_BACKEND=reference`` or ``with use_backend("reference"): ...``. Model code calls

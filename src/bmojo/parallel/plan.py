@@ -18,7 +18,7 @@ else changes in a sharded model.
 | attention | ``k_proj``, ``v_proj`` ``.weight`` | rows (column-parallel) | key/value heads ``[r*Hkv/tp, ...)`` |
 | attention | ``innovation_predictor.weight/.bias`` | rows (column-parallel) | the same key heads |
 | attention | ``o_proj.weight`` | columns (row-parallel) | its query heads' inputs |
-| SSM | ``in_proj.weight`` | rows, per segment ``[z, x, B, C, dt]`` | its part of z and x; its groups' B, C; its heads' dt |
+| SSM | ``in_proj.weight`` | rows, per segment ``[z, x, B, C, dt]`` | its z, x parts; its groups' B, C; its heads' dt |
 | SSM | ``conv1d.weight/.bias`` | channels, per segment ``[x, B, C]`` | the channels matching ``in_proj`` |
 | SSM | ``A_log``, ``D``, ``dt_bias`` | by head | its SSM heads |
 | SSM | ``norm.weight`` (gated) | by group | its groups (the norm is per group: no cross-rank statistics) |
@@ -34,11 +34,10 @@ layers all-reduce their output in the forward and pass the gradient through (``g
 fading tokens (output of the SSM's row-parallel ``out_proj``) and the loss are therefore replicated on every rank.
 
 The innovation score sums the squared prediction error over every key feature; each rank holds some key heads, so
-``innovation_sum`` (style ``"sum_over_shards"``) becomes a ``g`` all-reduce: the score is identical on every rank (hence the
-same eidetic selection, and memory slots holding the rank's own key/value heads), and since the loss is replicated
-rather than summed over ranks, the backward is the identity: each rank's predictor shard gets exactly the
-gradient it has in the full model. (``torch.distributed.nn.functional.all_reduce`` all-reduces the gradient as
-well, which would scale it by ``tp``; hence the small autograd functions below.)
+the B'MOJO layer's ``innovation_sum`` (style ``"sum_over_shards"``) becomes a ``g`` all-reduce: the score is
+identical on every rank (hence the same eidetic selection, and memory slots holding the rank's own key/value
+heads), and since the loss is replicated rather than summed over ranks, the backward is the identity: each rank's
+predictor shard gets exactly the gradient it has in the full model (``backends._SumOverShards``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ precede x, oldest first). The conv state carried between calls is that same wind
 last K-1 inputs seen, oldest first.
 """
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,7 @@
 """Causal depthwise conv, reference form: a Python loop over time (for tests). Notation in ``chunk.py``."""
 
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
