@@ -87,8 +87,5 @@ class BMojoCache:
     @classmethod
     def from_tensors(cls, config: BMojoConfig, layers: list[dict[str, torch.Tensor]], positions) -> "BMojoCache":
         """A cache holding the given tensors (used as they are), each layer's named as by ``layer.tensors()``."""
-        states = [
-            MIXERS[t].allocate_inference_state(config, 1, "meta").from_tensors(named)
-            for t, named in zip(config.layers_block_type, layers)
-        ]
+        states = [MIXERS[t].state_type.from_tensors(named) for t, named in zip(config.layers_block_type, layers)]
         return cls(config, states, positions)

@@ -37,6 +37,8 @@ class SlidingWindowAttention(nn.Module):
     Head counts are read from the projections' weights, so a tensor-parallel shard runs the same code.
     """
 
+    state_type = AttentionState
+    # Whether the layer type can carry fading keys / an eidetic memory (the config may still turn them off).
     use_fading = False
     use_eidetic = False
 

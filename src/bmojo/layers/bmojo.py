@@ -39,6 +39,7 @@ class BMojoMixer(SlidingWindowAttention):
     its own ``ssm`` (``use_fading``) and, with ``memory_size > 0``, the eidetic memory. Without either it computes
     exactly what ``SlidingWindowAttention`` computes (and holds the same parameters)."""
 
+    state_type = BMojoState
     use_fading = True
     use_eidetic = True
 

@@ -35,6 +35,8 @@ class Mamba2Mixer(nn.Module):
     Local sizes (heads, groups, channels) are read from the weights, so a tensor-parallel shard runs the same code.
     """
 
+    state_type = SSMState
+
     def __init__(self, config):
         super().__init__()
         self.hidden_size = config.hidden_size
