@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref, bmojo_attention_step
-from bmojo.ops.selection import Slots, memory_per_chunk, take_selected, topk_per_chunk, eidetic_mask_ref
+from bmojo.ops.selection import (
+    EideticMemory,
+    Slots,
+    memory_per_chunk,
+    select_per_chunk_ref,
+    take_selected,
+    topk_per_chunk,
+)
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
@@ -36,7 +43,14 @@ def _memory(t, chunk, k_sel, capacity, key_mask=None):
     kv, d = t["k_eid"].shape[2:]
     cand = Slots(take_selected(onehot, t["k_eid"].flatten(-2)), take_selected(onehot, t["v"].flatten(-2)), cp, cs)
     seen, _ = memory_per_chunk(cand, capacity)
-    return (seen.k.unflatten(-1, (kv, d)), seen.v.unflatten(-1, (kv, d)), seen.pos, seen.valid), scores
+    return EideticMemory(seen.k.unflatten(-1, (kv, d)), seen.v.unflatten(-1, (kv, d)), seen.pos, seen.score), scores
+
+
+def _memory_ref(t, scores, chunk, k_sel, capacity):
+    """The same memory from the plain-loop reference policy (Python sorting), for the dense reference."""
+    kv, d = t["k_eid"].shape[2:]
+    _, seen = select_per_chunk_ref(scores, t["k_eid"].flatten(-2), t["v"].flatten(-2), chunk, k_sel, capacity)
+    return seen._replace(k=seen.k.unflatten(-1, (kv, d)), v=seen.v.unflatten(-1, (kv, d)))
 
 
 CASES = [
@@ -59,13 +73,13 @@ def test_chunked_matches_dense_reference(length, window, chunk, fading, eidetic,
         key_mask = torch.ones(2, length, dtype=torch.bool)
         key_mask[1, length - 5 :] = False
         key_mask[1, 2] = False
-    memory = eid_mask = None
+    memory = memory_ref = None
     if eidetic:
         memory, scores = _memory(t, chunk, 2, 3, key_mask)
-        eid_mask = eidetic_mask_ref(scores, chunk, 2, 3, window)
+        memory_ref = _memory_ref(t, scores, chunk, 2, 3)
     kf, vf = (t["k_fade"], t["v_fade"]) if fading else (None, None)
     ref = bmojo_attention_ref(
-        t["q"], t["k"], t["v"], window, kf, vf, t["q_eid"], t["k_eid"], eid_mask, key_mask=key_mask
+        t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory_ref, key_mask=key_mask
     )
     out = bmojo_attention_chunked(
         t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory, key_mask=key_mask
@@ -124,12 +138,12 @@ def test_step_matches_reference(fading, eidetic):
     """Decoding with a ring buffer of 2W (or W) slots and the chunk-wise memory gives the dense result."""
     length, window, chunk, k_sel, capacity = 45, 8, 4, 2, 3
     t = _inputs(2, length, 4, 2, 8)
-    memory = eid_mask = None
+    memory = memory_ref = None
     if eidetic:
         memory, scores = _memory(t, chunk, k_sel, capacity)
-        eid_mask = eidetic_mask_ref(scores, chunk, k_sel, capacity, window)
+        memory_ref = _memory_ref(t, scores, chunk, k_sel, capacity)
     kf, vf = (t["k_fade"], t["v_fade"]) if fading else (None, None)
-    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], window, kf, vf, t["q_eid"], t["k_eid"], eid_mask)
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory_ref)
     ring = 2 * window if fading else window
     bsz, _, kv, d = t["k"].shape
     ring_k, ring_v = torch.zeros(bsz, ring, kv, d, dtype=torch.float64), torch.zeros(bsz, ring, kv, d, dtype=torch.float64)
@@ -143,7 +157,7 @@ def test_step_matches_reference(fading, eidetic):
             mem = None
             if eidetic:
                 c = i // chunk
-                mem = tuple(m[:, c] for m in memory)
+                mem = EideticMemory(*(m[:, c] for m in memory))
             out = bmojo_attention_step(
                 t["q"][:, i],
                 torch.full((bsz,), i),

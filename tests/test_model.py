@@ -5,7 +5,7 @@ import torch
 
 from bmojo import BMojoCache, BMojoForCausalLM, preset_config
 from bmojo.evals.peers import llama_config, llama_state_dict, mamba2_config, mamba2_state_dict
-from bmojo.ops.backends import use_backend
+from bmojo.ops import use_backend
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
@@ -114,9 +114,10 @@ def test_changing_a_token_never_changes_earlier_logits(layers):
 def _memory_positions(cache):
     out = []
     for layer in cache.layers:
-        if "mem_pos" in layer:
-            mem = sorted(p for p, s in zip(layer["mem_pos"][0].tolist(), layer["mem_score"][0].tolist()) if s >= 0)
-            run = sorted(p for p, s in zip(layer["run_pos"][0].tolist(), layer["run_score"][0].tolist()) if s >= 0)
+        eidetic = getattr(layer, "eidetic", None)
+        if eidetic is not None:
+            mem = sorted(p for p, s in zip(eidetic.mem_pos[0].tolist(), eidetic.mem_score[0].tolist()) if s >= 0)
+            run = sorted(p for p, s in zip(eidetic.run_pos[0].tolist(), eidetic.run_score[0].tolist()) if s >= 0)
             out.append((mem, run))
     return out
 
@@ -167,7 +168,7 @@ def test_decode_state_size_does_not_grow():
             for _ in range(3):
                 model(_tokens(1, 1, seed=length), cache=cache)
             sizes.append(cache.nbytes())
-            shapes.append([{k: tuple(v.shape) for k, v in layer.items()} for layer in cache.layers])
+            shapes.append([{k: tuple(v.shape) for k, v in layer.tensors().items()} for layer in cache.layers])
     assert sizes[0] == sizes[1] > 0
     assert shapes[0] == shapes[1]
 
@@ -215,7 +216,7 @@ def test_planted_innovation_reaches_a_token_far_beyond_window_and_fading_span(mo
     monkeypatch.setattr(type(attn), "_innovation", planted)
     changed_with_plant = (output_at_query(1.0) - output_at_query(0.0)).abs().max()
     cache = model(x, use_cache=True).cache
-    assert far in cache.layers[0]["mem_pos"][0].tolist()
+    assert far in cache.layers[0].eidetic.mem_pos[0].tolist()
     monkeypatch.setattr(type(attn), "_innovation", original)
     changed_without = (output_at_query(1.0) - output_at_query(0.0)).abs().max()
     assert changed_with_plant > 1e-4

@@ -337,12 +337,13 @@ def test_state_spec_order_and_flatten_round_trip(model, tokens):
     assert [t.dtype for t in flat] == [e.dtype for e in spec]
     back = ig.unflatten_cache(model.config, spec, cache.positions, flat)
     for layer, original in zip(back.layers, cache.layers):
+        layer, original = layer.tensors(), original.tensors()
         assert set(layer) == set(original)
         assert all(layer[name] is original[name] for name in layer)
     assert all(a is b for a, b in zip(ig.flatten_cache(back, spec), flat))
     with pytest.raises(ValueError, match=f"expected {len(spec)} state tensors"):
         ig.unflatten_cache(model.config, spec, cache.positions, flat[:-1])
-    cache.layers[2]["ring_k"] = cache.layers[2]["ring_k"][:1]
+    cache.layers[2].ring_k = cache.layers[2].ring_k[:1]
     with pytest.raises(ValueError, match="layers.2.ring_k: the cache holds"):
         ig.flatten_cache(cache, spec)
 

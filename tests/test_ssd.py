@@ -283,3 +283,15 @@ def test_fp32_and_fp64_return_dtypes():
         inp = make_inputs(L=9, dtype=dtype, seed=42)
         for y, s in (ssd_ref(**inp), ssd_chunked(chunk_size=4, **inp)):
             assert y.dtype == dtype and s.dtype == dtype
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_recurrent_form_shares_the_signature_and_result(init):
+    """``ssd_recurrent`` (a loop of ``ssd_step``) takes the arguments of ``ssd_ref`` / ``ssd_chunked``."""
+    from bmojo.ops.ssd import ssd_recurrent
+
+    inp = make_inputs(L=13, G=2, D=True, init=init, seed=5)
+    y_ref, s_ref = ssd_ref(**inp)
+    y, s = ssd_recurrent(chunk_size=4, **inp)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)

@@ -165,7 +165,7 @@ def run_decode(model: BMojoForCausalLM, tokens: int, seed: int = 0) -> DecodeRun
             logits = model(token[:, None], cache=cache).logits
             token = logits[:, -1].argmax(-1)
             if step == 1:
-                state = [t for layer in cache.layers for t in layer.values()]
+                state = [t for layer in cache.layers for t in layer.tensors().values()]
                 hlo = torch_xla._XLAC._get_xla_tensors_hlo([token, cache.positions, *state])
             torch_xla.sync()
             deltas.append(counters() - before)

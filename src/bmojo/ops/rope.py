@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from .common import compute_dtype
+
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Angles for ``positions`` (any integer shape ``[...]``) -> ``cos, sin [..., head_dim // 2]`` in ``dtype``
     (at least float32: angles of large positions need the precision)."""
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(dtype)
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim
     angles = positions.to(dtype)[..., None] * (1.0 / theta**exponents)
     return angles.cos(), angles.sin()

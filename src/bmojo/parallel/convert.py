@@ -7,7 +7,7 @@ A checkpoint directory holds ``config.json`` (the full model's config, whatever 
 * ``model.safetensors`` (TP=1, as ``save_pretrained`` writes it; a ``model.safetensors.index.json`` with its
   shards is read too), or
 * ``model-tp{rank}-of-{N}.safetensors`` for ``rank = 0 .. N-1``: rank ``rank``'s tensors under the full model's
-  parameter names (``shard_model``'s ``state_dict()``), sliced by ``tensor_parallel.parameter_rules``.
+  parameter names (``shard_model``'s ``state_dict()``), sliced by ``plan.parameter_rules``.
 
 ``--tp 1`` writes ``model.safetensors``, loadable with ``BMojoForCausalLM.from_pretrained``. With tied embeddings
 ``lm_head.weight`` is not stored (as ``save_pretrained`` does). Other files of the input directory (tokenizer,
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..configuration_bmojo import BMojoConfig
 from ..errors import BMojoError
-from .tensor_parallel import merge_state_dicts, split_state_dict
+from .plan import merge_state_dicts, split_state_dict
 
 FULL = "model.safetensors"
 FULL_INDEX = "model.safetensors.index.json"

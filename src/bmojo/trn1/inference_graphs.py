@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class StateEntry:
-    """One tensor of the flattened cache: ``layers[layer][name]``."""
+    """One tensor of the flattened cache: ``layers[layer].tensors()[name]``."""
 
     layer: int
     name: str
@@ -52,16 +52,19 @@ class StateEntry:
 
 def state_spec(config, batch_size: int, dtype: torch.dtype = torch.float32) -> list[StateEntry]:
     """The order (and shapes, dtypes) of the flattened cache: layer by layer, each layer's tensors in the
-    order ``BMojoCache.empty`` creates them. The order depends only on the configuration."""
+    order of its typed state's fields (``layer.tensors()``). The order depends only on the configuration."""
     empty = BMojoCache.empty(config, batch_size, device="meta", dtype=dtype)
     return [
-        StateEntry(i, name, tuple(t.shape), t.dtype) for i, layer in enumerate(empty.layers) for name, t in layer.items()
+        StateEntry(i, name, tuple(t.shape), t.dtype)
+        for i, layer in enumerate(empty.layers)
+        for name, t in layer.tensors().items()
     ]
 
 
 def flatten_cache(cache: BMojoCache, spec: list[StateEntry]) -> tuple[torch.Tensor, ...]:
     """The cache's state tensors in ``spec`` order (``positions`` is not included)."""
-    names = [set(layer) for layer in cache.layers]
+    named = [layer.tensors() for layer in cache.layers]
+    names = [set(layer) for layer in named]
     expected = [set() for _ in range(1 + max((entry.layer for entry in spec), default=-1))]
     for entry in spec:
         expected[entry.layer].add(entry.name)
@@ -71,7 +74,7 @@ def flatten_cache(cache: BMojoCache, spec: list[StateEntry]) -> tuple[torch.Tens
     check = not torch.jit.is_tracing()
     flat = []
     for entry in spec:
-        t = cache.layers[entry.layer][entry.name]
+        t = named[entry.layer][entry.name]
         if check and (tuple(t.shape) != entry.shape or t.dtype != entry.dtype):
             raise ValueError(
                 f"{entry.key}: the cache holds {tuple(t.shape)} {t.dtype}, the state spec says {entry.shape} {entry.dtype}"
@@ -88,7 +91,7 @@ def unflatten_cache(config, spec: list[StateEntry], positions: torch.Tensor, ten
     layers: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
     for entry, t in zip(spec, tensors):
         layers[entry.layer][entry.name] = t
-    return BMojoCache(config, layers, positions)
+    return BMojoCache.from_tensors(config, layers, positions)
 
 
 class PrefillGraph(nn.Module):

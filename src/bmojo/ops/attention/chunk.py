@@ -1,8 +1,8 @@
-"""Chunked B'MOJO attention with static shapes, and its single-token (decode) form.
+"""Chunked B'MOJO attention with static shapes.
 
 The sequence is cut into chunks of ``C`` queries. A chunk ``c`` (queries ``[cC, cC+C)``) needs
 
-* in-context keys ``[cC-W, cC+C)``: ``W+C`` keys, an overlapping window taken with ``unfold`` (no gather);
+* in-context keys ``[cC-W, cC+C)``: ``W+C`` keys, an overlapping window built from whole chunks (no gather);
 * fading keys ``[cC-2W, cC+C-W)``: ``W+C`` keys of the fading sequence, the same trick shifted by ``W``;
 * the ``M`` eidetic slots of the memory as it stands at the start of chunk ``c``.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _ctype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..common import compute_dtype
+from ..selection.common import EideticMemory
+from .common import joint_softmax
 
 
 def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunks: int) -> torch.Tensor:
@@ -35,26 +35,6 @@ def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunk
     return torch.cat([xb[:, j : j + num_chunks] for j in range(span)], dim=2)
 
 
-def _joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
-    """One softmax over the concatenation of several key sets.
-
-    ``score_blocks[n]``: ``[..., Q, K_n]``; ``mask_blocks[n]`` broadcastable to it (bool);
-    ``value_blocks[n]``: callable mapping probabilities ``[..., Q, K_n]`` to the weighted value sum.
-    """
-    # A tensor fill value in the scores' dtype: a Python float would enter an XLA graph as an f64 scalar.
-    first = score_blocks[0]
-    neg = torch.tensor(torch.finfo(first.dtype).min, dtype=first.dtype, device=first.device)
-    s = torch.cat([sc.masked_fill(~m, neg) for sc, m in zip(score_blocks, mask_blocks)], dim=-1)
-    p = torch.softmax(s, dim=-1)
-    out, start = 0, 0
-    for sc, m, val in zip(score_blocks, mask_blocks, value_blocks):
-        width = sc.shape[-1]
-        # Multiply by the mask so a fully masked block contributes exact zeros.
-        out = out + val(p[..., start : start + width] * m)
-        start += width
-    return out.to(out_dtype)
-
-
 def bmojo_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,7 +44,7 @@ def bmojo_attention_chunked(
     k_fade: torch.Tensor | None = None,
     v_fade: torch.Tensor | None = None,
     q_eid: torch.Tensor | None = None,
-    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    memory: EideticMemory | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -74,10 +54,9 @@ def bmojo_attention_chunked(
         q: ``[B, L, H, D]``; k, v: ``[B, L, Hkv, D]``; k_fade, v_fade: ``[B, L, Hkv, D]`` or ``None``.
         window: ``W``, a multiple of ``chunk_size``.
         q_eid: ``[B, L, H, D]`` queries for the eidetic scores.
-        memory: ``(mem_k, mem_v, mem_pos, mem_valid)`` with ``mem_k, mem_v [B, nC, M, Hkv, D]``,
-            ``mem_pos [B, nC, M]`` (long) and ``mem_valid [B, nC, M]`` (bool): the eidetic memory seen by each
-            chunk (``nC = ceil(L / chunk_size)``). Slot ``m`` is visible to query ``i`` iff it is valid and
-            ``mem_pos <= i - W``.
+        memory: ``EideticMemory`` with ``k, v [B, nC, M, Hkv, D]``, ``pos, score [B, nC, M]``: the eidetic memory
+            seen by each chunk (``nC = ceil(L / chunk_size)``). Slot ``m`` is visible to query ``i`` iff it is
+            valid (``score >= 0``) and ``pos <= i - W``.
         key_mask: ``[B, L]`` bool, ``False`` at padding keys.
 
     Returns:
@@ -92,7 +71,7 @@ def bmojo_attention_chunked(
     # A window longer than the (padded) sequence sees everything: clamp it so W >= L stays O(L^2), not O(L*W).
     window = min(window, padded)
     scale = head_dim**-0.5 if scale is None else scale
-    ctype = _ctype(q)
+    ctype = compute_dtype(q)
     device = q.device
     if key_mask is None:
         key_mask = torch.ones(bsz, length, dtype=torch.bool, device=device)
@@ -133,66 +112,11 @@ def bmojo_attention_chunked(
         values.append(weighted(_chunk_windows(v_fade, 2 * window, size, chunk, num_chunks)))
 
     if memory is not None:
-        mem_k, mem_v, mem_pos, mem_valid = memory
+        mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
         scores.append(score(chunk_queries(q_eid), mem_k))
         masks.append(eid_mask[:, :, None, None])
         values.append(weighted(mem_v))
 
-    out = _joint_softmax(scores, masks, values, q.dtype)  # [B, nC, C, Hkv, G, D]
+    out = joint_softmax(scores, masks, values, q.dtype)  # [B, nC, C, Hkv, G, D]
     return out.reshape(bsz, padded, num_heads, head_dim)[:, :length]
-
-
-def bmojo_attention_step(
-    q: torch.Tensor,
-    positions: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    window: int,
-    ring_k_fade: torch.Tensor | None = None,
-    ring_v_fade: torch.Tensor | None = None,
-    q_eid: torch.Tensor | None = None,
-    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """One decoding step of B'MOJO attention over a fixed-size state.
-
-    Args:
-        q: ``[B, H, D]`` query of the token at ``positions [B]`` (rotary applied).
-        ring_k, ring_v: ``[B, R, Hkv, D]`` ring buffer of recent keys/values, ``ring_pos [B, R]`` their positions
-            (``-1`` = empty). ``R >= W`` (``R >= 2W`` with fading).
-        ring_k_fade, ring_v_fade: ``[B, R, Hkv, D]`` fading keys/values in the same ring, or ``None``.
-        q_eid: ``[B, H, D]``; memory: ``(mem_k, mem_v [B, M, Hkv, D], mem_pos [B, M], mem_valid [B, M])``.
-
-    Returns:
-        ``[B, H, D]`` in ``q.dtype``.
-    """
-    bsz, num_heads, head_dim = q.shape
-    num_kv = ring_k.shape[2]
-    groups = num_heads // num_kv
-    scale = head_dim**-0.5 if scale is None else scale
-    ctype = _ctype(q)
-
-    def score(qq, kk):  # qq [B,H,D], kk [B,K,Hkv,D] -> [B,Hkv,G,K]
-        return torch.einsum("bagd,bkad->bagk", qq.view(bsz, num_kv, groups, head_dim).to(ctype), kk.to(ctype)) * scale
-
-    def weighted(vv):
-        return lambda p: torch.einsum("bagk,bkad->bagd", p, vv.to(ctype))
-
-    rel = positions[:, None] - ring_pos  # [B, R]
-    filled = ring_pos >= 0
-    scores = [score(q, ring_k)]
-    masks = [(filled & (rel >= 0) & (rel < window))[:, None, None]]
-    values = [weighted(ring_v)]
-    if ring_k_fade is not None:
-        scores.append(score(q, ring_k_fade))
-        masks.append((filled & (rel >= window) & (rel < 2 * window))[:, None, None])
-        values.append(weighted(ring_v_fade))
-    if memory is not None:
-        mem_k, mem_v, mem_pos, mem_valid = memory
-        scores.append(score(q_eid, mem_k))
-        masks.append((mem_valid & (mem_pos <= positions[:, None] - window))[:, None, None])
-        values.append(weighted(mem_v))
-    out = _joint_softmax(scores, masks, values, q.dtype)
-    return out.reshape(bsz, num_heads, head_dim)

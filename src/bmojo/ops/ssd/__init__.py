@@ -1,7 +1,15 @@
-"""Mamba-2 SSD (scalar decay per head): reference scan, chunked form, one-token step."""
+"""Mamba-2 SSD (scalar decay per head): reference scan (``naive``), chunked form (``chunk``), recurrent form and
+one-token step (``recurrent``). ``ssd_ref``, ``ssd_chunked`` and ``ssd_recurrent`` share one signature
+``(x, dt, A, B, C, chunk_size=None, D=None, initial_state=None) -> (y, final_state)``."""
 
+from ..registry import register
 from .chunk import ssd_chunked
 from .naive import ssd_ref
-from .recurrent import ssd_step
+from .recurrent import ssd_recurrent, ssd_step
 
-__all__ = ["ssd_ref", "ssd_chunked", "ssd_step"]
+register("ssd", "chunked")(ssd_chunked)
+register("ssd", "reference")(ssd_ref)
+for _backend in ("chunked", "reference"):  # one token: the step is its own reference
+    register("ssd_step", _backend)(ssd_step)
+
+__all__ = ["ssd_ref", "ssd_chunked", "ssd_recurrent", "ssd_step"]

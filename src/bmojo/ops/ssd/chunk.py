@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .naive import compute_dtype
+from ..common import compute_dtype
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ def ssd_chunked(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    chunk_size: int,
+    chunk_size: Optional[int] = 64,
     D: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:

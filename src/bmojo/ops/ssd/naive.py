@@ -18,20 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 if any given tensor is float64, else float32 (bf16/fp16 are upcast)."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
-
-
-def expand_groups(t: Tensor, nheads: int) -> Tensor:
-    """[..., G, N] -> [..., H, N]: repeat each B/C group for the H // G heads that share it."""
-    ngroups = t.shape[-2]
-    assert nheads % ngroups == 0, f"nheads={nheads} not divisible by ngroups={ngroups}"
-    return t.repeat_interleave(nheads // ngroups, dim=-2)
+from ..common import compute_dtype, expand_groups
 
 
 def ssd_ref(
@@ -40,10 +27,11 @@ def ssd_ref(
     A: Tensor,
     B: Tensor,
     C: Tensor,
+    chunk_size: Optional[int] = None,
     D: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Sequential SSD scan, one Python iteration per time step.
+    """Sequential SSD scan, one Python iteration per time step; the signature of ``ssd_chunked``.
 
     Args:
         x:  [b, L, H, P]
@@ -51,6 +39,7 @@ def ssd_ref(
         A:  [H]         negative decay rates
         B:  [b, L, G, N]
         C:  [b, L, G, N]
+        chunk_size: accepted for the common signature and ignored (the scan has no chunks)
         D:  [H] or None skip connection
         initial_state: [b, H, P, N] or None (zeros)
 

@@ -1,11 +1,12 @@
-"""Single-token SSD update for decoding (same math as ``ssd_ref`` for one step)."""
+"""Recurrent SSD: the single-token update for decoding (same math as ``ssd_ref`` for one step), and the whole
+sequence as a loop of those steps (``ssd_recurrent``, the signature of ``ssd_ref`` / ``ssd_chunked``)."""
 
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .naive import compute_dtype, expand_groups
+from ..common import compute_dtype, expand_groups
 
 
 def ssd_step(
@@ -45,3 +46,26 @@ def ssd_step(
     if D is not None:
         y = y + D.to(dtype)[:, None] * xf
     return y.to(x.dtype), new_state
+
+
+def ssd_recurrent(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: Optional[int] = None,
+    D: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """``ssd_step`` over every position of ``x [b, L, H, P]``; arguments and results as ``ssd_chunked``
+    (``chunk_size`` is ignored). What a decoder computes token by token, in one call."""
+    batch, seqlen, nheads, headdim = x.shape
+    dtype = compute_dtype(x, dt, A, B, C, D, initial_state)
+    state = x.new_zeros(batch, nheads, headdim, B.shape[-1], dtype=dtype) if initial_state is None else initial_state
+    ys = []
+    for t in range(seqlen):
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(batch, 0, nheads, headdim)
+    return y, state.to(dtype)

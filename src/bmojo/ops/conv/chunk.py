@@ -9,28 +9,11 @@ precede x, oldest first). The conv state carried between calls is that same wind
 last K-1 inputs seen, oldest first.
 """
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def causal_conv1d_ref(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, initial_state: Optional[Tensor] = None
-) -> Tensor:
-    """Python loop over time, for tests. Same signature and result as ``causal_conv1d``."""
-    batch, seqlen, dim = x.shape
-    K = weight.shape[1]
-    prev = x.new_zeros(batch, K - 1, dim) if initial_state is None else initial_state.transpose(1, 2)
-    xp = torch.cat([prev.to(x.dtype), x], dim=1)  # [b, K-1+L, D]
-    ys = []
-    for t in range(seqlen):
-        acc = torch.zeros_like(x[:, 0])
-        for k in range(K):
-            acc = acc + weight[:, k] * xp[:, t + k]
-        ys.append(acc if bias is None else acc + bias)
-    return torch.stack(ys, dim=1) if ys else x.new_zeros(batch, 0, dim)
 
 
 def causal_conv1d(
@@ -57,28 +40,6 @@ def causal_conv1d(
     b = None if bias is None else bias.to(x.dtype)
     y = F.conv1d(xt, weight.to(x.dtype).unsqueeze(1), b, groups=x.shape[-1])
     return y.transpose(1, 2)
-
-
-def causal_conv1d_step(
-    conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
-    """One decoding step.
-
-    Args:
-        conv_state: [b, D, K-1] the last K-1 inputs, oldest first
-        x:      [b, D] the new input
-        weight: [D, K]
-        bias:   [D] or None
-
-    Returns:
-        y:              [b, D] in x.dtype
-        new_conv_state: [b, D, K-1] in conv_state.dtype, a new tensor (input not modified)
-    """
-    window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # [b, D, K]
-    y = (window * weight.to(x.dtype)).sum(-1)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y, window[..., 1:].to(conv_state.dtype)
 
 
 def conv_state_from_inputs(

@@ -1,4 +1,5 @@
-"""Eidetic memory: innovation-based top-k selection per chunk and a fixed-size memory, with static shapes.
+"""Eidetic selection, chunked form: innovation-based top-k per chunk and the memory each chunk sees, with static
+shapes.
 
 Retention policy (the same in the parallel forward, in decoding and in the reference):
 
@@ -17,36 +18,11 @@ pairwise comparison and moves them with a one-hot matmul.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
-INVALID_SCORE = -1.0  # innovation scores are squared errors (>= 0); -1 marks an empty slot or padding
-
-
-class Slots(NamedTuple):
-    """A fixed-size set of remembered tokens: ``k, v [..., S, F]``, ``pos [..., S]`` (long), ``score [..., S]``."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
-    score: torch.Tensor
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.score >= 0
-
-
-def empty_slots(batch: int, size: int, features: int, *, device=None, dtype=torch.float32) -> Slots:
-    """``size`` empty slots per row."""
-    zeros = torch.zeros(batch, size, features, device=device, dtype=dtype)
-    return Slots(
-        zeros,
-        zeros.clone(),
-        torch.zeros(batch, size, dtype=torch.long, device=device),
-        torch.full((batch, size), INVALID_SCORE, device=device, dtype=torch.float32),
-    )
+from .common import INVALID_SCORE, EideticMemory, empty_slots
+from .recurrent import merge_slots
 
 
 def topk_per_chunk(scores: torch.Tensor, chunk_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,34 +63,7 @@ def take_selected(onehot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bnkc,bncf->bnkf", onehot.to(x.dtype), x)
 
 
-def merge_slots(a: Slots, b: Slots, capacity: int) -> Slots:
-    """Keep the ``capacity`` best entries of ``a`` and ``b`` (``[B, S_a, ...]``, ``[B, S_b, ...]``).
-
-    Order: higher score first, then earlier position, then earlier entry; slots come out in that order.
-    Requires ``S_a + S_b >= capacity``.
-    """
-    k = torch.cat([a.k, b.k], dim=1)
-    v = torch.cat([a.v, b.v], dim=1)
-    pos = torch.cat([a.pos, b.pos], dim=1)
-    score = torch.cat([a.score, b.score], dim=1)
-    n = score.shape[1]
-    entry = torch.arange(n, device=score.device)
-    s_i, s_j = score[:, :, None], score[:, None, :]
-    p_i, p_j = pos[:, :, None], pos[:, None, :]
-    # beats[b, i, j]: entry j ranks before entry i
-    beats = (s_j > s_i) | ((s_j == s_i) & ((p_j < p_i) | ((p_j == p_i) & (entry[None, :] < entry[:, None]))))
-    rank = beats.sum(dim=-1)  # [B, n], a permutation of 0..n-1
-    place = rank[:, None, :] == torch.arange(capacity, device=score.device)[None, :, None]  # [B, capacity, n]
-    move = place.to(k.dtype)
-    return Slots(
-        torch.einsum("bsn,bnf->bsf", move, k),
-        torch.einsum("bsn,bnf->bsf", move, v),
-        torch.where(place, pos[:, None, :], 0).sum(-1),
-        torch.where(place, score[:, None, :], 0).sum(-1),
-    )
-
-
-def memory_per_chunk(candidates: Slots, capacity: int) -> tuple[Slots, Slots]:
+def memory_per_chunk(candidates: EideticMemory, capacity: int) -> tuple[EideticMemory, EideticMemory]:
     """Run the memory over the chunks.
 
     Args:
@@ -129,25 +78,21 @@ def memory_per_chunk(candidates: Slots, capacity: int) -> tuple[Slots, Slots]:
     seen = []
     for c in range(num_chunks):  # a recurrence over chunks: trip count fixed by the shape
         seen.append(memory)
-        memory = merge_slots(memory, Slots(*(field[:, c] for field in candidates)), capacity)
-    stacked = Slots(*(torch.stack(fields, dim=1) for fields in zip(*seen)))
+        memory = merge_slots(memory, EideticMemory(*(field[:, c] for field in candidates)), capacity)
+    stacked = EideticMemory(*(torch.stack(fields, dim=1) for fields in zip(*seen)))
     return stacked, memory
 
 
-def eidetic_mask_ref(scores: torch.Tensor, chunk_size: int, k: int, capacity: int, window: int) -> torch.Tensor:
-    """Plain-loop reference of the policy: ``[B, L, L]`` bool, ``True`` where query ``i`` sees token ``j`` through
-    the eidetic memory. Uses Python sorting; for tests only."""
-    bsz, length = scores.shape
-    mask = torch.zeros(bsz, length, length, dtype=torch.bool)
-    for b in range(bsz):
-        s = scores[b].tolist()
-        memory: list[int] = []  # positions
-        for start in range(0, length, chunk_size):
-            for i in range(start, min(start + chunk_size, length)):
-                for j in memory:
-                    if j <= i - window:
-                        mask[b, i, j] = True
-            chunk = [j for j in range(start, min(start + chunk_size, length)) if s[j] >= 0]
-            picks = sorted(chunk, key=lambda j: (-s[j], j))[:k]
-            memory = sorted(memory + picks, key=lambda j: (-s[j], j))[:capacity]
-    return mask
+def select_per_chunk(
+    scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, selections: int, capacity: int
+) -> tuple[EideticMemory, EideticMemory]:
+    """The whole policy over a sequence: ``scores [B, L]`` (``INVALID_SCORE`` at padding), ``k, v [B, L, F]``.
+
+    Returns ``(picks, seen)``: ``picks`` (``[B, nC, selections, ...]``) are every chunk's selections, ``seen``
+    (``[B, nC, capacity, ...]``) the memory as chunk ``c`` sees it (picks of chunks ``< c``). The reference
+    ``naive.select_per_chunk_ref`` has the same signature and result.
+    """
+    onehot, pick_score, pick_pos = topk_per_chunk(scores, chunk_size, selections)
+    picks = EideticMemory(take_selected(onehot, k), take_selected(onehot, v), pick_pos, pick_score)
+    seen, _ = memory_per_chunk(picks, capacity)
+    return picks, seen

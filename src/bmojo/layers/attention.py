@@ -1,0 +1,147 @@
+"""The attention mixer: sliding-window causal attention (window ``W``; ``W >= L`` is full attention), and its
+decoding state, a ring buffer of the last keys and values.
+
+``BMojoMixer`` (``layers/bmojo.py``) extends it with fading tokens and the eidetic memory; both run through the
+same B'MOJO attention op (``ops/attention``), which without the extra key sets is exactly sliding-window attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..ops import dispatch
+from ..ops.rope import apply_rope
+from ..ops.selection import EideticMemory
+from .common import InferenceState, MixerOutput, Rope, SequenceInfo
+
+
+@dataclass
+class AttentionState(InferenceState):
+    """The last ``R`` keys (rotary applied) and values ``ring_k, ring_v [B, R, Hkv, D]`` and their positions
+    ``ring_pos [B, R]`` (``-1``: empty); token ``t`` lives in slot ``t % R``. ``R = W``, or ``2W`` when the ring
+    also keeps the fading keys and values ``ring_kf, ring_vf`` of the span that left the window (B'MOJO layers)."""
+
+    ring_k: torch.Tensor | None = None
+    ring_v: torch.Tensor | None = None
+    ring_pos: torch.Tensor | None = None
+    ring_kf: torch.Tensor | None = None
+    ring_vf: torch.Tensor | None = None
+
+
+class SlidingWindowAttention(nn.Module):
+    """Mixer of ``"attention"`` layers: rotary GQA attention over the window ``[i-W+1, i]``.
+
+    Head counts are read from the projections' weights, so a tensor-parallel shard runs the same code.
+    """
+
+    state_type = AttentionState
+    # Whether the layer type can carry fading keys / an eidetic memory (the config may still turn them off).
+    use_fading = False
+    use_eidetic = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.window = config.window_size
+        self.chunk_size = config.chunk_size
+        d = config.hidden_size
+        q, kv = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(d, q, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=False)
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.weight.shape[0] // self.head_dim
+
+    @property
+    def num_kv(self) -> int:
+        return self.k_proj.weight.shape[0] // self.head_dim
+
+    @classmethod
+    def allocate_inference_state(cls, config, batch_size: int, device=None, dtype=torch.float32) -> AttentionState:
+        """An empty ring (full-size, from ``config``)."""
+        fading = cls.use_fading and config.use_fading
+        ring = 2 * config.window_size if fading else config.window_size
+        kv = (batch_size, ring, config.num_key_value_heads, config.head_dim)
+        state = AttentionState(
+            ring_k=torch.zeros(kv, device=device, dtype=dtype),
+            ring_v=torch.zeros(kv, device=device, dtype=dtype),
+            ring_pos=torch.full((batch_size, ring), -1, dtype=torch.long, device=device),
+        )
+        if fading:
+            state.ring_kf = torch.zeros(kv, device=device, dtype=dtype)
+            state.ring_vf = torch.zeros(kv, device=device, dtype=dtype)
+        return state
+
+    # Projections ---------------------------------------------------------------------------------------------------
+    def _kv(self, h):
+        lead = h.shape[:-1]
+        k = self.k_proj(h).view(*lead, self.num_kv, self.head_dim)
+        v = self.v_proj(h).view(*lead, self.num_kv, self.head_dim)
+        return k, v
+
+    def _qkv(self, h):
+        q = self.q_proj(h).view(*h.shape[:-1], self.num_heads, self.head_dim)
+        return (q, *self._kv(h))
+
+    def _attend(self, q_rot, k_rot, v, info: SequenceInfo, k_fade=None, v_fade=None, q_eid=None, memory=None):
+        """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``."""
+        out = dispatch("attention")(
+            q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid
+        )
+        return self.o_proj(out.flatten(-2))
+
+    def forward(self, h: torch.Tensor, info: SequenceInfo) -> MixerOutput:
+        """``h [B, L, d]`` -> ``MixerOutput(out [B, L, d], None, AttentionState or None)``."""
+        q, k, v = self._qkv(h)
+        q_rot, k_rot = apply_rope(q, info.rope.cos, info.rope.sin), apply_rope(k, info.rope.cos, info.rope.sin)
+        out = self._attend(q_rot, k_rot, v, info)
+        return MixerOutput(out, None, self.ring_from_prefill(k_rot, v, info) if info.collect_state else None)
+
+    # Decoding state ------------------------------------------------------------------------------------------------
+    def ring_from_prefill(self, k, v, info: SequenceInfo, k_fade=None, v_fade=None) -> AttentionState:
+        """The ring after each row's last token (``info.lengths``), from the prefill's keys and values."""
+        ring = 2 * self.window if self.use_fading else self.window
+        last = (info.lengths - 1)[:, None]  # [B, 1]
+        slot = torch.arange(ring, device=k.device)[None, :]
+        pos = last - torch.remainder(last - slot, ring)  # latest position that landed in each slot
+        idx = pos.clamp_min(0)[..., None, None].expand(-1, -1, self.num_kv, self.head_dim)
+        empty = (pos < 0)[..., None, None]
+
+        def take(x):
+            return None if x is None else torch.gather(x, 1, idx).masked_fill(empty, 0)
+
+        return AttentionState(take(k), take(v), pos.masked_fill(pos < 0, -1), take(k_fade), take(v_fade))
+
+    def _write_ring(self, state: AttentionState, positions: torch.Tensor, k_rot, v) -> torch.Tensor:
+        """Store token ``positions [B, 1]``'s key and value in its slot; returns the slot mask ``[B, R]``."""
+        ring = state.ring_pos.shape[1]
+        write = torch.arange(ring, device=k_rot.device)[None, :] == torch.remainder(positions, ring)
+        self._put(state.ring_k, write, k_rot)
+        self._put(state.ring_v, write, v)
+        state.ring_pos.copy_(torch.where(write, positions, state.ring_pos))
+        return write
+
+    @staticmethod
+    def _put(buffer: torch.Tensor, write: torch.Tensor, value: torch.Tensor) -> None:
+        buffer.copy_(torch.where(write[..., None, None], value[:, None].to(buffer.dtype), buffer))
+
+    def _attend_step(self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None):
+        out = dispatch("attention_step")(
+            q_rot, positions[:, 0], state.ring_k, state.ring_v, state.ring_pos, self.window,
+            state.ring_kf, state.ring_vf, q_eid, memory,
+        )
+        return self.o_proj(out.flatten(-2))
+
+    def step(self, h: torch.Tensor, state: AttentionState, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place."""
+        q, k, v = self._qkv(h[:, None])
+        q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
+        self._write_ring(state, positions, k_rot, v[:, 0])
+        return self._attend_step(q_rot, positions, state)

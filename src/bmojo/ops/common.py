@@ -1,0 +1,36 @@
+"""Helpers shared by every op and every form of it (reference, chunked, single-step).
+
+The precision rule: decays, softmax and normalisation run in at least float32 whatever the input precision
+(bfloat16/float16 inputs are upcast; float64 stays float64 so that the float64 equality tests are exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(*tensors: Tensor | torch.dtype | None) -> torch.dtype:
+    """float64 if any given tensor (or dtype) is float64, else float32: the dtype decay and softmax math runs in."""
+    for t in tensors:
+        dtype = t if isinstance(t, torch.dtype) else getattr(t, "dtype", None)
+        if dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in ``compute_dtype(x)``: float32 for bf16/fp16/fp32 inputs, float64 stays float64."""
+    return x.to(compute_dtype(x))
+
+
+def expand_groups(t: Tensor, nheads: int) -> Tensor:
+    """``[..., G, N] -> [..., H, N]``: repeat each group for the ``H // G`` heads that share it.
+
+    Used for the SSM's B/C groups and for grouped-query attention's key/value heads (head ``h`` reads group
+    ``h // (H // G)``). Raises ``ValueError`` when ``G`` does not divide ``H``.
+    """
+    ngroups = t.shape[-2]
+    if nheads % ngroups:
+        raise ValueError(f"nheads={nheads} not divisible by ngroups={ngroups}")
+    return t.repeat_interleave(nheads // ngroups, dim=-2)
