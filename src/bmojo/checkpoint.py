@@ -116,8 +116,14 @@ def load_config(checkpoint: Path) -> BMojoConfig:
 
 
 def load_model(checkpoint: Path) -> BMojoForCausalLM:
+    # No code from a checkpoint directory ever runs. transformers 4.57's from_pretrained imports a local
+    # custom_generate/generate.py even with trust_remote_code=False, so such a directory is refused outright.
+    if (Path(checkpoint) / "custom_generate").exists():
+        raise BMojoError(
+            f"{checkpoint} holds custom_generate/, Python code that bmojo never runs: remove it to load the model"
+        )
     try:
-        model = BMojoForCausalLM.from_pretrained(checkpoint, use_safetensors=True)
+        model = BMojoForCausalLM.from_pretrained(checkpoint, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, SafetensorError) as exc:
         raise BMojoError(f"cannot load the model in {checkpoint}: {str(exc).splitlines()[0]}") from exc
     return model
