@@ -19,7 +19,7 @@ import yaml
 
 from .checkpoint import load_model, resolve_checkpoint, run_dir_of
 from .configuration_bmojo import PRESETS
-from .data import load_corpus, read_documents, source_files, token_dtype, write_token_file
+from .data import load_corpus, make_parent_dirs, read_documents, source_files, token_dtype, write_token_file
 from .errors import BMojoError
 from .tokenization import load_tokenizer, train_bpe
 from .training import (
@@ -234,6 +234,7 @@ def cmd_tokenizer_train(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BMojoError(f"--out {args.out!r} is a file; the tokenizer is written to a directory")
+    make_parent_dirs(out / "tokenizer.json")  # fails before training when a folder above --out is a file
     files = [f for source in args.data for f in source_files(source, args.glob)]
     tokenizer = train_bpe(read_documents(files, args.text_key), args.vocab_size)
     try:

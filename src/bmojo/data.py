@@ -18,6 +18,7 @@ of ``seq_len`` tokens (sequence packing; the partial last window is dropped).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -110,6 +111,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def make_parent_dirs(path: Path) -> None:
+    """Create the folders above ``path``; a BMojoError naming the culprit when one of them is a file."""
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BMojoError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def write_token_file(path: str | Path, token_chunks: Iterator[np.ndarray], vocab_size: int) -> int:
     """Stream token arrays into ``path`` (little-endian uint16, or uint32 for vocabularies over 65,536) and
     write the sidecar last, so a file without one is known to be incomplete. The tokens go to a temporary file
@@ -120,7 +131,7 @@ def write_token_file(path: str | Path, token_chunks: Iterator[np.ndarray], vocab
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent_dirs(path)
         with open(tmp, "wb") as f:
             for chunk in token_chunks:
                 f.write(chunk.astype(dtype).tobytes())
@@ -130,7 +141,8 @@ def write_token_file(path: str | Path, token_chunks: Iterator[np.ndarray], vocab
     except OSError as exc:
         raise BMojoError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone after the rename; never made when its folder could not be
+            tmp.unlink(missing_ok=True)
     header = {
         "format": TOKEN_FILE_FORMAT,
         "version": 1,
