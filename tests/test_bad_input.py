@@ -74,7 +74,7 @@ def plant_code(directory: Path, marker: Path, with_tokenizer_json: bool) -> None
     if with_tokenizer_json:
         from bmojo.tokenization import train_bpe
 
-        train_bpe([b"hello world " * 50], 300).tokenizer.save(str(directory / "tokenizer.json"))
+        train_bpe([b"hello world " * 50], 260).tokenizer.save(str(directory / "tokenizer.json"))
 
 
 @pytest.mark.parametrize("with_tokenizer_json", [False, True], ids=["auto_map only", "auto_map and tokenizer.json"])
@@ -85,7 +85,7 @@ def plant_code(directory: Path, marker: Path, with_tokenizer_json: bool) -> None
         ["tokenizer", "encode", "--data", "CORPUS", "--tokenizer", "TOK", "--out", "OUT/c.bin"],
         ["eval", "RUN", "--tokenizer", "TOK"],
         ["generate", "RUN", "--tokenizer", "TOK", "--max-new-tokens", "2"],
-        ["train", "--tokenizer", "TOK", "--data", "CORPUS", "--out", "OUT/run", "--preset", "tiny", "--steps", "1"],
+        ["train", "--tokenizer", "TOK", "--steps", "1", "--eval-every", "0"],
     ],
     ids=lambda argv: " ".join(argv[:2]),
 )
@@ -95,18 +95,21 @@ def test_no_code_from_a_tokenizer_directory_runs(argv, with_tokenizer_json, run,
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))  # transformers asks "run the custom code? [y/N]"
     names = {"TOK": str(tmp_path / "tok"), "RUN": str(run), "CORPUS": str(corpus)}
     argv = [names.get(a, a.replace("OUT", str(tmp_path))) for a in argv]
+    if argv[0] == "train":
+        argv = tiny(corpus, tmp_path / "run", *argv[1:])
     code = cli(argv)
     assert not marker.exists(), "the tokenizer directory's Python code ran"
-    if code == 0:  # loaded without the directory's code
-        assert "Traceback" not in capsys.readouterr().err
-    else:
+    if not with_tokenizer_json:  # AutoTokenizer would need the directory's code: refused
         assert code == 2
-        error = one_error_line(capsys)
-        if not with_tokenizer_json:
-            assert error == (
-                f"cannot load a tokenizer from '{tmp_path / 'tok'}': its auto_map names Python code, which bmojo "
-                "never runs; give a directory with a tokenizer.json"
-            )
+        assert one_error_line(capsys) == (
+            f"cannot load a tokenizer from '{tmp_path / 'tok'}': its auto_map names Python code, which bmojo "
+            "never runs; give a directory with a tokenizer.json"
+        )
+    elif argv[0] in ("tokenizer", "train"):  # loaded from tokenizer.json, without the directory's code
+        assert code == 0, capsys.readouterr().err
+    else:  # not the run's tokenizer
+        assert code == 2
+        assert " is not the one " in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("command", [["eval"], ["generate", "--max-new-tokens", "2"]])
