@@ -4,6 +4,7 @@ traceback. The commands run in-process through `bmojo.cli.main`."""
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -167,8 +168,10 @@ BAD = [
     (
         ["train", "--data", "BIN", "--out", "TMP/r", "--preset", "tiny", "--seq-len", "16", "--threads", "1"],
         {"BIN": _bad_bin},
-        "BIN: holds token id 300 (the first out-of-range one at token 123), but the vocabulary has 260 tokens "
-        "(ids 0..259): the file is corrupt or was written for another tokenizer",
+        (
+            "BIN: holds token id 300 (the first out-of-range one at token 123), but the vocabulary has 260 tokens "
+            "(ids 0..259): the file is corrupt or was written for another tokenizer"
+        ),
     ),
     (
         ["eval", "RUN", "--data", "BIN"],
@@ -179,8 +182,10 @@ BAD = [
     (
         ["eval", "RUN", "--tokenizer", "TOK"],
         {"TOK": _bpe_260},
-        "tokenizer 'TOK' is not the one RUN was trained with (RUN/tokenizer): it turns text into other ids; "
-        "leave out --tokenizer",
+        (
+            "tokenizer 'TOK' is not the one RUN was trained with (RUN/tokenizer): it turns text into other ids; "
+            "leave out --tokenizer"
+        ),
     ),
     (
         ["generate", "RUN", "--tokenizer", "TOK"],
@@ -231,6 +236,16 @@ BAD = [
         ["tokenizer", "train", "--data", "CORPUS", "--vocab-size", "300", "--out", "FILE/tok"],
         {"FILE": _file},
         "cannot write 'FILE/tok/tokenizer.json': 'FILE' is a file, not a directory",
+    ),
+    (
+        ["generate", "RUN", "--threads", "100000"],
+        {},
+        f"argument --threads: must be at most {os.cpu_count()} (the CPU cores), got 100000",
+    ),
+    (
+        ["tokenizer", "train", "--data", "CORPUS", "--vocab-size", "99999999999999999999", "--out", "TMP/t"],
+        {},
+        "argument --vocab-size: must be at most 4294967296 (ids are stored as uint32), got 99999999999999999999",
     ),
     (["train", "--step", "3"], {}, "unrecognized arguments: --step 3"),
     (["eval", "RUN", "--batch", "3"], {}, "unrecognized arguments: --batch 3"),

@@ -10,6 +10,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"bmojo: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, high: int | None = None, why: str = ""):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -58,6 +59,8 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}{why}, got {value}")
         return value
 
     return parse
@@ -323,7 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="'byte', a tokenizer.json or a tokenizer directory, for a checkpoint outside its run directory; "
             "a run's own tokenizer is the only one accepted for it (default: the run's tokenizer/)",
         )
-        p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch threads (default: 0, all cores)")
+        cores = os.cpu_count() or 1
+        p.add_argument(
+            "--threads",
+            type=_int_at_least(0, cores, " (the CPU cores)"),
+            default=0,
+            help="torch threads (default: 0, all cores)",
+        )
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint", description="Perplexity of a checkpoint.")
     inference_args(evaluate)
@@ -369,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer with `tokenizers`")
     data_args(tok_train)
-    tok_train.add_argument("--vocab-size", type=_int_at_least(1), required=True)
+    tok_train.add_argument("--vocab-size", type=_int_at_least(1, 1 << 32, " (ids are stored as uint32)"), required=True)
     tok_train.add_argument(
         "--out", required=True, help="directory to write (tokenizer.json, tokenizer_config.json); not a file"
     )

@@ -118,7 +118,10 @@ def make_parent_dirs(path: Path) -> None:
             if not parent.is_dir():
                 raise BMojoError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory")
             break
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BMojoError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def write_token_file(path: str | Path, token_chunks: Iterator[np.ndarray], vocab_size: int) -> int:

@@ -208,7 +208,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     except BMojoError:
         raise
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, JSON errors, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # one line, all of it
         raise BMojoError(f"cannot load a tokenizer from {str(path)!r}: {reason}") from exc
     if not getattr(hf, "is_fast", False):
         raise BMojoError(
