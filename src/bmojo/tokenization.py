@@ -5,9 +5,9 @@ Both kinds share one small interface: ``vocab_size``, ``pad_id``/``bos_id``/``eo
 for a foreign tokenizer without one), ``encode(text)``, ``encode_documents(docs)``, ``decode(ids)``,
 ``tokens(ids)`` and ``save(directory)``; ``load_tokenizer`` reads back whatever ``save`` wrote.
 
-Loading never runs code from a tokenizer directory: transformers is called with ``trust_remote_code=False``, so an
-``auto_map`` in its ``tokenizer_config.json`` is ignored (or the load fails) instead of importing the directory's
-Python files.
+Loading never runs code from a tokenizer directory: transformers is called with ``trust_remote_code=False``; a
+directory with a ``tokenizer.json`` loads through ``PreTrainedTokenizerFast``, which ignores an ``auto_map``, and
+one without it whose configuration has an ``auto_map`` is refused before transformers sees it.
 
 Documents arrive as raw bytes. The byte-level tokenizer encodes them as they are, so no input is ever
 undecodable; the other tokenizers work on text and decode bytes as UTF-8 with ``errors="replace"`` (an
