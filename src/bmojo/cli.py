@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
         p.add_argument(
             "--tokenizer",
-            help="'byte', a tokenizer.json or a tokenizer directory, for a checkpoint outside its run directory; "
-            "a run's own tokenizer is the only one accepted for it (default: the run's tokenizer/)",
+            help="'byte', a tokenizer.json or a tokenizer directory: for a checkpoint outside its run directory "
+            "(a run accepts only its own tokenizer) (default: the run's tokenizer/)",
         )
         cores = os.cpu_count() or 1
         p.add_argument(
