@@ -19,10 +19,11 @@ Usage: $SCRIPT --instance trn1.2xlarge|trn1.32xlarge [options] [-- bmojo train a
 
 Runs, after sourcing neuron/env.sh and checking the environment (neuron/check_env.py):
   neuron_parallel_compile torchrun --nproc_per_node=2|32 [multi-node options] \\
-      -m bmojo.cli train --device xla --bf16 [bmojo train arguments] --steps STEPS --out SCRATCH
+      -m bmojo.cli train --device xla --bf16 [bmojo train arguments] --steps STEPS --warmup-steps 0 --out SCRATCH
 
-The trial run's --steps and --out come last, so they override those of the real run (bmojo train keeps the last
-value of an option): it trains for STEPS steps (which compiles the first steps, evaluation and saving) into a
+The trial run's --steps, --warmup-steps and --out come last, so they override those of the real run (bmojo train
+keeps the last value of an option; a warmup longer than --steps is refused, and the learning rate is a graph input,
+so the warmup does not change what is compiled): it trains for STEPS steps (which compiles the first steps, evaluation and saving) into a
 fresh temporary directory SCRATCH (mktemp -d), deleted afterwards because what it holds is garbage.
 
 Example:
@@ -77,11 +78,11 @@ build_torchrun "$NPROC"
 source "$NEURON_DIR/env.sh"
 if ((DRY_RUN)); then
     SCRATCH="${TMPDIR:-/tmp}/bmojo-precompile.XXXXXX" # the mktemp template; the real run creates it
-    print_command neuron_parallel_compile "${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}" --steps "$TRIAL_STEPS" --out "$SCRATCH"
+    print_command neuron_parallel_compile "${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}" --steps "$TRIAL_STEPS" --warmup-steps 0 --out "$SCRATCH"
     exit 0
 fi
 check_environment compile "$NPROC"
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/bmojo-precompile.XXXXXX")
 trap 'rm -rf -- "$SCRATCH"' EXIT
 echo "$SCRIPT: compiling into ${NEURON_COMPILE_CACHE_URL} (trial run in $SCRATCH, deleted afterwards)" >&2
-neuron_parallel_compile "${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}" --steps "$TRIAL_STEPS" --out "$SCRATCH"
+neuron_parallel_compile "${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}" --steps "$TRIAL_STEPS" --warmup-steps 0 --out "$SCRATCH"

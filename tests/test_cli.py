@@ -32,7 +32,8 @@ def run(corpus, tmp_path_factory) -> Path:
 def tiny(corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--seq-len", "16", "--batch-size", "2",
-        "--threads", "1", "--set", "train.sample_tokens=4", "--set", "train.eval_batches=1", *extra,
+        "--threads", "1", "--warmup-steps", "1", "--set", "train.sample_tokens=4", "--set", "train.eval_batches=1",
+        *extra,
     ]  # fmt: skip
 
 
@@ -68,7 +69,15 @@ def test_settings_precedence_preset_file_set_flags(corpus, tmp_path):
             {
                 "preset": "tiny",
                 "model": {"hidden_size": 48, "num_attention_heads": 4, "memory_size": 8},
-                "train": {"steps": 1, "lr": "1e-3", "seq_len": 16, "batch_size": 2, "sample_tokens": 4, "threads": 1},
+                "train": {
+                    "steps": 1,
+                    "lr": "1e-3",
+                    "seq_len": 16,
+                    "batch_size": 2,
+                    "sample_tokens": 4,
+                    "threads": 1,
+                    "warmup_steps": 1,
+                },
             }
         )
     )
@@ -84,7 +93,9 @@ def test_settings_precedence_preset_file_set_flags(corpus, tmp_path):
 
 def test_json_config_file(corpus, tmp_path):
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"preset": "tiny", "train": {"steps": 1, "seq_len": 16, "batch_size": 2}}))
+    config.write_text(
+        json.dumps({"preset": "tiny", "train": {"steps": 1, "seq_len": 16, "batch_size": 2, "warmup_steps": 1}})
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--data", str(corpus), "--out", str(out), "--threads", "1",
                  "--set", "train.sample_tokens=2", "--set", "train.eval_batches=1"]) == 0  # fmt: skip

@@ -26,6 +26,15 @@ pytestmark = pytest.mark.core
         (dict(memory_size=-2), r"memory_size must be a non-negative integer"),
         (dict(innovation_loss_weight=-0.1), r"innovation_loss_weight must be >= 0"),
         (dict(ssm_dt_min=0.5, ssm_dt_max=0.1), r"ssm_dt_min/ssm_dt_max"),
+        # NaN passes no comparison and inf passes "> 0": both are refused by name
+        (dict(rope_theta=float("nan")), r"^rope_theta must be a finite number, got nan$"),
+        (dict(rms_norm_eps=float("inf")), r"^rms_norm_eps must be a finite number, got inf$"),
+        (dict(innovation_loss_weight=float("nan")), r"^innovation_loss_weight must be a finite number, got nan$"),
+        (dict(ssm_dt_max=float("inf")), r"^ssm_dt_max must be a finite number, got inf$"),
+        (dict(ssm_dt_init_floor=float("nan")), r"^ssm_dt_init_floor must be a finite number, got nan$"),
+        (dict(initializer_range=float("nan")), r"^initializer_range must be a finite number, got nan$"),
+        (dict(initializer_range=-0.02), r"^initializer_range must be >= 0, got -0.02$"),
+        (dict(rope_theta="10000"), r"^rope_theta must be a finite number, got '10000'$"),
     ],
 )
 def test_invalid_values_name_field_and_rule(overrides, message):
@@ -69,3 +78,22 @@ def test_auto_classes_know_bmojo():
     model = AutoModelForCausalLM.from_config(preset_config("tiny"))
     assert isinstance(model, bmojo.BMojoForCausalLM)
     assert AutoConfig.for_model("bmojo").model_type == "bmojo"
+
+
+def test_loading_a_checkpoint_never_runs_its_code(tmp_path):
+    """transformers 4.57 imports a local custom_generate/generate.py in from_pretrained even with
+    trust_remote_code=False (the XLA tier runs this file on that line); bmojo refuses such a directory."""
+    from bmojo.checkpoint import load_model
+    from bmojo.errors import BMojoError
+
+    BMojoForCausalLM(preset_config("tiny")).save_pretrained(tmp_path / "ckpt")
+    assert isinstance(load_model(tmp_path / "ckpt"), BMojoForCausalLM)
+    marker = tmp_path / "marker"
+    (tmp_path / "ckpt" / "custom_generate").mkdir()
+    (tmp_path / "ckpt" / "custom_generate" / "generate.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n\n\ndef generate(model, **kwargs):\n"
+        "    return None\n"
+    )
+    with pytest.raises(BMojoError, match="holds custom_generate/, Python code that bmojo never runs"):
+        load_model(tmp_path / "ckpt")
+    assert not marker.exists()

@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
+import bmojo.data
 from bmojo.data import (
     Corpus,
+    check_token_ids,
     batch_positions,
     load_corpus,
     read_documents,
@@ -132,3 +134,56 @@ def test_broken_token_files_are_clear_errors(tmp_path):
         (tmp_path / "x.bin.json").write_text(broken)
         with pytest.raises(BMojoError, match=r"x.bin.json: not a bmojo-tokens header"):
             read_token_file(tmp_path / "x.bin")
+
+
+def test_jsonl_with_a_byte_order_mark_reads_like_without(tmp_path):
+    records = json.dumps({"text": "héllo"}) + "\n" + json.dumps({"text": "two"}) + "\n"
+    (tmp_path / "plain.jsonl").write_text(records, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text(records, encoding="utf-8-sig")
+    assert (tmp_path / "bom.jsonl").read_bytes().startswith(b"\xef\xbb\xbf")
+    plain = list(read_documents([tmp_path / "plain.jsonl"]))
+    assert plain == ["héllo".encode(), b"two"]
+    assert list(read_documents([tmp_path / "bom.jsonl"])) == plain
+
+
+def test_unreadable_data_files_are_clear_errors(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("pathlib.Path.read_bytes", denied)
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(BMojoError, match=r"^cannot read data file '.*a.txt': Permission denied$"):
+        list(read_documents([tmp_path / "a.txt"]))
+    with pytest.raises(BMojoError, match=r"^cannot read data file '.*b.jsonl': Permission denied$"):
+        list(read_documents([tmp_path / "b.jsonl"]))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 24])
+def test_token_ids_are_checked_slice_by_slice(chunk, tmp_path, monkeypatch):
+    monkeypatch.setattr(bmojo.data, "_CHECK_CHUNK", chunk)
+    tokens = np.arange(50, dtype=np.uint16) % 10
+    check_token_ids(tokens, 10, "t")  # all below 10
+    tokens[[12, 40]] = [10, 17]  # two bad ids in different slices: the message names the largest and the first
+    with pytest.raises(BMojoError, match=r"^t: holds token id 17 \(the first out-of-range one at token 12\), but the "
+                       r"vocabulary has 10 tokens \(ids 0\.\.9\)"):  # fmt: skip
+        check_token_ids(tokens, 10, "t")
+    write_token_file(tmp_path / "t.bin", iter([tokens]), vocab_size=10)
+    with pytest.raises(BMojoError, match=r"t.bin: holds token id 17 \(the first out-of-range one at token 12\)"):
+        read_token_file(tmp_path / "t.bin")
+
+
+def test_a_failed_write_leaves_the_old_token_file(tmp_path):
+    write_token_file(tmp_path / "c.bin", iter([np.arange(5)]), vocab_size=260)
+    before = (tmp_path / "c.bin").read_bytes(), (tmp_path / "c.bin.json").read_text()
+
+    def chunks():
+        yield np.arange(3)
+        raise BMojoError("stop")
+
+    with pytest.raises(BMojoError, match="stop"):
+        write_token_file(tmp_path / "c.bin", chunks(), vocab_size=260)
+    assert ((tmp_path / "c.bin").read_bytes(), (tmp_path / "c.bin.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.bin.json"]  # no temporary file left

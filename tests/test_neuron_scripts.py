@@ -124,11 +124,12 @@ def test_dry_run_precompile_wraps_the_same_command():
     assert words == [
         "neuron_parallel_compile", "torchrun", "--nproc_per_node=32", "--nnodes=2", "--node_rank=0",
         "--master_addr=head", "--master_port=29500", "-m", "bmojo.cli", "train", "--device", "xla", "--bf16",
-        "--preset", "130m", "--steps", "1000", "--out", "runs/x", "--steps", "3", "--out", f"{tmp}/bmojo-precompile.XXXXXX",
+        "--preset", "130m", "--steps", "1000", "--out", "runs/x", "--steps", "3", "--warmup-steps", "0",
+        "--out", f"{tmp}/bmojo-precompile.XXXXXX",
     ]
     small = run("precompile.sh", "--instance=trn1.2xlarge", "--dry-run")
     assert small.stdout.startswith("neuron_parallel_compile torchrun --nproc_per_node=2 -m bmojo.cli train ")
-    assert " --steps 10 --out " in small.stdout
+    assert " --steps 10 --warmup-steps 0 --out " in small.stdout
 
 
 BAD_ARGUMENTS = [

@@ -110,3 +110,27 @@ def test_encode_documents_agrees_with_encode(bpe):
     out = list(bpe.encode_documents([d.encode() for d in docs], batch_size=2))
     assert [o.tolist() for o in out] == [bpe.encode(d) + [2] for d in docs]
     assert all(o.dtype == np.int32 for o in out)
+
+
+def test_fingerprint_is_equal_exactly_for_the_same_ids(bpe, tmp_path):
+    bpe.save(tmp_path / "bpe")
+    same = [load_tokenizer(tmp_path / "bpe"), load_tokenizer(tmp_path / "bpe" / "tokenizer.json")]
+    # the bare tokenizer.json finds <eos> (id 2) by name, as the directory's config names it
+    assert {t.fingerprint() for t in same} == {bpe.fingerprint()}
+    assert all(t.encode(TEXT) == bpe.encode(TEXT) for t in same)
+    other = train_bpe([b"completely different text, other merges " * 20], vocab_size=bpe.vocab_size)
+    assert other.fingerprint() != bpe.fingerprint()
+    no_eos = HFTokenizer(bpe.tokenizer, pad_id=0, bos_id=1, eos_id=None)  # documents end differently
+    assert no_eos.fingerprint() != bpe.fingerprint()
+    assert ByteTokenizer().fingerprint() == load_tokenizer("byte").fingerprint() != bpe.fingerprint()
+    assert train_bpe(CORPUS, 260).vocab_size == ByteTokenizer().vocab_size  # same size, other ids:
+    assert train_bpe(CORPUS, 260).fingerprint() != ByteTokenizer().fingerprint()
+
+
+def test_a_tokenizer_directory_that_names_python_code_is_refused(tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "X", "auto_map": {"AutoTokenizer": ["x.X", "x.X"]}})
+    )
+    with pytest.raises(BMojoError, match=r"its auto_map names Python code, which bmojo never runs"):
+        load_tokenizer(tmp_path / "tok")

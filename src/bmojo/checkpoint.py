@@ -259,11 +259,19 @@ def _check_shapes(checkpoint: Path, config: BMojoConfig) -> None:
 
 def load_model(checkpoint: Path) -> BMojoForCausalLM:
     """The model of a checkpoint, its checksums verified first."""
+    # No code from a checkpoint directory ever runs. transformers 4.57's from_pretrained imports a local
+    # custom_generate/generate.py even with trust_remote_code=False, so such a directory is refused outright.
+    if (Path(checkpoint) / "custom_generate").exists():
+        raise BMojoError(
+            f"{checkpoint} holds custom_generate/, Python code that bmojo never runs: remove it to load the model"
+        )
     verify_checkpoint(checkpoint)
     config = _read_config(checkpoint, "load the model")
     _check_shapes(checkpoint, config)
     try:
-        model = BMojoForCausalLM.from_pretrained(checkpoint, config=config, use_safetensors=True)
+        model = BMojoForCausalLM.from_pretrained(
+            checkpoint, config=config, use_safetensors=True, trust_remote_code=False
+        )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BMojoError(f"cannot load the model in {checkpoint}: {_reason(exc)}") from exc
     return model

@@ -7,7 +7,9 @@ with status 2 (3 when training diverged); anything else is a bug and keeps its t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,11 +31,16 @@ DATA_HELP = (
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations (`--step 3` is not `--steps 3`); add_parser passes this on to the subcommands' parsers.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"bmojo: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, high: int | None = None, why: str = ""):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -41,6 +48,8 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}{why}, got {value}")
         return value
 
     return parse
@@ -52,6 +61,8 @@ def _float_at_least(low: float):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not value >= low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value
@@ -173,6 +184,13 @@ def _load_model_and_tokenizer(path: str, tokenizer_spec: str | None, threads: in
             f"tokenizer {str(tokenizer_spec)!r} has {tokenizer.vocab_size} tokens but the model in {checkpoint} "
             f"has vocab_size {model.config.vocab_size}: they do not belong together"
         )
+    # A tokenizer of the same size but other ids would give a meaningless loss (or text) without a word.
+    own = run_dir / "tokenizer"
+    if Path(tokenizer_spec) != own and own.is_dir() and load_tokenizer(own).fingerprint() != tokenizer.fingerprint():
+        raise BMojoError(
+            f"tokenizer {str(tokenizer_spec)!r} is not the one {run_dir} was trained with ({own}): it turns "
+            "text into other ids; leave out --tokenizer"
+        )
     return checkpoint, run_dir, model, tokenizer
 
 
@@ -234,12 +252,19 @@ def cmd_export(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from .data import read_documents, source_files
+    from .data import make_parent_dirs, read_documents, source_files
     from .tokenization import train_bpe
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BMojoError(f"--out {args.out!r} is a file; the tokenizer is written to a directory")
+    make_parent_dirs(out / "tokenizer.json")  # fails before training when a folder above --out is a file
     files = [f for source in args.data for f in source_files(source, args.glob)]
     tokenizer = train_bpe(read_documents(files, args.text_key), args.vocab_size)
-    tokenizer.save(args.out)
+    try:
+        tokenizer.save(out)
+    except OSError as exc:
+        raise BMojoError(f"cannot write the tokenizer to {args.out!r}: {exc.strerror or exc}") from None
     print(f"trained a BPE tokenizer of {tokenizer.vocab_size} tokens on {len(files)} file(s) -> {args.out}")
     return 0
 
@@ -256,7 +281,7 @@ def cmd_tokenizer_inspect(args) -> int:
     print(f"special tokens: {specials or '(none)'} (end of document: {tokenizer.eos_id})")
     print(
         f"example:        {args.text!r} -> {len(ids)} tokens "
-        f"({len(args.text.encode()) / max(1, len(ids)):.2f} bytes/token)"
+        f"({len(args.text.encode(errors='surrogateescape')) / max(1, len(ids)):.2f} bytes/token)"
     )
     print(f"  ids:          {ids}")
     print(f"  tokens:       {tokenizer.tokens(ids)}")
@@ -267,12 +292,22 @@ def cmd_tokenizer_encode(args) -> int:
     from .data import read_documents, source_files, token_dtype, write_token_file
     from .tokenization import load_tokenizer
 
+    out = Path(args.out)
+    if out.suffix != ".bin":
+        raise BMojoError(f"--out must name a .bin file (the data sources read only *.bin as tokens), got {args.out!r}")
+    if out.is_dir():
+        raise BMojoError(f"--out {args.out!r} is a directory; give the .bin file to write")
     tokenizer = load_tokenizer(args.tokenizer)
     files = [f for source in args.data for f in source_files(source, args.glob)]
+    inputs = {f.resolve() for f in files}
+    for written in (out, out.with_name(out.name + ".json")):
+        if written.resolve() in inputs:
+            raise BMojoError(f"--out would overwrite {str(written)!r}, which is one of the --data files")
     docs = (doc for doc in read_documents(files, args.text_key) if doc)
-    count = write_token_file(args.out, tokenizer.encode_documents(docs), tokenizer.vocab_size)
-    if count == 0:
+    first = next(docs, None)
+    if first is None:  # checked before anything is written
         raise BMojoError(f"data {', '.join(args.data)!r} holds no text (all files are empty)")
+    count = write_token_file(out, tokenizer.encode_documents(itertools.chain([first], docs)), tokenizer.vocab_size)
     print(f"wrote {count:,} tokens ({token_dtype(tokenizer.vocab_size).name}) from {len(files)} file(s) to {args.out}")
     return 0
 
@@ -317,33 +352,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=cmd_train)
 
+    # Every option of eval and generate states its default in --help (tests/test_bad_input.py checks).
     def inference_args(p):
         p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
-        p.add_argument("--tokenizer", help="override the run's tokenizer")
-        p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch threads (0: all cores)")
+        p.add_argument(
+            "--tokenizer",
+            help="'byte', a tokenizer.json or a tokenizer directory: for a checkpoint outside its run directory "
+            "(a run accepts only its own tokenizer) (default: the run's tokenizer/)",
+        )
+        cores = os.cpu_count() or 1
+        p.add_argument(
+            "--threads",
+            type=_int_at_least(0, cores, " (the CPU cores)"),
+            default=0,
+            help="torch threads (default: 0, all cores)",
+        )
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint", description="Perplexity of a checkpoint.")
     inference_args(evaluate)
     evaluate.add_argument(
         "--data", action="append", metavar="SOURCE", help=DATA_HELP + " (default: the run's validation split)"
     )
-    evaluate.add_argument("--glob", help="which files of a data folder to read")
-    evaluate.add_argument("--text-key", help="JSONL field holding the text")
+    evaluate.add_argument("--glob", help="which files of a data folder to read (default: the run's, else *)")
+    evaluate.add_argument("--text-key", help="JSONL field holding the text (default: the run's, else text)")
     evaluate.add_argument("--seq-len", type=_int_at_least(1), help="tokens per sequence (default: the run's)")
-    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=8)
-    evaluate.add_argument("--max-batches", type=_int_at_least(1), help="evaluate at most this many batches")
-    evaluate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=8, help="sequences per batch (default: 8)")
+    evaluate.add_argument(
+        "--max-batches", type=_int_at_least(1), help="evaluate at most this many batches (default: all)"
+    )
+    evaluate.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default: off, float32)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object (default: text)")
     evaluate.set_defaults(run=cmd_eval)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint", description="Sample text.")
     inference_args(generate)
     generate.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=200)
-    generate.add_argument("--temperature", type=_float_at_least(0.0), default=0.8, help="0 decodes greedily")
-    generate.add_argument("--top-k", type=_int_at_least(0), default=50, help="sample from the k likeliest (0: all)")
-    generate.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=200, help="tokens to generate at most (default: 200)"
+    )
+    generate.add_argument(
+        "--temperature", type=_float_at_least(0.0), default=0.8, help="0 decodes greedily (default: 0.8)"
+    )
+    generate.add_argument(
+        "--top-k", type=_int_at_least(0), default=50, help="sample from the k likeliest (0: all) (default: 50)"
+    )
+    generate.add_argument(
+        "--greedy", action="store_true", help="always take the likeliest token (default: off, sample)"
+    )
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     generate.set_defaults(run=cmd_generate)
 
     export = commands.add_parser(
@@ -370,8 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer with `tokenizers`")
     data_args(tok_train)
-    tok_train.add_argument("--vocab-size", type=_int_at_least(1), required=True)
-    tok_train.add_argument("--out", required=True, help="directory to write (tokenizer.json, tokenizer_config.json)")
+    tok_train.add_argument("--vocab-size", type=_int_at_least(1, 1 << 32, " (ids are stored as uint32)"), required=True)
+    tok_train.add_argument(
+        "--out", required=True, help="directory to write (tokenizer.json, tokenizer_config.json); not a file"
+    )
     tok_train.set_defaults(run=cmd_tokenizer_train)
 
     tok_inspect = tok_commands.add_parser("inspect", help="vocabulary size, special tokens and an example")
@@ -382,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok_encode = tok_commands.add_parser("encode", help="pre-tokenize data into a memory-mapped .bin corpus")
     data_args(tok_encode)
     tok_encode.add_argument("--tokenizer", default="byte", help="'byte' (default), a tokenizer.json, or a directory")
-    tok_encode.add_argument("--out", required=True, help="the .bin file to write (plus its .bin.json header)")
+    tok_encode.add_argument(
+        "--out", required=True, help="the .bin file to write (plus its .bin.json header); not one of the --data files"
+    )
     tok_encode.set_defaults(run=cmd_tokenizer_encode)
     return parser
 

@@ -224,6 +224,18 @@ class BMojoConfig(PretrainedConfig):
             raise ValueError(
                 f"ssm_ngroups ({self.ssm_ngroups}) must divide the number of SSM heads ({self.ssm_num_heads})"
             )
+        for name in (
+            "innovation_loss_weight",
+            "ssm_dt_min",
+            "ssm_dt_max",
+            "ssm_dt_init_floor",
+            "rms_norm_eps",
+            "rope_theta",
+            "initializer_range",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
             raise ValueError(f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got {self.ssm_dt_min}, {self.ssm_dt_max}")
         if self.innovation_loss_weight < 0:
@@ -232,6 +244,9 @@ class BMojoConfig(PretrainedConfig):
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        for name in ("ssm_dt_init_floor", "initializer_range"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def preset_config(name: str, **overrides) -> BMojoConfig:

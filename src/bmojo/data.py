@@ -6,8 +6,10 @@ A data source is one of
 * ``"stdlib"``: every ``*.py`` file of the running Python's standard library (``site-packages`` left out),
   a real corpus present on every machine with Python;
 * a text file, or a folder: its files matching ``glob`` (default ``*``), recursively, hidden ones left out;
-* a ``.jsonl`` file: one JSON object per line whose ``text_key`` field (default ``"text"``) is a document;
-* a ``.bin`` file of pre-tokenized data (``write_token_file``): read through a memory map, never loaded whole.
+* a ``.jsonl`` file: one JSON object per line whose ``text_key`` field (default ``"text"``) is a document
+  (UTF-8, with or without a byte-order mark);
+* a ``.bin`` file of pre-tokenized data (``write_token_file``): read through a memory map, never loaded whole;
+  every token id is checked against the header's vocabulary size when it is opened.
 
 Documents are raw bytes; see ``tokenization`` for what happens to bytes that are not valid UTF-8. Every document
 ends with the tokenizer's end-of-document token, and the concatenated stream is cut into back-to-back windows
@@ -16,8 +18,10 @@ of ``seq_len`` tokens (sequence packing; the partial last window is dropped).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +33,7 @@ from .errors import BMojoError
 
 STDLIB = "stdlib"
 TOKEN_FILE_FORMAT = "bmojo-tokens"
+_CHECK_CHUNK = 1 << 24  # tokens per slice when checking a .bin's ids (32 MiB of uint16 at a time)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,9 +72,19 @@ def read_documents(files: list[Path], text_key: str = "text") -> Iterator[bytes]
         if path.suffix == ".bin":
             raise BMojoError(f"{path}: a pre-tokenized .bin corpus must be the only data source")
         if path.suffix != ".jsonl":
-            yield path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise BMojoError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}") from None
+            yield data
             continue
-        with open(path, encoding="utf-8", errors="replace") as f:
+        yield from _read_jsonl(path, text_key)
+
+
+def _read_jsonl(path: Path, text_key: str) -> Iterator[bytes]:
+    try:
+        # utf-8-sig: a byte-order mark at the start of the file (as some Windows editors write) is not JSON
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -81,6 +96,8 @@ def read_documents(files: list[Path], text_key: str = "text") -> Iterator[bytes]
                 if not isinstance(text, str):
                     raise BMojoError(f"{path}:{line_no}: expected a JSON object with a string field {text_key!r}")
                 yield text.encode("utf-8", errors="replace")
+    except OSError as exc:
+        raise BMojoError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,18 +111,41 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def make_parent_dirs(path: Path) -> None:
+    """Create the folders above ``path``; a BMojoError naming the culprit when one of them is a file."""
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BMojoError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BMojoError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
 def write_token_file(path: str | Path, token_chunks: Iterator[np.ndarray], vocab_size: int) -> int:
     """Stream token arrays into ``path`` (little-endian uint16, or uint32 for vocabularies over 65,536) and
-    write the sidecar last, so a file without one is known to be incomplete. Returns the number of tokens."""
+    write the sidecar last, so a file without one is known to be incomplete. The tokens go to a temporary file
+    beside ``path`` that replaces it once complete: an error midway leaves an existing ``path`` as it was.
+    Returns the number of tokens."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size).newbyteorder("<")
-    _sidecar(path).unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    with open(path, "wb") as f:
-        for chunk in token_chunks:
-            f.write(chunk.astype(dtype).tobytes())
-            count += len(chunk)
+    try:
+        make_parent_dirs(path)
+        with open(tmp, "wb") as f:
+            for chunk in token_chunks:
+                f.write(chunk.astype(dtype).tobytes())
+                count += len(chunk)
+        _sidecar(path).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BMojoError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; never made when its folder could not be
+            tmp.unlink(missing_ok=True)
     header = {
         "format": TOKEN_FILE_FORMAT,
         "version": 1,
@@ -136,12 +176,38 @@ def read_token_file(path: str | Path) -> tuple[np.ndarray, dict]:
     if not ok:
         raise BMojoError(f"{sidecar}: not a {TOKEN_FILE_FORMAT} header")
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError as exc:
+        raise BMojoError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if size is None:
+        raise BMojoError(f"{path}: not a file (its header {sidecar.name} is there)")
     if size != header["num_tokens"] * dtype.itemsize:
         raise BMojoError(f"{path}: {size} bytes, but the header promises {header['num_tokens']} {dtype.name} tokens")
     if size == 0:
         raise BMojoError(f"{path}: holds no tokens")
-    return np.memmap(path, dtype=dtype, mode="r"), header
+    try:
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise BMojoError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    check_token_ids(tokens, header["vocab_size"], path)
+    return tokens, header
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, name) -> None:
+    """Raise unless every id is below ``vocab_size``: a vectorised max over slices of the file (memory stays
+    small), so a bad id is found before training starts, not at the first batch that holds it."""
+    slices = range(0, len(tokens), _CHECK_CHUNK)
+    top = max(int(tokens[i : i + _CHECK_CHUNK].max()) for i in slices)
+    if top < vocab_size:
+        return
+    bad = (i for i in slices if tokens[i : i + _CHECK_CHUNK].max() >= vocab_size)
+    i = next(bad)
+    first = i + int(np.argmax(tokens[i : i + _CHECK_CHUNK] >= vocab_size))
+    raise BMojoError(
+        f"{name}: holds token id {top} (the first out-of-range one at token {first:,}), but the vocabulary has "
+        f"{vocab_size} tokens (ids 0..{vocab_size - 1}): the file is corrupt or was written for another tokenizer"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

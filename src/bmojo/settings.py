@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import BMojoError
+
+STDLIB = "stdlib"  # the data source naming the Python standard library (bmojo.data.STDLIB)
 
 if TYPE_CHECKING:
     from .configuration_bmojo import BMojoConfig
@@ -18,7 +21,7 @@ DEFAULT_PRESET = "cpu"
 
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=lambda: ["stdlib"])  # bmojo.data.STDLIB; see bmojo.data
+    data: list[str] = field(default_factory=lambda: [STDLIB])  # see bmojo.data for what a source can be
     glob: str = "*"  # which files of a data folder to read
     text_key: str = "text"  # the field of a JSONL record that holds the text
     tokenizer: str = "byte"
@@ -54,13 +57,22 @@ class TrainConfig:
         for key in values:
             if key not in known:
                 raise BMojoError(f"unknown training setting {key!r}; known: {', '.join(sorted(known))}")
-        return cls(**{key: _coerce(f"train.{key}", value, getattr(defaults, key)) for key, value in values.items()})
+        cfg = cls(**{key: _coerce(f"train.{key}", value, getattr(defaults, key)) for key, value in values.items()})
+        if not all(isinstance(source, str) for source in cfg.data):
+            raise BMojoError(f"train.data must be a list of data sources (paths or 'stdlib'), got {cfg.data!r}")
+        # Data paths are stored absolute, so the run's train_config.yaml (and --resume) work from any directory.
+        cfg.data = [src if src == STDLIB else os.path.abspath(os.path.expanduser(src)) for src in cfg.data]
+        return cfg
 
     def validate(self, model_config: BMojoConfig, world_size: int) -> None:
         def check(ok: bool, name: str, rule: str):
             if not ok:
                 raise BMojoError(f"train.{name} must be {rule}, got {getattr(self, name)!r}")
 
+        for f in dataclasses.fields(self):  # NaN passes no comparison below, and inf passes some
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                check(math.isfinite(value), f.name, "a finite number")
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, "at least 1")
         for name in (
@@ -74,7 +86,12 @@ class TrainConfig:
             "grad_clip",
         ):
             check(getattr(self, name) >= 0, name, ">= 0")
-        check(math.isfinite(self.lr) and self.lr > 0, "lr", "> 0")
+        check(self.lr > 0, "lr", "> 0")
+        if self.warmup_steps > self.steps:
+            raise BMojoError(
+                f"train.warmup_steps ({self.warmup_steps}) must be at most train.steps ({self.steps}): "
+                "lower --warmup-steps or raise --steps"
+            )
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")

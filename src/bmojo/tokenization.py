@@ -5,6 +5,10 @@ Both kinds share one small interface: ``vocab_size``, ``pad_id``/``bos_id``/``eo
 for a foreign tokenizer without one), ``encode(text)``, ``encode_documents(docs)``, ``decode(ids)``,
 ``tokens(ids)`` and ``save(directory)``; ``load_tokenizer`` reads back whatever ``save`` wrote.
 
+Loading never runs code from a tokenizer directory: transformers is called with ``trust_remote_code=False``; a
+directory with a ``tokenizer.json`` loads through ``PreTrainedTokenizerFast``, which ignores an ``auto_map``, and
+one without it whose configuration has an ``auto_map`` is refused before transformers sees it.
+
 Documents arrive as raw bytes. The byte-level tokenizer encodes them as they are, so no input is ever
 undecodable; the other tokenizers work on text and decode bytes as UTF-8 with ``errors="replace"`` (an
 undecodable byte becomes U+FFFD) rather than skipping the file.
@@ -12,6 +16,7 @@ undecodable byte becomes U+FFFD) rather than skipping the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -38,7 +43,9 @@ class ByteTokenizer:
     description = "byte-level (raw bytes, no decoding)"
 
     def encode(self, text: str) -> list[int]:
-        return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + self.offset).tolist()
+        # surrogateescape: text from the command line that was not valid UTF-8 encodes to its original bytes
+        data = text.encode("utf-8", errors="surrogateescape")
+        return (np.frombuffer(data, dtype=np.uint8).astype(np.int64) + self.offset).tolist()
 
     def encode_documents(self, docs: Iterable[bytes]) -> Iterator[np.ndarray]:
         """Each document's tokens followed by ``eos_id``."""
@@ -60,6 +67,10 @@ class ByteTokenizer:
     def special_tokens(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(SPECIAL_TOKENS)}
 
+    def fingerprint(self) -> str:
+        """Equal for two tokenizers exactly when they turn every document into the same ids."""
+        return "byte"
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -79,6 +90,8 @@ class HFTokenizer:
         self.description = f"{type(tokenizer.model).__name__} (tokenizers; text decoded as UTF-8, errors replaced)"
 
     def encode(self, text: str) -> list[int]:
+        # Text from the command line that was not valid UTF-8 holds surrogates; they become U+FFFD as in documents.
+        text = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_documents(self, docs: Iterable[bytes], batch_size: int = 256) -> Iterator[np.ndarray]:
@@ -106,6 +119,16 @@ class HFTokenizer:
     def special_tokens(self) -> dict[str, int]:
         named = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id}
         return {self.tokenizer.id_to_token(i): i for i in named.values() if i is not None}
+
+    def fingerprint(self) -> str:
+        """Equal for two tokenizers exactly when they turn every document into the same ids: a hash of the parts
+        of ``tokenizer.json`` that encoding without special tokens uses (added tokens, normalizer, pre-tokenizer,
+        model; not the post-processor, padding or truncation, which transformers may change when loading) and
+        the end-of-document id."""
+        spec = json.loads(self.tokenizer.to_str())
+        used = {key: spec.get(key) for key in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
+        used["eos_id"] = self.eos_id
+        return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
 
     def save(self, directory: str | Path) -> None:
         """``tokenizer.json`` plus a ``tokenizer_config.json`` naming the special tokens, so the directory also
@@ -143,6 +166,18 @@ def train_bpe(docs: Iterable[bytes], vocab_size: int) -> HFTokenizer:
     return HFTokenizer(tok, pad_id=0, bos_id=1, eos_id=2)
 
 
+def _names_code(directory: Path) -> bool:
+    """Whether a tokenizer directory's configuration asks for its own Python code (``auto_map``)."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            values = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(values, dict) and "auto_map" in values:
+            return True
+    return False
+
+
 def load_tokenizer(spec: str | Path) -> Tokenizer:
     """``"byte"``, a ``tokenizer.json`` file, a directory written by ``save`` or a Hugging Face tokenizer directory."""
     if str(spec) == "byte":
@@ -156,15 +191,25 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return ByteTokenizer()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # trust_remote_code=False everywhere: a directory's auto_map never makes transformers import (or offer to
+    # import) its Python files; the concrete PreTrainedTokenizerFast ignores auto_map altogether.
     try:
         if path.is_file():
             hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
         elif (path / "tokenizer.json").is_file():  # also works without a tokenizer_config.json
-            hf = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+            hf = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        elif _names_code(path):  # AutoTokenizer would need the directory's own code: refused before transformers
+            raise BMojoError(
+                f"cannot load a tokenizer from {str(path)!r}: its auto_map names Python code, which bmojo never "
+                "runs; give a directory with a tokenizer.json"
+            )
         else:
-            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except BMojoError:
+        raise
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, JSON errors, ...)
-        raise BMojoError(f"cannot load a tokenizer from {str(path)!r}: {str(exc).splitlines()[0]}") from exc
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # one line, all of it
+        raise BMojoError(f"cannot load a tokenizer from {str(path)!r}: {reason}") from exc
     if not getattr(hf, "is_fast", False):
         raise BMojoError(
             f"the tokenizer in {str(path)!r} has no fast (tokenizers) version; convert it to tokenizer.json"

@@ -523,8 +523,10 @@ def train(
             if lock.check():
                 lock.acquire()  # before reading the run's state; a new directory is created only once all is checked
             plan = _resolve(procs, preset, model_overrides, train_overrides, resume, allow_changes)
+            cfg = plan.cfg  # the data is read (and checked) before a new run directory is created
+            corpus = load_corpus(cfg.data, plan.tokenizer, cfg.seq_len, cfg.val_fraction, cfg.glob, cfg.text_key)
             lock.acquire()
-            return _train(procs, plan)
+            return _train(procs, plan, corpus)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, the final sample) or a second Ctrl-C
         raise Interrupted(f"stopped by SIGINT; {_newest_note(out)}", signal.SIGINT) from None
     except OSError as exc:  # the disk is full, a file became unwritable, ...
@@ -581,7 +583,7 @@ def _due(every: int, done: int) -> bool:
     return bool(every) and done % every == 0
 
 
-def _train(procs: Processes, plan: RunPlan) -> dict:
+def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
     cfg, tokenizer, checkpoint = plan.cfg, plan.tokenizer, plan.checkpoint
     out = Path(cfg.out)
     say = tqdm.write if procs.is_main else (lambda *_: None)
@@ -589,7 +591,6 @@ def _train(procs: Processes, plan: RunPlan) -> dict:
     if procs.world_size > 1:
         device.init_process_group(procs.world_size)
     torch.set_num_threads(cfg.threads or default_threads(procs.local_world_size))
-    corpus = load_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.glob, cfg.text_key)
 
     torch.manual_seed(cfg.seed)
     model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(plan.model_config)

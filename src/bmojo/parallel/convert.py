@@ -54,7 +54,7 @@ def load_full_state_dict(directory: str | Path) -> tuple[BMojoConfig, dict[str, 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise BMojoError(f"{str(directory)!r} has no config.json")
-    config = BMojoConfig.from_pretrained(directory)
+    config = BMojoConfig.from_pretrained(directory, trust_remote_code=False)
     shards = _tp_files(directory)
     if len(shards) > 1:
         raise BMojoError(f"{str(directory)!r} mixes tensor-parallel degrees {sorted(shards)}")
