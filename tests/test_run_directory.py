@@ -350,7 +350,7 @@ def out_read_only(tmp_path: Path) -> tuple[Path, str]:
 def test_unusable_out(fault, corpus, tmp_path, capsys):
     out, message = fault(tmp_path)
     before = snapshot(tmp_path)
-    assert main(tiny(corpus, out, "--steps", "1")) == 2
+    assert main(tiny(corpus, out, "--steps", "2")) == 2
     assert error_line(capsys) == message
     assert snapshot(tmp_path) == before
 
