@@ -65,22 +65,46 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Export prefill and decode graphs of a bmojo model with torch_neuronx.trace.")
-    p.add_argument("--model", required=True, metavar="DIR", help="a save_pretrained directory, a checkpoint "
-                   "directory (model.safetensors + config.json) or a run directory (its newest checkpoint)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="a save_pretrained directory, a checkpoint "
+        "directory (model.safetensors + config.json) or a run directory (its newest checkpoint)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the graphs and manifest into")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="rows per call, fixed in the graphs (default 1)")
-    p.add_argument("--prompt-length", type=_positive_int, default=128,
-                   help="tokens the prefill graph takes per row, fixed (default 128)")
+    p.add_argument(
+        "--prompt-length",
+        type=_positive_int,
+        default=128,
+        help="tokens the prefill graph takes per row, fixed (default 128)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)")
-    p.add_argument("--compiler-args", default=DEFAULT_COMPILER_ARGS,
-                   help=f"neuronx-cc arguments, one string (default: {DEFAULT_COMPILER_ARGS!r})")
-    p.add_argument("--compiler-workdir", metavar="DIR", help="neuronx-cc work directory (default: OUT/compiler_workdir)")
-    p.add_argument("--check-steps", type=int, default=8,
-                   help="decode steps compared with the eager CPU model after export (default 8; 0 skips the check)")
-    p.add_argument("--tolerance", type=float, help="largest accepted |logits difference| in that comparison "
-                   "(default 1e-3 for float32, 0.1 for bfloat16)")
-    p.add_argument("--cpu-trace", action="store_true",
-                   help="CPU stand-in: torch.jit.trace instead of torch_neuronx.trace (no Neuron graph)")
+    p.add_argument(
+        "--compiler-args",
+        default=DEFAULT_COMPILER_ARGS,
+        help=f"neuronx-cc arguments, one string (default: {DEFAULT_COMPILER_ARGS!r})",
+    )
+    p.add_argument(
+        "--compiler-workdir", metavar="DIR", help="neuronx-cc work directory (default: OUT/compiler_workdir)"
+    )
+    p.add_argument(
+        "--check-steps",
+        type=int,
+        default=8,
+        help="decode steps compared with the eager CPU model after export (default 8; 0 skips the check)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest accepted |logits difference| in that comparison (default 1e-3 for float32, 0.1 for bfloat16)",
+    )
+    p.add_argument(
+        "--cpu-trace",
+        action="store_true",
+        help="CPU stand-in: torch.jit.trace instead of torch_neuronx.trace (no Neuron graph)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the manifest that would be written; trace nothing")
     return p
 
@@ -147,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         for line in missing:
             print(f"{check_env.PREFIX}: {line}", file=sys.stderr)
-        print(f"{check_env.PREFIX}: environment not ready for export ({len(missing)} problem(s) above); "
-              "see neuron/README.md", file=sys.stderr)
+        print(
+            f"{check_env.PREFIX}: environment not ready for export ({len(missing)} problem(s) above); "
+            "see neuron/README.md",
+            file=sys.stderr,
+        )
         return check_env.EXIT_NOT_READY
     return export(args, compiler_args, out)
 

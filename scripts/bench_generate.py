@@ -27,9 +27,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = BMojoForCausalLM(preset_config(args.preset)).eval()
-    print(f"model: preset {args.preset!r}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"layers {model.config.layers_block_type}, window {model.config.window_size}, "
-          f"memory {model.config.memory_size}; torch threads {args.threads}")
+    print(
+        f"model: preset {args.preset!r}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"layers {model.config.layers_block_type}, window {model.config.window_size}, "
+        f"memory {model.config.memory_size}; torch threads {args.threads}"
+    )
     calls = []
     model.model.register_forward_pre_hook(lambda m, a: calls.append([a[0].shape[1], time.perf_counter()]))
     model.model.register_forward_hook(lambda *a: calls[-1].append(time.perf_counter()))
@@ -37,12 +39,21 @@ def main() -> None:
         prompt = torch.randint(3, model.config.vocab_size, (1, context))
         calls.clear()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
+            model.generate(
+                prompt,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         steps = calls[1:]
         ms = statistics.median((end - start) * 1e3 for _, start, end in steps)
         fed = sorted({n for n, _, _ in steps})
-        print(f"context {context:>6}: {ms:8.1f} ms per generated token (median of {len(steps)}), tokens fed per step {fed}")
+        print(
+            f"context {context:>6}: {ms:8.1f} ms per generated token (median of {len(steps)}), "
+            f"tokens fed per step {fed}"
+        )
 
 
 if __name__ == "__main__":

@@ -78,12 +78,8 @@ def test_chunked_matches_dense_reference(length, window, chunk, fading, eidetic,
         memory, scores = _memory(t, chunk, 2, 3, key_mask)
         memory_ref = _memory_ref(t, scores, chunk, 2, 3)
     kf, vf = (t["k_fade"], t["v_fade"]) if fading else (None, None)
-    ref = bmojo_attention_ref(
-        t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory_ref, key_mask=key_mask
-    )
-    out = bmojo_attention_chunked(
-        t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory, key_mask=key_mask
-    )
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory_ref, key_mask=key_mask)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory, key_mask=key_mask)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
     grad = torch.randn_like(ref)
@@ -146,7 +142,10 @@ def test_step_matches_reference(fading, eidetic):
     ref = bmojo_attention_ref(t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"], memory_ref)
     ring = 2 * window if fading else window
     bsz, _, kv, d = t["k"].shape
-    ring_k, ring_v = torch.zeros(bsz, ring, kv, d, dtype=torch.float64), torch.zeros(bsz, ring, kv, d, dtype=torch.float64)
+    ring_k, ring_v = (
+        torch.zeros(bsz, ring, kv, d, dtype=torch.float64),
+        torch.zeros(bsz, ring, kv, d, dtype=torch.float64),
+    )
     ring_kf, ring_vf = ring_k.clone(), ring_v.clone()
     ring_pos = torch.full((bsz, ring), -1)
     with torch.no_grad():

@@ -80,11 +80,19 @@ def test_sampling_is_reproducible_and_uses_the_cache(model):
 @pytest.mark.parametrize(
     "ids,error,message",
     [
-        (torch.tensor([[1, 2, 64]]), ValueError, r"token ids must lie in \[0, 64\) \(vocab_size\); got values in \[1, 64\]"),
+        (
+            torch.tensor([[1, 2, 64]]),
+            ValueError,
+            r"token ids must lie in \[0, 64\) \(vocab_size\); got values in \[1, 64\]",
+        ),
         (torch.tensor([[-1, 2]]), ValueError, r"token ids must lie in \[0, 64\)"),
         (torch.zeros(1, 0, dtype=torch.long), ValueError, r"input_ids is empty"),
         (torch.zeros(0, 5, dtype=torch.long), ValueError, r"input_ids is empty"),
-        (torch.tensor([[1.0, 2.0]]), TypeError, r"input_ids must be an integer tensor \(torch.long\), got dtype torch.float32"),
+        (
+            torch.tensor([[1.0, 2.0]]),
+            TypeError,
+            r"input_ids must be an integer tensor \(torch.long\), got dtype torch.float32",
+        ),
         (torch.tensor([1, 2, 3]), ValueError, r"input_ids must have shape \[batch, length\]"),
     ],
 )

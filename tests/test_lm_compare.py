@@ -32,7 +32,9 @@ def test_report_has_every_variant_at_equal_parameters_and_tokens(finished):
     assert list(results["variants"]) == list(VARIANTS)
     counts = [v["parameters"] for v in results["variants"].values()]
     assert max(counts) <= 1.1 * min(counts)
-    assert {v["train_tokens"] for v in results["variants"].values()} == {QUICK["steps"] * QUICK["batch_size"] * QUICK["seq_len"]}
+    assert {v["train_tokens"] for v in results["variants"].values()} == {
+        QUICK["steps"] * QUICK["batch_size"] * QUICK["seq_len"]
+    }
     for v in results["variants"].values():
         assert list(v["perplexity_by_length"]) == [str(x) for x in QUICK["eval_lengths"]]
         assert all(1.0 < p < 400 for p in v["perplexity_by_length"].values())
@@ -66,7 +68,6 @@ def test_a_second_run_reuses_the_finished_trainings(finished, tmp_path):
 def test_eval_lengths_must_divide_the_longest_and_include_the_training_length(tmp_path):
     with pytest.raises(ValueError, match="must divide the longest and include seq_len"):
         compare(CompareConfig(**{**QUICK, "eval_lengths": (16, 24)}), tmp_path, tmp_path, 1, "x")
-
 
 
 def test_ablations_switch_off_a_memory_of_the_trained_bmojo(finished):

@@ -43,7 +43,9 @@ def test_a_restarted_sweep_skips_the_runs_it_finished(tmp_path):
     marker = {"lr": QUICK["lrs"][0], "seconds": 1.0, "final_loss": 0.5, "steps": 1, "accuracy": None}
     marker["accuracy"] = {f"kv={p}": 0.123 for p in QUICK["test_pairs"]}
     marker["accuracy"].update({f"long-gap kv={p}": 0.456 for p in QUICK["long_gap_pairs"]})
-    (tmp_path / "mqar.partial.jsonl").write_text(json.dumps({"sweep": asdict(sweep), "variant": "swa", "run": marker}) + "\n")
+    (tmp_path / "mqar.partial.jsonl").write_text(
+        json.dumps({"sweep": asdict(sweep), "variant": "swa", "run": marker}) + "\n"
+    )
     main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "mqar.json").read_text())
     assert results["variants"]["swa"]["runs"] == [marker]  # reused, not retrained

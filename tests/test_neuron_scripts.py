@@ -57,7 +57,11 @@ def _env():
 
 def run(*args, env=None):
     script = args[0]
-    cmd = ["bash", str(NEURON / script), *args[1:]] if script.endswith(".sh") else [sys.executable, str(NEURON / script), *args[1:]]
+    cmd = (
+        ["bash", str(NEURON / script), *args[1:]]
+        if script.endswith(".sh")
+        else [sys.executable, str(NEURON / script), *args[1:]]
+    )
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), cwd=ROOT, timeout=60)
 
 
@@ -79,14 +83,18 @@ def test_help_exits_0_without_checking_the_environment(script):
 def test_export_help_needs_neither_torch_nor_neuron():
     result = subprocess.run(
         [sys.executable, "-S", str(NEURON / "export_inference.py"), "--help"],  # -S: no site-packages, so no torch
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: export_inference.py ") and "--cpu-trace" in result.stdout
 
 
 def test_dry_run_trn1_2xlarge():
-    result = run("train_trn1_2xlarge.sh", "--dry-run", "--", "--preset", "tiny", "--data", "my corpus.txt", "--steps", "5")
+    result = run(
+        "train_trn1_2xlarge.sh", "--dry-run", "--", "--preset", "tiny", "--data", "my corpus.txt", "--steps", "5"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         "torchrun --nproc_per_node=2 -m bmojo.cli train --device xla --bf16 "
@@ -97,11 +105,24 @@ def test_dry_run_trn1_2xlarge():
 def test_dry_run_trn1_32xlarge_single_and_multi_node():
     single = run("train_trn1_32xlarge.sh", "--dry-run", "--", "--config", "run.yaml", "--resume")
     assert single.returncode == 0, single.stderr
-    assert single.stdout == "torchrun --nproc_per_node=32 -m bmojo.cli train --device xla --bf16 --config run.yaml --resume\n"
+    assert (
+        single.stdout
+        == "torchrun --nproc_per_node=32 -m bmojo.cli train --device xla --bf16 --config run.yaml --resume\n"
+    )
 
     multi = run(
-        "train_trn1_32xlarge.sh", "--nnodes", "4", "--node-rank=3", "--master-addr", "10.0.0.1", "--master-port",
-        "1234", "--dry-run", "--fp32", "--", "--batch-size=64",
+        "train_trn1_32xlarge.sh",
+        "--nnodes",
+        "4",
+        "--node-rank=3",
+        "--master-addr",
+        "10.0.0.1",
+        "--master-port",
+        "1234",
+        "--dry-run",
+        "--fp32",
+        "--",
+        "--batch-size=64",
     )
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout == (
@@ -115,17 +136,55 @@ def test_dry_run_trn1_32xlarge_single_and_multi_node():
 
 def test_dry_run_precompile_wraps_the_same_command():
     result = run(
-        "precompile.sh", "--instance", "trn1.32xlarge", "--nnodes", "2", "--node-rank", "0", "--master-addr", "head",
-        "--trial-steps", "3", "--dry-run", "--", "--preset", "130m", "--steps", "1000", "--out", "runs/x",
+        "precompile.sh",
+        "--instance",
+        "trn1.32xlarge",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master-addr",
+        "head",
+        "--trial-steps",
+        "3",
+        "--dry-run",
+        "--",
+        "--preset",
+        "130m",
+        "--steps",
+        "1000",
+        "--out",
+        "runs/x",
     )
     assert result.returncode == 0, result.stderr
     words = result.stdout.split()
     tmp = os.environ.get("TMPDIR", "/tmp")
     assert words == [
-        "neuron_parallel_compile", "torchrun", "--nproc_per_node=32", "--nnodes=2", "--node_rank=0",
-        "--master_addr=head", "--master_port=29500", "-m", "bmojo.cli", "train", "--device", "xla", "--bf16",
-        "--preset", "130m", "--steps", "1000", "--out", "runs/x", "--steps", "3", "--warmup-steps", "0",
-        "--out", f"{tmp}/bmojo-precompile.XXXXXX",
+        "neuron_parallel_compile",
+        "torchrun",
+        "--nproc_per_node=32",
+        "--nnodes=2",
+        "--node_rank=0",
+        "--master_addr=head",
+        "--master_port=29500",
+        "-m",
+        "bmojo.cli",
+        "train",
+        "--device",
+        "xla",
+        "--bf16",
+        "--preset",
+        "130m",
+        "--steps",
+        "1000",
+        "--out",
+        "runs/x",
+        "--steps",
+        "3",
+        "--warmup-steps",
+        "0",
+        "--out",
+        f"{tmp}/bmojo-precompile.XXXXXX",
     ]
     small = run("precompile.sh", "--instance=trn1.2xlarge", "--dry-run")
     assert small.stdout.startswith("neuron_parallel_compile torchrun --nproc_per_node=2 -m bmojo.cli train ")
@@ -133,29 +192,59 @@ def test_dry_run_precompile_wraps_the_same_command():
 
 
 BAD_ARGUMENTS = [
-    ("train_trn1_32xlarge.sh", ["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"],
-     "--node-rank must be less than --nnodes (2), got 2"),
+    (
+        "train_trn1_32xlarge.sh",
+        ["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"],
+        "--node-rank must be less than --nnodes (2), got 2",
+    ),
     ("train_trn1_32xlarge.sh", ["--nnodes", "two"], "--nnodes expects an integer, got 'two'"),
-    ("train_trn1_32xlarge.sh", ["--nnodes", "2", "--node-rank", "1.5", "--master-addr", "h"],
-     "--node-rank expects an integer, got '1.5'"),
-    ("train_trn1_32xlarge.sh", ["--nnodes", "2", "--node-rank", "1"],
-     "--master-addr is required when --nnodes is more than 1 (the address of node 0)"),
-    ("train_trn1_32xlarge.sh", ["--nnodes", "2", "--master-addr", "h"],
-     "--node-rank is required when --nnodes is more than 1 (0 on the first node)"),
+    (
+        "train_trn1_32xlarge.sh",
+        ["--nnodes", "2", "--node-rank", "1.5", "--master-addr", "h"],
+        "--node-rank expects an integer, got '1.5'",
+    ),
+    (
+        "train_trn1_32xlarge.sh",
+        ["--nnodes", "2", "--node-rank", "1"],
+        "--master-addr is required when --nnodes is more than 1 (the address of node 0)",
+    ),
+    (
+        "train_trn1_32xlarge.sh",
+        ["--nnodes", "2", "--master-addr", "h"],
+        "--node-rank is required when --nnodes is more than 1 (0 on the first node)",
+    ),
     ("train_trn1_32xlarge.sh", ["--nnodes", "0"], "--nnodes must be at least 1, got 0"),
     ("train_trn1_32xlarge.sh", ["--master-port", "70000"], "--master-port must be at most 65535, got 70000"),
-    ("train_trn1_32xlarge.sh", ["--node_rank", "1"], "unknown option '--node_rank' (bmojo train arguments go after --)"),
+    (
+        "train_trn1_32xlarge.sh",
+        ["--node_rank", "1"],
+        "unknown option '--node_rank' (bmojo train arguments go after --)",
+    ),
     ("train_trn1_32xlarge.sh", ["--preset", "tiny"], "unknown option '--preset' (bmojo train arguments go after --)"),
     ("train_trn1_32xlarge.sh", ["--nnodes"], "--nnodes needs a value"),
     ("train_trn1_2xlarge.sh", ["--", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ("train_trn1_2xlarge.sh", ["--", "--steps=abc"], "--steps expects an integer, got 'abc'"),
-    ("train_trn1_2xlarge.sh", ["--nnodes", "2", "--node-rank", "0", "--master-addr", "h"],
-     "multi-node training needs trn1.32xlarge (EFA is not available on trn1.2xlarge); use train_trn1_32xlarge.sh"),
-    ("precompile.sh", [], "--instance is required (trn1.2xlarge or trn1.32xlarge): the graphs depend on the number of processes"),
-    ("precompile.sh", ["--instance", "trn1.8xlarge"], "--instance must be trn1.2xlarge or trn1.32xlarge, got 'trn1.8xlarge'"),
+    (
+        "train_trn1_2xlarge.sh",
+        ["--nnodes", "2", "--node-rank", "0", "--master-addr", "h"],
+        "multi-node training needs trn1.32xlarge (EFA is not available on trn1.2xlarge); use train_trn1_32xlarge.sh",
+    ),
+    (
+        "precompile.sh",
+        [],
+        "--instance is required (trn1.2xlarge or trn1.32xlarge): the graphs depend on the number of processes",
+    ),
+    (
+        "precompile.sh",
+        ["--instance", "trn1.8xlarge"],
+        "--instance must be trn1.2xlarge or trn1.32xlarge, got 'trn1.8xlarge'",
+    ),
     ("precompile.sh", ["--instance", "trn1.2xlarge", "--trial-steps", "0"], "--trial-steps must be at least 1, got 0"),
-    ("precompile.sh", ["--instance", "trn1.2xlarge", "--", "--resume"],
-     "leave out --resume: pre-compile with the arguments of a fresh run"),
+    (
+        "precompile.sh",
+        ["--instance", "trn1.2xlarge", "--", "--resume"],
+        "leave out --resume: pre-compile with the arguments of a fresh run",
+    ),
 ]
 
 
@@ -174,8 +263,12 @@ def _expected_environment_lines(purpose: str) -> list[str]:
     if not torch_version.startswith("2.9"):
         lines.append(check_env.MSG["torch_version"].format(found=torch_version))
     if importlib.util.find_spec("torch_xla") is None:
-        lines.append("torch-xla is not installed: run this on a trn1 instance with the Neuron SDK 2.28 PyTorch environment")
-    lines.append("torch-neuronx is not installed: run this on a trn1 instance with the Neuron SDK 2.28 PyTorch environment")
+        lines.append(
+            "torch-xla is not installed: run this on a trn1 instance with the Neuron SDK 2.28 PyTorch environment"
+        )
+    lines.append(
+        "torch-neuronx is not installed: run this on a trn1 instance with the Neuron SDK 2.28 PyTorch environment"
+    )
     lines.append(
         "neuronx-cc is not on PATH: the Neuron compiler comes with the Neuron SDK 2.28 PyTorch environment; "
         "activate the Neuron SDK 2.28 PyTorch 2.9 environment (source /opt/aws_neuronx_venv_pytorch_2_9/bin/activate)"
@@ -275,7 +368,8 @@ def test_check_env_finds_stub_packages_and_counts_neuroncores(tmp_path, monkeypa
 def test_env_sh_sets_the_neuron_settings():
     script = (
         "set -euo pipefail; PJRT_DEVICE=CPU; NEURON_RT_STOCHASTIC_ROUNDING_EN=1; source neuron/env.sh; "
-        'echo "$PJRT_DEVICE|$NEURON_CC_FLAGS|$NEURON_COMPILE_CACHE_URL|$NEURON_RT_STOCHASTIC_ROUNDING_EN|$XLA_USE_32BIT_LONG"'
+        'echo "$PJRT_DEVICE|$NEURON_CC_FLAGS|$NEURON_COMPILE_CACHE_URL|'
+        '$NEURON_RT_STOCHASTIC_ROUNDING_EN|$XLA_USE_32BIT_LONG"'
     )
     env = {k: v for k, v in _env().items() if not k.startswith(("NEURON_", "XLA_"))}
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout

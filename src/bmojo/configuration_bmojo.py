@@ -102,7 +102,9 @@ class BMojoConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
-        self.layers_block_type = list(layers_block_type) if layers_block_type is not None else ["bmojo"] * num_hidden_layers
+        self.layers_block_type = (
+            list(layers_block_type) if layers_block_type is not None else ["bmojo"] * num_hidden_layers
+        )
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
         self.head_dim = head_dim
@@ -188,11 +190,14 @@ class BMojoConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if len(self.layers_block_type) != self.num_hidden_layers:
             raise ValueError(
-                f"layers_block_type has {len(self.layers_block_type)} entries but num_hidden_layers is {self.num_hidden_layers}"
+                f"layers_block_type has {len(self.layers_block_type)} entries "
+                f"but num_hidden_layers is {self.num_hidden_layers}"
             )
         for i, layer_type in enumerate(self.layers_block_type):
             if layer_type not in LAYER_TYPES:
-                raise ValueError(f"layers_block_type[{i}] is {layer_type!r}: unknown layer type, expected one of {LAYER_TYPES}")
+                raise ValueError(
+                    f"layers_block_type[{i}] is {layer_type!r}: unknown layer type, expected one of {LAYER_TYPES}"
+                )
         if self.head_dim is None:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size}) "
@@ -207,9 +212,7 @@ class BMojoConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.window_size % self.chunk_size:
-            raise ValueError(
-                f"window_size ({self.window_size}) must be a multiple of chunk_size ({self.chunk_size})"
-            )
+            raise ValueError(f"window_size ({self.window_size}) must be a multiple of chunk_size ({self.chunk_size})")
         if self.eidetic and self.selections_per_chunk < 1:
             raise ValueError("selections_per_chunk must be >= 1 when memory_size > 0 (eidetic memory on)")
         if self.selections_per_chunk > self.chunk_size:
@@ -237,7 +240,9 @@ class BMojoConfig(PretrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
-            raise ValueError(f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got {self.ssm_dt_min}, {self.ssm_dt_max}")
+            raise ValueError(
+                f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got {self.ssm_dt_min}, {self.ssm_dt_max}"
+            )
         if self.innovation_loss_weight < 0:
             raise ValueError(f"innovation_loss_weight must be >= 0, got {self.innovation_loss_weight}")
         if self.rope_theta <= 0:

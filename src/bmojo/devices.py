@@ -35,7 +35,9 @@ def _torch_xla():
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.parallel_loader as pl
     except ImportError as exc:
-        raise BMojoError(XLA_MISSING.format(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)) from None
+        raise BMojoError(
+            XLA_MISSING.format(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        ) from None
     return torch_xla, xm, pl
 
 

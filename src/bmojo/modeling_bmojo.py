@@ -241,7 +241,9 @@ class BMojoModel(BMojoPreTrainedModel):
                 input_ids = _roll_rows(input_ids, shift)
                 valid = torch.arange(length, device=input_ids.device)[None, :] < lengths[:, None]
                 if not on_xla and not bool((_roll_rows(mask, shift).bool() == valid).all()):
-                    raise ValueError("attention_mask must mark one contiguous run of tokens per row (left or right padding)")
+                    raise ValueError(
+                        "attention_mask must mark one contiguous run of tokens per row (left or right padding)"
+                    )
         if use_cache and lengths is None:
             lengths = torch.full((bsz,), length, dtype=torch.long, device=input_ids.device)
         positions = torch.arange(length, device=input_ids.device)[None, :]
@@ -376,7 +378,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
             lm_loss = F.cross_entropy(
-                at_least_fp32(logits[:, :-1]).flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                at_least_fp32(logits[:, :-1]).flatten(0, 1),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
             )
             loss = lm_loss
             if out.innovation_loss is not None:

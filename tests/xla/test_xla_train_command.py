@@ -113,7 +113,9 @@ def test_resume_on_xla_repeats_the_lost_steps_exactly(runs, corpus, tmp_path):
     assert main(args(corpus, run, "--device", "xla", "--resume")) == 0
     assert records(run) == records(root / "xla")[:4] + records(run)[4:]
     for a, b in zip(records(root / "xla")[4:], records(run)[4:], strict=True):
-        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {k: v for k, v in b.items() if k != "tokens_per_s"}
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+            k: v for k, v in b.items() if k != "tokens_per_s"
+        }
 
 
 def test_divergence_is_caught_in_a_step_closure(corpus, tmp_path, capsys):
@@ -141,7 +143,16 @@ def test_several_processes_on_the_cpu_client_are_refused(corpus, tmp_path):
     """torch-xla's CPU client gives each torchrun process a world of its own; training on would average nothing.
     (Several XLA processes need NeuronCores: that path has not run here.)"""
     env = dict(os.environ, PJRT_DEVICE="CPU", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bmojo.cli"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "bmojo.cli",
+    ]
     done = subprocess.run(
         [*command, *args(corpus, tmp_path / "run", "--device", "xla")], env=env, capture_output=True, text=True
     )

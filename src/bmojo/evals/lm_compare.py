@@ -207,7 +207,9 @@ def write_report(results: dict, out: Path) -> None:
         f"variant. Perplexity (per byte) on the same {results['held_out_tokens']:,} held-out tokens cut into "
         f"windows of each length; the models were trained at {s['seq_len']}.",
         "",
-        "| variant | parameters | " + " | ".join(f"ppl @ {length}" for length in lengths) + f" | ppl @ {lengths[-1]} / @ {lengths[0]} |",
+        "| variant | parameters | "
+        + " | ".join(f"ppl @ {length}" for length in lengths)
+        + f" | ppl @ {lengths[-1]} / @ {lengths[0]} |",
         "|---" * (3 + len(lengths)) + "|",
     ]
     for name, v in results["variants"].items():
@@ -224,7 +226,9 @@ def write_report(results: dict, out: Path) -> None:
             "",
             "| B'MOJO | " + " | ".join(f"ppl @ {length}" for length in lengths) + " |",
             "|---" * (1 + len(lengths)) + "|",
-            "| as trained | " + " | ".join(f"{results['variants']['bmojo']['perplexity_by_length'][x]:.3f}" for x in lengths) + " |",
+            "| as trained | "
+            + " | ".join(f"{results['variants']['bmojo']['perplexity_by_length'][x]:.3f}" for x in lengths)
+            + " |",
         ]
         for label, ppl in results["ablations"].items():
             lines.append(f"| {label} | " + " | ".join(f"{ppl[x]:.3f}" for x in lengths) + " |")

@@ -128,9 +128,17 @@ def train_and_evaluate(cfg: BMojoConfig, lr: float, sweep: SweepConfig, train, t
     with torch.no_grad():
         for key, (x, y) in tests.items():
             accuracy[key] = float(
-                torch.cat([mqar_accuracy(model(input_ids=xb).logits, yb) for xb, yb in zip(x.split(64), y.split(64))]).mean()
+                torch.cat(
+                    [mqar_accuracy(model(input_ids=xb).logits, yb) for xb, yb in zip(x.split(64), y.split(64))]
+                ).mean()
             )
-    return {"lr": lr, "seconds": time.time() - started, "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "accuracy": accuracy, "steps": steps}
+    return {
+        "lr": lr,
+        "seconds": time.time() - started,
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "accuracy": accuracy,
+        "steps": steps,
+    }
 
 
 def make_data(sweep: SweepConfig):
@@ -256,10 +264,15 @@ def main(argv=None) -> None:
     overrides = dict(QUICK if args.quick else {})
     overrides.update({k: v for k, v in (("epochs", args.epochs), ("lrs", tuple(args.lrs or ()))) if v})
     sweep = SweepConfig(**overrides, seed=args.seed, variants=tuple(args.variants))
-    command = " ".join(["python -m bmojo.evals.mqar_sweep", *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        ["python -m bmojo.evals.mqar_sweep", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]
+    )
     results = run_sweep(sweep, Path(args.out), command)
     for name, v in results["variants"].items():
-        print(f"{LABELS[name]:12s} lr={v['best']['lr']:g} " + " ".join(f"{k}:{a:.3f}" for k, a in v["best"]["accuracy"].items()))
+        print(
+            f"{LABELS[name]:12s} lr={v['best']['lr']:g} "
+            + " ".join(f"{k}:{a:.3f}" for k, a in v["best"]["accuracy"].items())
+        )
 
 
 if __name__ == "__main__":

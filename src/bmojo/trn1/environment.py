@@ -53,7 +53,9 @@ MSG = {
     + ACTIVATE,
     "torchrun": "torchrun is not on PATH: " + ACTIVATE,
     "parallel_compile": "neuron_parallel_compile is not on PATH: it comes with torch-neuronx; " + ACTIVATE,
-    "bmojo": "bmojo is not installed in this environment: run `pip install -e .` in the repository (see neuron/README.md)",
+    "bmojo": (
+        "bmojo is not installed in this environment: run `pip install -e .` in the repository (see neuron/README.md)"
+    ),
     "devices": "no Neuron devices found (/dev/neuron*): " + ON_TRN1 + " (the Neuron driver must be loaded: neuron-ls)",
     "cores": (
         "this launch needs {need} NeuronCores but this machine has {devices} Neuron device(s) = {have} NeuronCores: "
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in missing:
             print(f"{PREFIX}: {line}", file=sys.stderr)
         print(
-            f"{PREFIX}: environment not ready for {args.purpose} ({len(missing)} problem(s) above); see neuron/README.md",
+            f"{PREFIX}: environment not ready for {args.purpose} ({len(missing)} problem(s) above); "
+            "see neuron/README.md",
             file=sys.stderr,
         )
         return EXIT_NOT_READY

@@ -77,7 +77,8 @@ def flatten_cache(cache: BMojoCache, spec: list[StateEntry]) -> tuple[torch.Tens
         t = named[entry.layer][entry.name]
         if check and (tuple(t.shape) != entry.shape or t.dtype != entry.dtype):
             raise ValueError(
-                f"{entry.key}: the cache holds {tuple(t.shape)} {t.dtype}, the state spec says {entry.shape} {entry.dtype}"
+                f"{entry.key}: the cache holds {tuple(t.shape)} {t.dtype}, "
+                f"the state spec says {entry.shape} {entry.dtype}"
             )
         flat.append(t)
     return tuple(flat)
