@@ -14,6 +14,8 @@ import yaml
 
 from bmojo.cli import build_parser, main
 from bmojo.data import write_token_file
+from support import cli, one_error_line
+from support import train_args as tiny
 
 
 @pytest.fixture(scope="module")
@@ -29,30 +31,6 @@ def run(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert main(tiny(corpus, out, "--steps", "2")) == 0
     return out
-
-
-def tiny(data: Path | str, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--seq-len", "16", "--batch-size", "2",
-        "--threads", "1", "--warmup-steps", "1", "--set", "train.sample_tokens=4", "--set", "train.eval_batches=1",
-        *extra,
-    ]  # fmt: skip
-
-
-def cli(argv: list[str]) -> int:
-    """``main``'s exit status, also when argparse exits."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("bmojo: error: "), err
-    return lines[0][len("bmojo: error: ") :]
 
 
 # ---------------------------------------------------------------------------------------------------------------

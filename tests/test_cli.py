@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from bmojo.cli import main
+from support import cli, one_error_line
+from support import train_args as tiny
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -27,30 +29,6 @@ def run(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert main(tiny(corpus, out, "--steps", "2")) == 0
     return out
-
-
-def tiny(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--seq-len", "16", "--batch-size", "2",
-        "--threads", "1", "--warmup-steps", "1", "--set", "train.sample_tokens=4", "--set", "train.eval_batches=1",
-        *extra,
-    ]  # fmt: skip
-
-
-def cli(argv: list[str]) -> int:
-    """``main``'s exit status, also when argparse exits."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("bmojo: error: ")
-    return lines[0][len("bmojo: error: ") :]
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["tokenizer"], ["tokenizer", "train"]])

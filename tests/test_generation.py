@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bmojo import BMojoForCausalLM, preset_config
+from bmojo import BMojoForCausalLM
+from support import tiny_model, tokens
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
@@ -12,12 +13,11 @@ pytestmark = pytest.mark.core
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return BMojoForCausalLM(preset_config("tiny")).eval()
+    return tiny_model(dtype=torch.float32)
 
 
 def _tokens(length, seed):
-    return torch.randint(3, 64, (1, length), generator=torch.Generator().manual_seed(seed))
+    return tokens(1, length, seed=seed)
 
 
 def test_save_and_load_give_identical_logits(model, tmp_path):
@@ -118,8 +118,7 @@ def test_bad_attention_masks_are_rejected(model):
 # together with a BMojoCache.
 @pytest.fixture(scope="module")
 def model64():
-    torch.manual_seed(0)
-    return BMojoForCausalLM(preset_config("tiny")).to(torch.float64).eval()
+    return tiny_model(dtype=torch.float64)
 
 
 class _Calls:

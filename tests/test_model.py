@@ -3,21 +3,16 @@
 import pytest
 import torch
 
-from bmojo import BMojoCache, BMojoForCausalLM, preset_config
+from bmojo import BMojoCache
 from bmojo.evals.peers import llama_config, llama_state_dict, mamba2_config, mamba2_state_dict
 from bmojo.ops import use_backend
+from support import tiny_model, tokens
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
 
 
-def _model(seed=0, dtype=torch.float64, **overrides):
-    torch.manual_seed(seed)
-    return BMojoForCausalLM(preset_config("tiny", **overrides)).to(dtype).eval()
-
-
-def _tokens(bsz, length, vocab=64, seed=1):
-    return torch.randint(3, vocab, (bsz, length), generator=torch.Generator().manual_seed(seed))
+_model, _tokens = tiny_model, tokens
 
 
 # --- special cases ----------------------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Helpers the tests share: the tiny model, token batches, and the `bmojo` command run in-process.
+
+(pytest puts tests/ on sys.path, so test modules ``from support import ...``.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bmojo import BMojoForCausalLM, preset_config
+from bmojo.cli import main
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> BMojoForCausalLM:
+    """The ``tiny`` preset (every feature on, chunks of 4 tokens) with ``overrides``, seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return BMojoForCausalLM(preset_config("tiny", **overrides)).to(dtype).eval()
+
+
+def tokens(bsz: int, length: int, vocab: int = 64, seed: int = 1) -> torch.Tensor:
+    """Reproducible token ids ``[bsz, length]`` in ``[3, vocab)`` (above the special tokens)."""
+    return torch.randint(3, vocab, (bsz, length), generator=torch.Generator().manual_seed(seed))
+
+
+def train_args(data: Path | str, out: Path, *extra: str) -> list[str]:
+    """``bmojo train`` arguments of a fast run of the tiny preset (16-token windows, batch 2, one thread)."""
+    return [
+        "train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--seq-len", "16", "--batch-size", "2",
+        "--threads", "1", "--warmup-steps", "1", "--set", "train.sample_tokens=4", "--set", "train.eval_batches=1",
+        *extra,
+    ]  # fmt: skip
+
+
+def cli(argv: list[str]) -> int:
+    """``bmojo.cli.main``'s exit status, also when argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def one_error_line(capsys) -> str:
+    """The single ``bmojo: error: ...`` line on stderr (asserted: one line, no traceback), without its prefix."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("bmojo: error: "), err
+    return lines[0][len("bmojo: error: ") :]
