@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command (what CI runs). The tiers are pytest markers (pyproject.toml), not file lists:
+# The project's test command (what CI runs). First ruff (pyproject.toml's [tool.ruff]) over the repository; then
+# the tiers, which are pytest markers (pyproject.toml), not file lists:
 #   1. the CPU suite, `-m "not xla"`, in ./.venv (created if needed; torch 2.13); extra arguments go to its pytest
 #      (e.g. `bash scripts/test.sh -k decoding`);
 #   2. the XLA tier, `-m "xla or core"`, in ./.venv-xla (created if needed; torch 2.9 + torch-xla 2.9 on
@@ -13,6 +14,7 @@ for arg in "$@"; do
     if [ "$arg" = "--skip-xla" ]; then skip_xla=1; else args+=("$arg"); fi
 done
 bash scripts/bootstrap.sh
+.venv/bin/ruff check --quiet .  # the lint rules in pyproject.toml ([tool.ruff])
 .venv/bin/python -m pytest -q -p no:cacheprovider -m "not xla" ${args[@]+"${args[@]}"}
 if [ "$skip_xla" = 1 ]; then
     echo "XLA tier skipped (--skip-xla or BMOJO_SKIP_XLA=1)." >&2
