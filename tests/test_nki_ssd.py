@@ -17,6 +17,9 @@ from bmojo.ops.ssd.nki_twin import ssd_twin_bwd, ssd_twin_fwd, triangle
 
 import nki_standin
 
+# core: also runs on the trn1 stack (torch 2.9), where a DLAMI's neuronxcc turns on the nki_sim cases.
+pytestmark = pytest.mark.core
+
 KERNEL_SOURCE = Path(ssd_pkg.__file__).with_name("nki.py")
 TOL = {None: 5e-6, torch.bfloat16: 1.5e-2}  # max |err| / max |ref|: fp32, and bf16-rounded matmul operands
 
