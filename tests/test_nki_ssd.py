@@ -141,8 +141,8 @@ def _run(kernels, inputs, dy=None, ds=None):
     return fwd, bwd
 
 
-@pytest.mark.parametrize("shape", [dict(L=128), dict(L=384, H=3, batch=2), dict(L=256, P=64, N=128, init=False)],
-                         ids=["one-chunk", "three-chunks-grid-2x3", "preset-dims-zero-state"])
+@pytest.mark.parametrize("shape", [dict(L=128), dict(L=384, H=3, batch=2), dict(L=2048, P=64, N=128, init=False)],
+                         ids=["one-chunk", "three-chunks-grid-2x3", "preset-L2048-P64-N128-zero-state"])
 def test_kernel_source_equals_the_twin(kernels, shape):
     inputs = [t.float() for t in kernel_inputs(**shape)]
     g = torch.Generator().manual_seed(3)
@@ -189,3 +189,36 @@ def test_standin_rules_each_fail_where_trn1_would():
         nl.store(nki_standin.Tile(np.zeros((4, 4), np.float32), "hbm"), nisa.nc_transpose(sb(4, 4)))
     with pytest.raises(nki_standin.LimitError, match="partition dim"):
         nisa.tensor_reduce(np.add, sb(4, 4), axis=0)
+
+
+# ------------------------------------------------------------------------------ neuron/check_nki.py (hardware checklist)
+
+
+def _check_nki(*argv, **env):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "neuron" / "check_nki.py"
+    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_check_nki_budget_counts_the_kernel_source_work():
+    out = _check_nki("budget", "--heads", "2", "--length", "256")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["forward", "backward"]
+    # fwd per chunk: 2*128^3 (cumsum broadcast) is the largest single product, so the count is at least that
+    assert float(lines[0].split()[1]) * 1e9 >= 2 * 2 * 2 * 128**3
+
+
+def test_check_nki_op_compares_the_backend_with_the_chunked_path():
+    out = _check_nki("op", "--device", "cpu", "--dtype", "fp32", "--heads", "2", "--length", "256", "--repeat", "1",
+                     "--head-dim", "16", "--state", "16",
+                     BMOJO_NKI_STANDIN="1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "check_nki: OK" in out.stdout and "dinitial_state" in out.stdout
+    refused = _check_nki("op", "--device", "cpu", "--length", "200", "--repeat", "1", BMOJO_NKI_STANDIN="1")
+    assert refused.returncode == 1
+    assert "refuses these inputs: sequence length 200 is not a multiple of 128" in refused.stdout

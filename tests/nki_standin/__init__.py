@@ -44,6 +44,8 @@ class _Budget:
         self.psum_banks = 0
         self.peak_sbuf = 0
         self.peak_psum_banks = 0
+        self.matmul_flops = 0  # 2*K*M*N per nc_matmul, 2*p*f per nc_transpose (TensorE work)
+        self.hbm_bytes = 0  # bytes loaded plus bytes stored
 
     def take(self, buffer, nbytes):
         if buffer == "psum":
@@ -170,6 +172,7 @@ def _full(value):
 def _load(src):
     if not isinstance(src, Tile) or src.buffer != "hbm":
         raise LimitError("nl.load reads an HBM tensor")
+    BUDGET.hbm_bytes += src.array.nbytes
     return Tile(np.array(src.array, dtype=src.dtype), "sbuf")
 
 
@@ -180,6 +183,7 @@ def _store(dst, value):
         raise LimitError("nl.store writes an SBUF tile (copy PSUM results to SBUF first)")
     if value.shape != dst.shape or value.shape[0] > PMAX:
         raise LimitError(f"storing a {value.shape} tile to a {dst.shape} slice")
+    BUDGET.hbm_bytes += dst.array.nbytes
     dst.array[...] = value.array
 
 
@@ -208,6 +212,7 @@ def nc_matmul(stationary, moving):
         raise LimitError(f"nc_matmul contraction mismatch {stationary.shape} vs {moving.shape}")
     if k > PMAX or m > PMAX or n > MATMUL_MOVING_FMAX:
         raise LimitError(f"nc_matmul K={k} M={m} N={n}: limits K<=128, M<=128, N<=512")
+    BUDGET.matmul_flops += 2 * k * m * n
     return Tile(stationary.array.T.astype(np.float32) @ moving.array.astype(np.float32), "psum")
 
 
@@ -216,6 +221,7 @@ def nc_transpose(data):
     _on_chip(data)
     if data.array.ndim != 2 or max(data.shape) > PMAX:
         raise LimitError(f"nc_transpose of {data.shape}: at most 128 x 128")
+    BUDGET.matmul_flops += 2 * data.shape[0] * data.shape[1] * data.shape[0]
     return Tile(np.ascontiguousarray(data.array.T, dtype=np.float32), "psum")
 
 
