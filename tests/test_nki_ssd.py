@@ -222,3 +222,36 @@ def test_check_nki_op_compares_the_backend_with_the_chunked_path():
     refused = _check_nki("op", "--device", "cpu", "--length", "200", "--repeat", "1", BMOJO_NKI_STANDIN="1")
     assert refused.returncode == 1
     assert "refuses these inputs: sequence length 200 is not a multiple of 128" in refused.stdout
+
+
+def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):
+    """The layer wiring: every SSM mixer of a B'MOJO model (chunk 128) runs the backend, with the same loss and
+    parameter gradients as the chunked form."""
+    from bmojo import BMojoForCausalLM, preset_config
+    from bmojo.ops import use_backend
+    from bmojo.ops.ssd import nki_backend
+
+    monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
+    calls = []
+    apply = nki_backend.SSDCore.apply
+    monkeypatch.setattr(nki_backend.SSDCore, "apply", lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    config = preset_config("tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2,
+                           layers_block_type=["bmojo", "ssm"])
+    model = BMojoForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (1, 256))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = loss_and_grads()
+    with use_backend("nki"):
+        got_loss, got = loss_and_grads()
+    assert len(calls) == 2  # both layers' SSM mixers
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-4, name
