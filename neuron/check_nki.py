@@ -52,10 +52,10 @@ def rel(got, want):
 
 
 def budget(args):
+    import nki_standin
     import numpy as np
     import torch
 
-    import nki_standin
     import bmojo.ops.ssd as pkg
     from bmojo.ops.ssd.nki_twin import triangle
 
@@ -92,9 +92,9 @@ def kernel(args):
     arrays = [t.numpy() for t in k] + [triangle().numpy()]
     grid = (args.batch, args.heads)
     if args.simulate:
-        run = lambda fn, *a: real_nki.simulate_kernel(fn[grid], *a)  # noqa: E731
+        run = lambda fn, *a: real_nki.simulate_kernel(fn[grid], *a)
     else:
-        run = lambda fn, *a: real_nki.baremetal(fn)[grid](*a)  # noqa: E731
+        run = lambda fn, *a: real_nki.baremetal(fn)[grid](*a)
     got = (*run(kernels.ssd_fwd_kernel, *arrays), *run(kernels.ssd_bwd_kernel, *arrays, dy.numpy(), ds.numpy()))
     return report(zip(("y", "state", "du", "da", "db", "dc", "ds0"), got, want), TOL["fp32"], torch)
 

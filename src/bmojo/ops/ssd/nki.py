@@ -20,10 +20,10 @@ Per chunk with cs_i = a_0 + ... + a_i:
     S_out = exp(cs_last) S_in + sum_j exp(cs_last - cs_j) B_j^T u_j
 """
 
-import numpy as np
-import neuronxcc.nki as nki
 import neuronxcc.nki.isa as nisa
 import neuronxcc.nki.language as nl
+import numpy as np
+from neuronxcc import nki
 
 CHUNK = 128
 
@@ -73,7 +73,7 @@ def ssd_fwd_kernel(u, a, bm, cm, s0, tri):
         a_c = nl.load(a[ib, ih, rows, :])
         b_c = nl.load(bm[ib, ih, rows, :])
         c_c = nl.load(cm[ib, ih, rows, :])
-        cs, lt, e, w, big = _decays(a_c, upper, ones)
+        _cs, lt, e, w, big = _decays(a_c, upper, ones)
 
         gt = nisa.tensor_copy(nisa.nc_matmul(_transpose(b_c), _transpose(c_c)))  # [j, i] = B_j . C_i
         wt = nisa.tensor_tensor(gt, lt, np.multiply)
@@ -121,7 +121,7 @@ def ssd_bwd_kernel(u, a, bm, cm, s0, tri, dy, ds):
         states[:, nl.ds(ic * hd, hd)] = nisa.tensor_copy(state)
         u_c = nl.load(u[ib, ih, rows, :])
         b_c = nl.load(bm[ib, ih, rows, :])
-        cs, lt, e, w, big = _decays(nl.load(a[ib, ih, rows, :]), upper, ones)
+        _cs, _lt, _e, w, big = _decays(nl.load(a[ib, ih, rows, :]), upper, ones)
         s_ps = nisa.nc_matmul(nisa.tensor_scalar(b_c, np.multiply, w), u_c)
         state[...] = nisa.tensor_tensor(nisa.tensor_scalar(state, np.multiply, big[0:ns, :]), s_ps, np.add)
 
@@ -146,7 +146,7 @@ def _bwd_chunk(u_c, a_c, b_c, c_c, dy_c, s_in, dstate, upper, lower, ones, outs)
     59 lines because every line is one engine instruction of a single dependency chain."""
     ns = b_c.shape[1]
     hd = u_c.shape[1]
-    cs, lt, e, w, big = _decays(a_c, upper, ones)
+    _cs, lt, e, w, big = _decays(a_c, upper, ones)
     gt = nisa.tensor_copy(nisa.nc_matmul(_transpose(b_c), _transpose(c_c)))  # [j, i] = B_j . C_i
     wt = nisa.tensor_tensor(gt, lt, np.multiply)
     c_e = nisa.tensor_scalar(c_c, np.multiply, e)

@@ -49,7 +49,7 @@ def ssd_twin_fwd(u, a, bm, cm, s0, mm_dtype=None):
     upper = triangle(u.device)
     state, ys = s0.float(), []
     for u_c, a_c, b_c, c_c in zip(*map(_chunks, (u.float(), a.float(), bm.float(), cm.float()))):
-        cs, lt, e, w, big = _decays(a_c, upper)
+        _cs, lt, e, w, big = _decays(a_c, upper)
         wt = _mm(b_c.transpose(-1, -2), c_c.transpose(-1, -2), mm_dtype) * lt
         ys.append(_mm(wt, u_c, mm_dtype) + _mm((c_c * e).transpose(-1, -2), state, mm_dtype))
         state = state * big[..., : state.shape[-2], :] + _mm(b_c * w, u_c, mm_dtype)
@@ -59,8 +59,8 @@ def ssd_twin_fwd(u, a, bm, cm, s0, mm_dtype=None):
 def _bwd_chunk(u_c, a_c, b_c, c_c, dy_c, s_in, dstate, upper, mm_dtype):
     """Same steps as ``nki._bwd_chunk``; returns (du, da, db, dc, dS at the chunk start)."""
     ns = b_c.shape[-1]
-    mm = lambda s, m: _mm(s, m, mm_dtype)  # noqa: E731
-    cs, lt, e, w, big = _decays(a_c, upper)
+    mm = lambda s, m: _mm(s, m, mm_dtype)
+    _cs, lt, e, w, big = _decays(a_c, upper)
     wt = mm(b_c.transpose(-1, -2), c_c.transpose(-1, -2)) * lt
     c_e, b_w = c_c * e, b_c * w
     u_t, dy_t = u_c.transpose(-1, -2), dy_c.transpose(-1, -2)
