@@ -3,6 +3,9 @@ fading and eidetic key tiles, with its lse-recomputing backward, against the den
 gradients of q, k, v, the fading keys/values, the eidetic queries and the memory's keys/values. (No NKI source
 exists for this kernel yet, so there is no layer B or C for it.)"""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +88,43 @@ def test_lse_is_the_log_partition_of_the_joint_softmax():
     scores = torch.cat([t["k"][0, ctx, kv] @ q, t["k_fade"][0, fade, kv] @ q,
                         mem.k[0, c, mems, kv] @ (t["q_eid"][0, i, h] * 16**-0.5)])
     assert abs(lse[0, h, i].item() - torch.logsumexp(scores, 0).item()) < 1e-5
+
+
+# ------------------------------------------------------------------------------ layers B and C (forward kernel only)
+
+
+@pytest.fixture(params=["standin", pytest.param("simulator", marks=pytest.mark.nki_sim)])
+def attn_kernels(request):
+    """(kernel module, simulate_kernel): the NumPy stand-in (CI) or the real Beta-1 simulator (opt-in)."""
+    if request.param == "simulator":
+        if importlib.util.find_spec("neuronxcc") is None:
+            pytest.skip("neuronxcc does not import: the real NKI simulator ships only in the Neuron pip repository")
+        import neuronxcc.nki as nki
+
+        import bmojo.ops.attention.nki as kernels
+
+        return kernels, nki.simulate_kernel
+    import nki_standin
+
+    import bmojo.ops.attention as attention_pkg
+
+    path = Path(attention_pkg.__file__).with_name("nki.py")
+    return nki_standin.load_kernel_module(path, "bmojo_attn_standin"), nki_standin.simulate_kernel
+
+
+@pytest.mark.parametrize("case", [dict(), dict(W=256, L=512, D=32), dict(memory="empty"), dict(L=128)],
+                         ids=["W128-3chunks", "W256-4chunks-D32", "empty-memory", "first-chunk-only"])
+def test_forward_kernel_source_equals_the_twin(case, attn_kernels):
+    from bmojo.ops.attention.nki_twin import kernel_arrays
+
+    case = dict(case)
+    W = case.pop("W", 128)
+    t, mem = make(W=W, **case)
+    static, kt = kernel_inputs(**{k: v.float() for k, v in t.items()}, window=W, chunk_size=C,
+                               memory=mem._replace(k=mem.k.float(), v=mem.v.float()))
+    o_twin, lse_twin = attention_twin_fwd({**static, **kt})
+    module, simulate = attn_kernels
+    arrays = [a.numpy() for a in kernel_arrays(static, kt)]
+    o, lse = simulate(module.attn_fwd_kernel[1, t["q"].shape[2]], *arrays)
+    assert rel_err(torch.from_numpy(o), o_twin) <= 1e-5
+    assert (torch.from_numpy(lse)[..., 0] - lse_twin).abs().max() <= 1e-4

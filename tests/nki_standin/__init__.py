@@ -1,6 +1,6 @@
 """A NumPy stand-in for the subset of Beta-1 NKI (``neuronxcc.nki``, ``.language``, ``.isa``) bmojo's kernels use.
 
-It runs the **real kernel source** (``src/bmojo/ops/ssd/nki.py``): ``load_kernel_module`` places this package's
+It runs the **real kernel source** (``src/bmojo/ops/ssd/nki.py``, ``src/bmojo/ops/attention/nki.py``): ``load_kernel_module`` places this package's
 modules under the ``neuronxcc`` names in ``sys.modules`` while the kernel file is imported, the pattern
 nki-library's tests use for their CPU simulator. Every call checks trn1's limits (NeuronCore-v2, see
 docs/kernels.md): partition dim <= 128 for every on-chip tile; ``nc_matmul`` contraction K <= 128, stationary
@@ -136,6 +136,7 @@ language = types.ModuleType("neuronxcc.nki.language")
 language.float32 = np.float32
 language.sbuf, language.psum, language.hbm, language.shared_hbm = "sbuf", "psum", "hbm", "shared_hbm"
 language.exp = np.exp
+language.log = np.log
 language.ds = _DynSlice
 language.sequential_range = range
 language.affine_range = range
@@ -190,6 +191,7 @@ def _store(dst, value):
 language.program_id = _program_id
 language.ndarray = _ndarray
 language.zeros = _full(0.0)
+language.full = lambda shape, fill_value, dtype, buffer="sbuf": _full(fill_value)(shape, dtype, buffer)
 language.ones = _full(1.0)
 language.load = _load
 language.store = _store
@@ -270,8 +272,8 @@ def tensor_reduce(op, data, axis, keepdims=False):
     axes = axis if isinstance(axis, tuple) else (axis,)
     if 0 in axes:
         raise LimitError("tensor_reduce over the partition dim; use a matmul with ones")
-    return _sbuf(op.reduce(data.array, axis=axes[0], keepdims=keepdims) if len(axes) == 1 else
-                 data.array.sum(axis=axes, keepdims=keepdims))
+    reduce = {np.add: np.sum, np.max: np.max, np.maximum: np.max}[op]
+    return _sbuf(reduce(data.array, axis=axes, keepdims=keepdims))
 
 
 for _fn in (nc_matmul, nc_transpose, tensor_copy, tensor_scalar, tensor_tensor, activation, tensor_reduce):

@@ -169,3 +169,19 @@ def bmojo_attention_twin(q, k, v, window, chunk_size, k_fade=None, v_fade=None, 
     static["mm_dtype"] = mm_dtype
     o = AttentionCore.apply(static, *(t[name] for name in _ORDER))
     return o.transpose(1, 2).to(q.dtype)
+
+
+def kernel_arrays(static: dict, t: dict) -> list[Tensor]:
+    """The HBM arguments of ``nki.attn_fwd_kernel`` (fp32, detached), from ``kernel_inputs``; needs fading keys
+    and a memory (an all-invalid memory stands for none)."""
+    w, c = static["window"], static["chunk"]
+    dev = t["q"].device
+    length = t["q"].shape[2]
+
+    def key_bias(pad):
+        return torch.where(torch.arange(pad + length, device=dev) < pad, NEG, 0.0)[None]
+
+    return [x.detach().float().contiguous() for x in (
+        t["q"], t["qe"], t["kw"], t["vw"], t["kf"], t["vf"], t["mk"].flatten(2, 3), t["mv"].flatten(2, 3),
+        band_bias(w, c, 0, dev), band_bias(w, c, w, dev), key_bias(w), key_bias(2 * w),
+        static["ebias"][:, 0].flatten(1, 2))]
