@@ -6,11 +6,12 @@ exists for this kernel yet, so there is no layer B or C for it.)"""
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bmojo.ops.attention import bmojo_attention_ref
-from bmojo.ops.attention.nki_twin import attention_twin_fwd, bmojo_attention_twin, kernel_inputs
+from bmojo.ops.attention.nki_twin import attention_twin_bwd, attention_twin_fwd, bmojo_attention_twin, kernel_inputs
 from bmojo.ops.selection.common import INVALID_SCORE, EideticMemory
 
 pytestmark = pytest.mark.core
@@ -90,7 +91,7 @@ def test_lse_is_the_log_partition_of_the_joint_softmax():
     assert abs(lse[0, h, i].item() - torch.logsumexp(scores, 0).item()) < 1e-5
 
 
-# ------------------------------------------------------------------------------ layers B and C (forward kernel only)
+# ------------------------------------------------------------------------------ layers B and C: the kernel source
 
 
 @pytest.fixture(params=["standin", pytest.param("simulator", marks=pytest.mark.nki_sim)])
@@ -112,9 +113,11 @@ def attn_kernels(request):
     return nki_standin.load_kernel_module(path, "bmojo_attn_standin"), nki_standin.simulate_kernel
 
 
-@pytest.mark.parametrize("case", [dict(), dict(W=256, L=512, D=32), dict(memory="empty"), dict(L=128)],
-                         ids=["W128-3chunks", "W256-4chunks-D32", "empty-memory", "first-chunk-only"])
-def test_forward_kernel_source_equals_the_twin(case, attn_kernels):
+@pytest.mark.parametrize("case", [dict(), dict(W=256, L=512, D=32), dict(memory="empty"), dict(L=128),
+                                  dict(W=512, L=1024, D=64, M=128, H=1, Hkv=1)],
+                         ids=["W128-3chunks", "W256-4chunks-D32", "empty-memory", "first-chunk-only",
+                              "preset-W512-D64-M128"])
+def test_kernel_sources_equal_the_twin(case, attn_kernels):
     from bmojo.ops.attention.nki_twin import kernel_arrays
 
     case = dict(case)
@@ -128,3 +131,15 @@ def test_forward_kernel_source_equals_the_twin(case, attn_kernels):
     o, lse = simulate(module.attn_fwd_kernel[1, t["q"].shape[2]], *arrays)
     assert rel_err(torch.from_numpy(o), o_twin) <= 1e-5
     assert (torch.from_numpy(lse)[..., 0] - lse_twin).abs().max() <= 1e-4
+
+    do = torch.randn(o_twin.shape, generator=torch.Generator().manual_seed(7))
+    twin = attention_twin_bwd({**static, **kt}, o_twin, lse_twin, do)
+    got = simulate(module.attn_bwd_kernel[1, t["q"].shape[2]], *arrays, o_twin.numpy(), lse_twin[..., None].numpy(),
+                   do.numpy())
+    for name, g in zip(("q", "qe", "kw", "vw", "kf", "vf", "mk", "mv"), got):
+        want = twin[name].flatten(2, 3) if name in ("mk", "mv") else twin[name]
+        assert g.shape == tuple(want.shape), name
+        if want.abs().max() == 0:  # e.g. the eidetic gradients of an empty memory
+            assert np.abs(g).max() == 0, name
+        else:
+            assert rel_err(torch.from_numpy(np.asarray(g)), want) <= 1e-5, name
