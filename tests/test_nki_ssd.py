@@ -224,16 +224,21 @@ def test_check_nki_op_compares_the_backend_with_the_chunked_path():
 
 
 def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):
-    """The layer wiring: every SSM mixer of a B'MOJO model (chunk 128) runs the backend, with the same loss and
-    parameter gradients as the chunked form."""
+    """The layer wiring: every SSM mixer and the B'MOJO layer's joint attention of a model with chunk 128 run the
+    backend, with the same loss and parameter gradients as the chunked forms."""
     from bmojo import BMojoForCausalLM, preset_config
     from bmojo.ops import use_backend
+    from bmojo.ops.attention import nki_backend as attention_backend
     from bmojo.ops.ssd import nki_backend
 
     monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
     calls = []
     apply = nki_backend.SSDCore.apply
     monkeypatch.setattr(nki_backend.SSDCore, "apply", lambda *a: calls.append(1) or apply(*a))
+    attention_calls = []
+    attention_apply = attention_backend.AttentionNKI.apply
+    monkeypatch.setattr(attention_backend.AttentionNKI, "apply",
+                        lambda *a: attention_calls.append(1) or attention_apply(*a))
     torch.manual_seed(0)
     config = preset_config("tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2,
                            layers_block_type=["bmojo", "ssm"])
@@ -250,6 +255,7 @@ def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):
     with use_backend("nki"):
         got_loss, got = loss_and_grads()
     assert len(calls) == 2  # both layers' SSM mixers
+    assert len(attention_calls) == 1  # the B'MOJO layer (fading keys and eidetic memory on)
     assert torch.allclose(got_loss, want_loss, rtol=1e-5)
     assert got.keys() == want.keys()
     for name in want:

@@ -90,3 +90,29 @@ def test_nothing_imports_neuronxcc_unless_a_kernel_runs():
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src"), "BMOJO_BACKEND": "nki"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_nki_attention_verifier_names_each_refusal(monkeypatch):
+    from bmojo.ops.attention import supports_attention_nki
+    from bmojo.ops.selection.common import EideticMemory
+
+    monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
+
+    def call(L=256, W=128, chunk=128, D=16, M=8, fading=True, memory=True, key_mask=None, dtype=torch.float32):
+        q = torch.zeros(1, L, 2, D, dtype=dtype)
+        mem = EideticMemory(torch.zeros(1, L // chunk, M, 2, D), torch.zeros(1, L // chunk, M, 2, D),
+                            torch.zeros(1, L // chunk, M, dtype=torch.long), torch.zeros(1, L // chunk, M))
+        return supports_attention_nki(q, q, q, W, chunk, q if fading else None, q if fading else None, q,
+                                      mem if memory else None, key_mask=key_mask)
+
+    assert call() is True
+    assert call(key_mask=torch.ones(1, 256, dtype=torch.bool)) == "a key padding mask (the kernels take none)"
+    assert call(memory=False) == call(fading=False) == (
+        "no fading keys or no eidetic memory (the kernels score all three key sets)")
+    assert call(chunk=64) == "chunk_size 64: the kernels use 128"
+    assert call(W=192) == "sequence length 256 / window 192 not a positive multiple of 128"
+    assert call(M=129) == "head dim 16 / memory size 129 over 128"
+    assert call(dtype=torch.float64) == "dtype torch.float64: the kernels take float32 or bfloat16"
+    monkeypatch.delenv("BMOJO_NKI_STANDIN")
+    if nki_backend._neuron_platform() is not None:
+        assert call() == nki_backend._neuron_platform()

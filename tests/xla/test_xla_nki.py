@@ -59,9 +59,10 @@ def test_wrapper_step_compiles_the_same_graphs_as_the_chunked_path(monkeypatch):
         deltas = []
         for seed in range(4):
             before = xa.counters()
-            step(fn, seed)
+            result = step(fn, seed)  # held across the sync, so the graph computes it
             torch_xla.sync()
             deltas.append(xa.counters() - before)
+            del result
         return deltas
 
     with use_backend("nki"):
@@ -70,3 +71,52 @@ def test_wrapper_step_compiles_the_same_graphs_as_the_chunked_path(monkeypatch):
     assert [d.uncached for d in nki_steps[1:]] == [0, 0, 0]  # compiled once, then cached
     assert [d.executed for d in nki_steps] == [d.executed for d in chunked_steps] == [1] * 4
     assert [d.host_reads for d in nki_steps] == [0] * 4 and not any(d.fallbacks for d in nki_steps)
+
+
+def attention_step(fn, seed, L=256, W=128, H=4, Hkv=2, D=16, M=8):
+    """Forward + backward of a joint-attention form on the XLA device (memory with some invalid slots)."""
+    from bmojo.ops.selection.common import INVALID_SCORE, EideticMemory
+
+    dev = xa.device()
+    g = torch.Generator().manual_seed(seed)
+    nc = L // 128
+    t = {n: torch.randn(1, L, H if n in ("q", "q_eid") else Hkv, D, generator=g).to(dev).requires_grad_()
+         for n in ("q", "k", "v", "k_fade", "v_fade", "q_eid")}
+    score = torch.rand(1, nc, M, generator=g)
+    score[:, :, ::3] = INVALID_SCORE
+    mk, mv = (torch.randn(1, nc, M, Hkv, D, generator=g).to(dev).requires_grad_() for _ in range(2))
+    memory = EideticMemory(mk, mv, torch.randint(0, L, (1, nc, M), generator=g).to(dev), score.to(dev))
+    out = fn(t["q"], t["k"], t["v"], W, 128, t["k_fade"], t["v_fade"], t["q_eid"], memory)
+    do = torch.randn(out.shape, generator=g).to(dev)
+    return out, torch.autograd.grad((out * do).sum(), [*t.values(), mk, mv])
+
+
+def test_attention_wrapper_on_xla_matches_the_chunked_path_and_its_graph_counts(monkeypatch):
+    from bmojo.ops.attention import bmojo_attention_chunked
+    from bmojo.ops.attention import nki_backend as attention_backend
+
+    monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
+    calls = []
+    apply = attention_backend.AttentionNKI.apply
+    monkeypatch.setattr(attention_backend.AttentionNKI, "apply", lambda *a: calls.append(1) or apply(*a))
+    runs = {}
+    for label, fn in (("nki", None), ("chunked", bmojo_attention_chunked)):
+        deltas, first = [], None
+        for seed in range(3):
+            before = xa.counters()
+            if fn is None:
+                with use_backend("nki"):
+                    result = attention_step(dispatch("attention"), seed)
+            else:
+                result = attention_step(fn, seed)
+            torch_xla.sync()
+            deltas.append(xa.counters() - before)
+            first = first or [result[0].cpu(), *(x.cpu() for x in result[1])]
+        runs[label] = (deltas, first)
+    assert calls == [1, 1, 1]
+    for i, (a, b) in enumerate(zip(runs["nki"][1], runs["chunked"][1])):
+        assert (a - b).abs().max() <= 2e-5 * b.abs().max(), i
+    nki_steps, chunked_steps = runs["nki"][0], runs["chunked"][0]
+    assert [d.uncached for d in nki_steps[1:]] == [0, 0]
+    assert [d.executed for d in nki_steps] == [d.executed for d in chunked_steps] == [1] * 3
+    assert [d.host_reads for d in nki_steps] == [0] * 3 and not any(d.fallbacks for d in nki_steps)
