@@ -11,7 +11,11 @@
                                                 # (outputs, all input gradients) and the time of each;
                                                 # bf16 = x, B, C in bf16 (the kernels compute in fp32)
 
-sizes: --batch 1 --heads 8 --length 2048 --head-dim 64 --state 128 (the ladder presets' SSD shape).
+    python neuron/check_nki.py attn-kernel [sizes] [--simulate]   # the attention kernels, as ``kernel``
+    python neuron/check_nki.py attn-op [sizes] --device xla --dtype bf16   # the attention op, as ``op``
+
+sizes: --batch 1 --heads 8 --length 2048 --head-dim 64 --state 128 --window 512 --memory 128 (the ladder
+presets' shapes; the attention checks use --head-dim as the attention head dim, kv heads = heads / 2).
 ``op --device cpu`` with ``BMOJO_NKI_STANDIN=1`` runs the same comparison with the twin in the kernels' place.
 Exit status 1 where an error exceeds its tolerance.
 """
@@ -105,12 +109,7 @@ def op(args):
     from bmojo.ops.ssd import ssd_chunked, ssd_nki
     from bmojo.ops.ssd.nki_backend import supports_nki
 
-    if args.device == "xla":
-        import torch_xla
-
-        device, sync = torch_xla.device(), torch_xla.sync
-    else:
-        device, sync = torch.device("cpu"), (lambda: None)
+    device, sync = _device(args)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     raw, _ = inputs(args)
     names = list(raw)
@@ -127,10 +126,94 @@ def op(args):
     if verdict is not True:
         print(f"check_nki: the nki backend refuses these inputs: {verdict}")
         return 1
-    want = [t.cpu() for t in run(ssd_chunked, torch.float32)]
+    return timed(args, run, ssd_chunked, ssd_nki, dtype, sync, ["y", "state", *(f"d{n}" for n in names)], torch)
+
+
+def attention_inputs(args, device="cpu", dtype=None):
+    import torch
+
+    from bmojo.ops.selection.common import INVALID_SCORE, EideticMemory
+
+    g = torch.Generator().manual_seed(0)
+    b, h, L, D, M = args.batch, args.heads, args.length, args.head_dim, args.memory
+    hkv, nc = max(1, h // 2), L // 128
+    t = {n: torch.randn(b, L, h if n in ("q", "q_eid") else hkv, D, generator=g)
+         for n in ("q", "k", "v", "k_fade", "v_fade", "q_eid")}
+    score = torch.rand(b, nc, M, generator=g)
+    score[:, :, ::4] = INVALID_SCORE
+    mem = [torch.randn(b, nc, M, hkv, D, generator=g) for _ in range(2)]
+    pos = torch.randint(0, L, (b, nc, M), generator=g)
+    t = {n: x.to(device=device, dtype=dtype or torch.float32).requires_grad_() for n, x in t.items()}
+    mem = [x.to(device=device, dtype=dtype or torch.float32).requires_grad_() for x in mem]
+    return t, mem, EideticMemory(mem[0], mem[1], pos.to(device), score.to(device))
+
+
+def attn_kernel(args):
+    import torch
+    from neuronxcc import nki as real_nki
+
+    import bmojo.ops.attention.nki as kernels
+    from bmojo.ops.attention.nki_twin import attention_twin_bwd, attention_twin_fwd, kernel_arrays, kernel_inputs
+
+    t, _, memory = attention_inputs(args)
+    static, kt = kernel_inputs(t["q"], t["k"], t["v"], args.window, 128, t["k_fade"], t["v_fade"], t["q_eid"],
+                               memory)
+    o, lse = attention_twin_fwd({**static, **kt})
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+    grads = attention_twin_bwd({**static, **kt}, o, lse, do)
+    arrays = [x.numpy() for x in kernel_arrays(static, kt)]
+    grid = (args.batch, args.heads)
+    if args.simulate:
+        run = lambda fn, *a: real_nki.simulate_kernel(fn[grid], *a)  # noqa: E731
+    else:
+        run = lambda fn, *a: real_nki.baremetal(fn)[grid](*a)  # noqa: E731
+    o_k, lse_k = run(kernels.attn_fwd_kernel, *arrays)
+    got = run(kernels.attn_bwd_kernel, *arrays, o.detach().numpy(), lse.detach()[..., None].numpy(), do.numpy())
+    names = ("q", "qe", "kw", "vw", "kf", "vf", "mk", "mv")
+    want = [grads[n].flatten(2, 3) if n in ("mk", "mv") else grads[n] for n in names]
+    rows = [("o", o_k, o), ("lse", lse_k[..., 0], lse), *zip((f"d{n}" for n in names), got, want)]
+    return report(rows, TOL["fp32"], torch)
+
+
+def attn_op(args):
+    import torch
+
+    from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_nki, supports_attention_nki
+
+    device, sync = _device(args)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    def run(fn, cast):
+        t, mem, memory = attention_inputs(args, device, cast)
+        out = fn(t["q"], t["k"], t["v"], args.window, 128, t["k_fade"], t["v_fade"], t["q_eid"], memory)
+        return [out, *torch.autograd.grad(out.float().sum(), [*t.values(), *mem])]
+
+    t, _, memory = attention_inputs(args, device, dtype)
+    verdict = supports_attention_nki(t["q"], t["k"], t["v"], args.window, 128, t["k_fade"], t["v_fade"],
+                                     t["q_eid"], memory)
+    if verdict is not True:
+        print(f"check_nki: the nki backend refuses these inputs: {verdict}")
+        return 1
+    names = ["out", "dq", "dk", "dv", "dk_fade", "dv_fade", "dq_eid", "dmemory.k", "dmemory.v"]
+    return timed(args, run, bmojo_attention_chunked, bmojo_attention_nki, dtype, sync, names, torch)
+
+
+def _device(args):
+    import torch
+
+    if args.device == "xla":
+        import torch_xla
+
+        return torch_xla.device(), torch_xla.sync
+    return torch.device("cpu"), (lambda: None)
+
+
+def timed(args, run, chunked, nki_fn, dtype, sync, names, torch):
+    """Reference = the chunked form in fp32; then both forms in ``dtype``, timed side by side."""
+    want = [x.detach().float().cpu() for x in run(chunked, torch.float32)]
     sync()
-    times = {}
-    for label, fn in (("chunked", ssd_chunked), ("nki", ssd_nki)):
+    times, got = {}, None
+    for label, fn in (("chunked", chunked), ("nki", nki_fn)):
         out = run(fn, dtype)  # warm-up (compiles on XLA)
         sync()
         start = time.perf_counter()
@@ -139,11 +222,11 @@ def op(args):
             sync()
         times[label] = (time.perf_counter() - start) / args.repeat
         if label == "nki":
-            got = [t.cpu() for t in out]
+            got = [x.detach().float().cpu() for x in out]
+    sizes = ", ".join(f"{k} {v}" for k, v in vars(args).items() if k not in ("check", "simulate", "repeat"))
     print(f"forward+backward per call: chunked {times['chunked'] * 1e3:.2f} ms, nki {times['nki'] * 1e3:.2f} ms "
-          f"({args.dtype}, {args.device}, batch {args.batch}, heads {args.heads}, L {args.length}, "
-          f"P {args.head_dim}, N {args.state})")
-    return report(zip(["y", "state", *(f"d{n}" for n in names)], got, want), TOL[args.dtype], torch)
+          f"({sizes})")
+    return report(zip(names, got, want), TOL[args.dtype], torch)
 
 
 def report(rows, tol, torch):
@@ -158,15 +241,16 @@ def report(rows, tol, torch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="check_nki.py", description=__doc__.split("\n")[0])
-    parser.add_argument("check", choices=("budget", "kernel", "op"))
+    parser.add_argument("check", choices=("budget", "kernel", "op", "attn-kernel", "attn-op"))
     for flag, default in (("--batch", 1), ("--heads", 8), ("--length", 2048), ("--head-dim", 64), ("--state", 128),
-                          ("--repeat", 5)):
+                          ("--window", 512), ("--memory", 128), ("--repeat", 5)):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--device", choices=("xla", "cpu"), default="xla")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--simulate", action="store_true", help="kernel: neuronxcc simulate_kernel, not hardware")
     args = parser.parse_args(argv)
-    return {"budget": budget, "kernel": kernel, "op": op}[args.check](args)
+    checks = {"budget": budget, "kernel": kernel, "op": op, "attn-kernel": attn_kernel, "attn-op": attn_op}
+    return checks[args.check](args)
 
 
 if __name__ == "__main__":
