@@ -143,17 +143,3 @@ def test_kernel_sources_equal_the_twin(case, attn_kernels):
             assert np.abs(g).max() == 0, name
         else:
             assert rel_err(torch.from_numpy(np.asarray(g)), want) <= 1e-5, name
-
-
-def test_check_nki_attn_op_compares_the_backend_with_the_chunked_path():
-    import os
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[1] / "neuron" / "check_nki.py"
-    argv = ["attn-op", "--device", "cpu", "--dtype", "fp32", "--heads", "2", "--length", "256", "--head-dim", "16",
-            "--window", "128", "--memory", "8", "--repeat", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BMOJO_NKI_STANDIN": "1"}
-    out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "check_nki: OK" in out.stdout and "dmemory.v" in out.stdout

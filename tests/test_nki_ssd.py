@@ -193,34 +193,46 @@ def test_standin_rules_each_fail_where_trn1_would():
 # ------------------------------------------------------------------------------ neuron/check_nki.py (hardware checklist)
 
 
-def _check_nki(*argv, **env):
-    import os
-    import subprocess
-    import sys
-
+def _check_nki(capsys, monkeypatch, *argv, **env):
+    """Run neuron/check_nki.py in this process: (exit status, stdout)."""
     script = Path(__file__).resolve().parents[1] / "neuron" / "check_nki.py"
-    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    spec = importlib.util.spec_from_file_location("check_nki", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    status = module.main(list(argv))
+    return status, capsys.readouterr().out
 
 
-def test_check_nki_budget_counts_the_kernel_source_work():
-    out = _check_nki("budget", "--heads", "2", "--length", "256")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+def test_check_nki_budget_counts_the_kernel_source_work(capsys, monkeypatch):
+    status, out = _check_nki(capsys, monkeypatch, "budget", "--heads", "2", "--length", "256")
+    assert status == 0
+    lines = out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["forward", "backward"]
     # fwd per chunk: 2*128^3 (cumsum broadcast) is the largest single product, so the count is at least that
     assert float(lines[0].split()[1]) * 1e9 >= 2 * 2 * 2 * 128**3
 
 
-def test_check_nki_op_compares_the_backend_with_the_chunked_path():
-    out = _check_nki("op", "--device", "cpu", "--dtype", "fp32", "--heads", "2", "--length", "256", "--repeat", "1",
-                     "--head-dim", "16", "--state", "16",
-                     BMOJO_NKI_STANDIN="1")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "check_nki: OK" in out.stdout and "dinitial_state" in out.stdout
-    refused = _check_nki("op", "--device", "cpu", "--length", "200", "--repeat", "1", BMOJO_NKI_STANDIN="1")
-    assert refused.returncode == 1
-    assert "refuses these inputs: sequence length 200 is not a multiple of 128" in refused.stdout
+def test_check_nki_op_compares_the_backend_with_the_chunked_path(capsys, monkeypatch):
+    status, out = _check_nki(capsys, monkeypatch, "op", "--device", "cpu", "--dtype", "fp32", "--heads", "2",
+                             "--length", "256", "--repeat", "1", "--head-dim", "16", "--state", "16",
+                             BMOJO_NKI_STANDIN="1")
+    assert status == 0, out
+    assert "check_nki: OK" in out and "dinitial_state" in out
+    status, out = _check_nki(capsys, monkeypatch, "op", "--device", "cpu", "--length", "200", "--repeat", "1",
+                             BMOJO_NKI_STANDIN="1")
+    assert status == 1
+    assert "refuses these inputs: sequence length 200 is not a multiple of 128" in out
+
+
+def test_check_nki_attn_op_compares_the_backend_with_the_chunked_path(capsys, monkeypatch):
+    status, out = _check_nki(capsys, monkeypatch, "attn-op", "--device", "cpu", "--dtype", "fp32", "--heads", "2",
+                             "--length", "256", "--head-dim", "16", "--window", "128", "--memory", "8", "--repeat",
+                             "1", BMOJO_NKI_STANDIN="1")
+    assert status == 0, out
+    assert "check_nki: OK" in out and "dmemory.v" in out
 
 
 def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):

@@ -1,7 +1,7 @@
 """Joint B'MOJO attention, forward and backward, as Beta-1 NKI kernels for trn1 (``neuronxcc.nki``, Neuron SDK 2.28).
 
-Importing this module imports ``neuronxcc``; nothing in the package does so yet (no registry entry:
-docs/kernels.md). The CPU tests run this source through the NumPy stand-in (``tests/nki_standin``) against the
+Importing this module imports ``neuronxcc``: only ``nki_backend.py`` does so, and only when the ``nki`` backend
+runs on a Neuron device (docs/kernels.md). The CPU tests run this source through the NumPy stand-in (``tests/nki_standin``) against the
 algorithm twin ``nki_twin.attention_twin_fwd`` / ``attention_twin_bwd``.
 
 Grid ``[batch, heads]``; each program walks its 128-query tiles. Per tile, one online softmax (running ``m, l, o``

@@ -1,6 +1,6 @@
-"""Algorithm twin of the planned joint B'MOJO attention NKI kernel (the kernel itself is not written yet;
-docs/kernels.md): one online softmax per 128-query tile over the window key tiles, the fading key tiles and one
-eidetic tile, emitting the output and the log-sum-exp; a backward that recomputes the probabilities from the lse.
+"""Algorithm twin of the joint B'MOJO attention NKI kernels (``nki.py``; docs/kernels.md): one online softmax
+per 128-query tile over the window key tiles, the fading key tiles and one eidetic tile, emitting the output and
+the log-sum-exp; a backward that recomputes the probabilities from the lse.
 
 Everything data-dependent stays outside, in XLA (``kernel_inputs``): keys are padded in front (W for the window,
 2W for the fading keys) so that chunk ``c``'s key tile ``t`` is block ``c + t``; the band masks are static additive
@@ -9,8 +9,8 @@ tiles, one per tile offset; front padding is an additive key bias; eidetic valid
 tile that is fully masked so far cannot produce NaN; the query's own key is always visible, so every row ends with a
 real maximum and the masked terms become exact zeros).
 
-Scope (what the kernel's verifier would require): chunk = tile = 128 in the kernel (any C here), L and W multiples
-of C, no key padding mask. Layouts: q/qe [b,H,L,D] pre-scaled; kw/vw [b,H,W+L,D]; kf/vf [b,H,2W+L,D];
+Scope (what ``nki_backend.supports_attention_nki`` requires): chunk = tile = 128 in the kernel (any C here),
+L and W multiples of C, no key padding mask. Layouts: q/qe [b,H,L,D] pre-scaled; kw/vw [b,H,W+L,D]; kf/vf [b,H,2W+L,D];
 mk/mv [b,H,nC,M,D]; ebias [b,1,nC,C,M]. fp32 accumulation; ``mm_dtype`` rounds every matmul operand.
 """
 
