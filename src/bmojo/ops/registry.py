@@ -8,10 +8,14 @@ Backends:
 * ``"reference"``: the sequential SSD loop, dense masked attention and the plain-loop selection policy; slow,
   for the tests that check the whole model against the references.
 
-A further backend (e.g. Trainium NKI kernels) registers its functions here with ``register(op, name,
-supports=...)``; ``supports(*args, **kwargs)`` is a cheap per-call check (dtype, device, shape limits). Where the
-active backend has no implementation of an op, or its check says no, the call runs the ``"chunked"`` form and the
-fallback is logged once per (op, backend). Every form of an op takes the same arguments.
+* ``"nki"``: Beta-1 NKI kernels for trn1 (``ops/ssd/nki.py``; docs/kernels.md), for the ops that have one.
+
+A backend registers its functions here with ``register(op, name, supports=...)``; ``supports(*args, **kwargs)``
+is a cheap per-call check (dtype, device, shape limits) returning True, or False or a one-line reason to refuse.
+Where the active backend has no implementation of an op, or its check says no, the call runs the ``"chunked"``
+form and the fallback (with the reason) is logged once per (op, backend). Every form of an op takes the same
+arguments. ``register_backend(name, unavailable)`` adds a whole-backend check (``unavailable()`` -> None or why
+not): choosing such a backend where it cannot run at all raises ``BackendUnavailable``, one line.
 
 Select with ``BMOJO_BACKEND=reference`` or ``with use_backend("reference"): ...``. Model code calls
 ``dispatch(op)`` and never asks which backend is active.
@@ -24,6 +28,8 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from ..errors import BMojoError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = "chunked"
@@ -32,6 +38,22 @@ DEFAULT_BACKEND = "chunked"
 _TABLE: dict[tuple[str, str], tuple[Callable, Callable[..., bool] | None]] = {}
 _active = os.environ.get("BMOJO_BACKEND", DEFAULT_BACKEND)
 _warned: set[tuple[str, str]] = set()
+_UNAVAILABLE: dict[str, Callable[[], str | None]] = {}
+
+
+class BackendUnavailable(BMojoError):
+    """The chosen backend cannot run in this environment at all (the message says why, in one line)."""
+
+
+def register_backend(name: str, unavailable: Callable[[], str | None]) -> None:
+    """``unavailable()`` says why backend ``name`` cannot run here (None where it can); checked when chosen."""
+    _UNAVAILABLE[name] = unavailable
+
+
+def _ensure_available(name: str) -> None:
+    why = _UNAVAILABLE[name]() if name in _UNAVAILABLE else None
+    if why:
+        raise BackendUnavailable(f"backend {name!r} cannot run here: {why}; choose one of {backends()}")
 
 
 def register(op: str, backend: str, supports: Callable[..., bool] | None = None):
@@ -56,7 +78,10 @@ def _check(name: str) -> None:
 
 
 def dispatch(op: str) -> Callable:
-    """The function that runs ``op`` on the active backend; call it with the op's arguments."""
+    """The function that runs ``op`` on the active backend; call it with the op's arguments.
+
+    Raises ``BackendUnavailable`` where the active backend (e.g. ``BMOJO_BACKEND=nki``) cannot run here at all."""
+    _ensure_available(_active)
     entry = _TABLE.get((op, _active))
     if entry is None:
         _fallback(op, "has no implementation")
@@ -66,9 +91,11 @@ def dispatch(op: str) -> Callable:
         return fn
 
     def checked(*args, **kwargs):
-        if supports(*args, **kwargs):
+        verdict = supports(*args, **kwargs)
+        if verdict is True:
             return fn(*args, **kwargs)
-        _fallback(op, "does not support these inputs")
+        _fallback(op, f"does not support these inputs ({verdict})" if isinstance(verdict, str) else
+                  "does not support these inputs")
         return _TABLE[(op, DEFAULT_BACKEND)][0](*args, **kwargs)
 
     return checked
@@ -82,9 +109,11 @@ def _fallback(op: str, why: str) -> None:
 
 @contextmanager
 def use_backend(name: str):
-    """Run the enclosed code with backend ``name`` (``ValueError`` for a name nothing registered)."""
+    """Run the enclosed code with backend ``name`` (``ValueError`` for a name nothing registered,
+    ``BackendUnavailable`` for one that cannot run here)."""
     global _active
     _check(name)
+    _ensure_available(name)
     previous, _active = _active, name
     try:
         yield
