@@ -205,8 +205,9 @@ def test_sigkill_then_resume_at_tp2_repeats_the_uninterrupted_run(runs, corpus, 
          "(4 processes / tp 2) x grad_accum (2 x 2), got 6"),
     ],
 )  # fmt: skip
-def test_bad_combinations_are_one_line_before_any_process_group(corpus, tmp_path, monkeypatch, capsys, extra, world,
-                                                                message):
+def test_bad_combinations_are_one_line_before_any_process_group(
+    corpus, tmp_path, monkeypatch, capsys, extra, world, message
+):
     # WORLD_SIZE as torchrun sets it: the settings are checked before the process group is formed.
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("RANK", "0")
@@ -215,3 +216,16 @@ def test_bad_combinations_are_one_line_before_any_process_group(corpus, tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bmojo: error: ") and message in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_checkpoint_saved_before_the_end_loads_merged_for_eval_and_export(runs, tmp_path):
+    early = ckpt.list_checkpoints(runs["tp2dp2"])[0]
+    assert not (early / "model.safetensors").exists()  # only the last checkpoint carries the merged model
+    assert ckpt.resolve_checkpoint(early) == early
+    model = ckpt.load_model(early)  # what bmojo eval / generate / export read
+    shards = [load_file(early / f"model-tp{r}-of-2.safetensors") for r in range(2)]
+    name = "model.layers.1.mlp.down_proj.weight"  # row-parallel: columns concatenated
+    assert torch.equal(model.state_dict()[name], torch.cat([shards[0][name], shards[1][name]], dim=1))
+    assert main(["export", str(early), "--out", str(tmp_path / "exported")]) == 0
+    exported = BMojoForCausalLM.from_pretrained(tmp_path / "exported")
+    assert torch.equal(exported.state_dict()[name].double(), model.state_dict()[name])

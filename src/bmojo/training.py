@@ -572,14 +572,14 @@ def _start_run_directory(out: Path, plan: RunPlan, metrics: MetricsLog) -> None:
 
 
 def _finish_run(
-    out: Path, model, tokenizer, cfg: TrainConfig, device: Device, metrics: MetricsLog, say, sample_from_checkpoint=False
+    out: Path, model, tokenizer, cfg: TrainConfig, device: Device, metrics: MetricsLog, say, from_checkpoint=False
 ) -> None:
     """The end-of-run work once the last checkpoint exists: the loss curve and the sample."""
     plot_loss_curve(metrics.read(), out / "loss_curve.png")
     # Sampling is a host-driven loop of one-token steps: on XLA (and for a sharded model) it runs on a CPU copy of
     # the final checkpoint.
     last = ckpt.list_checkpoints(out)[-1]
-    sampler = ckpt.load_model(last) if device.is_xla or sample_from_checkpoint else model
+    sampler = ckpt.load_model(last) if device.is_xla or from_checkpoint else model
     sample = generate_text(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
     ckpt.write_text_atomic(out / "sample.txt", sample + "\n")
     say(f"sample ({out / 'sample.txt'}):\n{sample}")
@@ -603,7 +603,8 @@ def _train(procs: Processes, plan: RunPlan) -> dict:
     # tp x dp (bmojo.parallel.training): data, losses and evaluation over the data-parallel processes
     ctx = parallel_context(cfg.tp)
     data_procs = Processes(ctx.dp_rank, ctx.dp_size, procs.local_world_size, ctx.dp_group)
-    parallel = cfg.tp > 1 or cfg.zero1 or cfg.dtype != "float32" or bool(checkpoint and is_parallel_checkpoint(checkpoint))
+    resuming_parallel = checkpoint is not None and is_parallel_checkpoint(checkpoint)
+    parallel = cfg.tp > 1 or cfg.zero1 or cfg.dtype != "float32" or resuming_parallel
     if parallel:
         model = ptrain.build_model(plan.model_config, ctx, cfg.seed, cfg.dtype, checkpoint)
     else:
@@ -763,5 +764,5 @@ def _train(procs: Processes, plan: RunPlan) -> dict:
             started = time.perf_counter()
 
     if procs.is_main:
-        _finish_run(out, model, tokenizer, cfg, device, metrics, say, sample_from_checkpoint=cfg.tp > 1)
+        _finish_run(out, model, tokenizer, cfg, device, metrics, say, from_checkpoint=cfg.tp > 1)
     return result

@@ -79,7 +79,9 @@ def build_model(config, ctx: ParallelContext, seed: int, dtype: str, checkpoint:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if missing or unexpected:
-            raise BMojoError(f"the weights in {checkpoint} do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise BMojoError(
+                f"the weights in {checkpoint} do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
     return model
 
 
