@@ -229,3 +229,19 @@ def test_a_checkpoint_saved_before_the_end_loads_merged_for_eval_and_export(runs
     assert main(["export", str(early), "--out", str(tmp_path / "exported")]) == 0
     exported = BMojoForCausalLM.from_pretrained(tmp_path / "exported")
     assert torch.equal(exported.state_dict()[name].double(), model.state_dict()[name])
+
+
+def test_resume_at_tp2_from_a_run_without_tp_continues_it(corpus, tmp_path):
+    # float32 (the default): the run writes checkpoint.py's own format (AdamW state by parameter index).
+    whole = tmp_path / "whole"
+    run(tiny(corpus, whole, "--set", "train.dtype=float32"))
+    assert not list(ckpt.list_checkpoints(whole)[0].glob("training_state-rank*"))
+    resumed = _resume_copy(whole, tmp_path / "resumed", 3)
+    stdout = run(tiny(corpus, resumed, "--set", "train.dtype=float32", "--resume", "--tp", "2"), 2)
+    assert "tp 2 x dp 1" in stdout
+    for split in ("train", "val"):
+        a, e = records(resumed, split), records(whole, split)
+        assert [r["step"] for r in a] == [r["step"] for r in e]
+        for ra, re in zip(a, e, strict=True):
+            for key in ra:
+                assert ra[key] == pytest.approx(re[key], rel=1e-4, abs=1e-6), (split, ra["step"], key)

@@ -115,6 +115,12 @@ class TrainConfig:
         except ValueError as exc:
             raise BMojoError(f"--tp {self.tp}: the model's {exc}") from None
         launch = "launch with torchrun --nproc_per_node=<a multiple of the tensor-parallel degree>"
+        if (self.tp > 1 or self.zero1) and self.device != "cpu":
+            what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
+            raise BMojoError(
+                f"{what} runs on --device cpu (gloo) only so far: on trn1 the neuronx-distributed path "
+                "(bmojo.parallel.neuron.initialize_neuron_training) is not wired into bmojo train yet"
+            )
         if (self.tp > 1 or self.zero1) and world_size == 1:
             what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
             raise BMojoError(f"{what} needs a process group and this is a single process: {launch}")

@@ -615,7 +615,7 @@ def _train(procs: Processes, plan: RunPlan) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl")
     start, start_tokens = 0, 0
     if checkpoint is not None:
-        if is_parallel_checkpoint(checkpoint):
+        if parallel:  # any checkpoint, at any TP degree: shards merged and split by the plan
             state = ptrain.load_training_state(checkpoint, model, optimizer, ctx)
         else:
             state = ckpt.load_training_state(checkpoint, optimizer)

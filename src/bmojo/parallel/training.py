@@ -123,6 +123,7 @@ def save(out: Path, step: int, model, optimizer, ctx: ParallelContext, state: di
             for key, value in s.items()
         }
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors["layout.tp_rank"] = torch.tensor(ctx.tp_rank)  # groups need not be tp-major (NxD's are strided)
         save_file(tensors, tmp / rank_state_file(rank, world))
     except OSError as exc:
         raise BMojoError(f"cannot save the checkpoint {final}: {exc.strerror or exc}") from exc
@@ -156,21 +157,41 @@ def _commit(tmp: Path, final: Path, config, ctx: ParallelContext, world: int, st
     ckpt.fsync(final.parent)
 
 
+def _single_process_state(checkpoint: Path, model, optimizer) -> tuple[dict, list[dict], list[int]]:
+    """A checkpoint of a run without ``--tp``/``--zero1`` (``checkpoint.py``'s format: AdamW state by parameter
+    index) as one rank file keyed by parameter name. The indices follow ``make_optimizer``'s groups, whose order
+    (by name) a sharded model and ZeRO-1's ``param_groups`` keep."""
+    state, tensors = ckpt._read_training_state(checkpoint)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    renamed = {"rng.torch": tensors.pop("rng.torch")}
+    for key, value in tensors.items():
+        _, index, kind = key.split(".", 2)
+        renamed[f"optimizer.{order[int(index)]}.{kind}"] = value
+    return {**state, "layout": {"tp": 1, "world": 1}}, [renamed], [0]
+
+
 def load_training_state(checkpoint: Path, model, optimizer, ctx: ParallelContext) -> dict:
-    """Restore this rank's AdamW state (from a checkpoint of any layout) and its RNG; return the JSON state."""
+    """Restore this rank's AdamW state (from a checkpoint of any layout, or of a run without ``--tp``) and its
+    RNG; return the JSON state."""
     try:
-        state = json.loads((checkpoint / ckpt.STATE_JSON).read_text())
+        if not is_parallel_checkpoint(checkpoint):
+            state, files, tp_ranks = _single_process_state(checkpoint, model, optimizer)
+        else:
+            state = json.loads((checkpoint / ckpt.STATE_JSON).read_text())
+            world = state["layout"]["world"]
+            files = [load_file(checkpoint / rank_state_file(g, world)) for g in range(world)]
+            tp_ranks = [int(tensors["layout.tp_rank"]) for tensors in files]
         old_tp, old_world = state["layout"]["tp"], state["layout"]["world"]
-        files = [load_file(checkpoint / rank_state_file(g, old_world)) for g in range(old_world)]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise BMojoError(f"cannot read the training state in {checkpoint}: {exc!r}") from None
     # Each old tensor-parallel rank's state: the union over its data-parallel ranks (ZeRO-1 splits it among them).
     per_tp: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(old_tp)]
-    for g, tensors in enumerate(files):
+    for tp_rank, tensors in zip(tp_ranks, files, strict=True):
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 pname, kind = key[len("optimizer.") :].rsplit(".", 1)
-                per_tp[g % old_tp].setdefault(kind, {}).setdefault(pname, value)
+                per_tp[tp_rank].setdefault(kind, {}).setdefault(pname, value)
     config = model.config
     mine: dict[str, dict[str, torch.Tensor]] = {}
     try:
