@@ -246,3 +246,16 @@ def test_resume_at_tp2_from_a_run_without_tp_continues_it(corpus, tmp_path):
         for ra, re in zip(a, e, strict=True):
             for key in ra:
                 assert ra[key] == pytest.approx(re[key], rel=1e-4, abs=1e-6), (split, ra["step"], key)
+
+
+def test_memory_table_counts_the_parameters_a_rank_holds():
+    from bmojo.configuration_bmojo import BMojoConfig
+    from bmojo.parallel import memory, split_state_dict
+    from bmojo.presets import PRESETS
+
+    config = BMojoConfig(**{**PRESETS["tiny"], "ssm_ngroups": 2})
+    full = {n: p.detach() for n, p in BMojoForCausalLM(config).named_parameters()}  # tied head once
+    for tp in (1, 2):
+        assert memory.rank_parameters(config, tp) == sum(t.numel() for t in split_state_dict(full, config, tp)[0].values())
+    one, two = (memory.saved_activation_bytes(config, tp, 32) for tp in (1, 2))
+    assert 0 < two < one

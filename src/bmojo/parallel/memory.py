@@ -113,7 +113,8 @@ def activation_model(preset: dict, tp: int, lengths=(256, 512)) -> tuple[float, 
 
 
 def table(presets, seq_lens, cores: int = 32, degrees=(1, 2, 4, 8)) -> list[dict]:
-    """One row per (preset, tp, sequence length): GiB per NeuronCore of each part, with and without ZeRO-1."""
+    """One row per (preset, tp, sequence length): GiB per NeuronCore of each part, with and without ZeRO-1. Degrees
+    whose weights, gradients and ZeRO-1 state alone exceed the HBM are left out."""
     rows = []
     for name in presets:
         config = BMojoConfig(**PRESETS[name])
@@ -123,8 +124,10 @@ def table(presets, seq_lens, cores: int = 32, degrees=(1, 2, 4, 8)) -> list[dict
             except ValueError:
                 continue
             params = rank_parameters(config, tp)
-            a, b, c, d = activation_model(PRESETS[name], tp)
             dp = cores // tp
+            if 8 * params + 8 * params / dp > HBM_PER_CORE:  # no room left: not worth measuring (1.4b at tp 1)
+                continue
+            a, b, c, d = activation_model(PRESETS[name], tp)
             for seq_len in seq_lens:
                 act = a + b * seq_len + config.num_hidden_layers * (c + d * seq_len)
                 weights, grads, adam = 4 * params, 4 * params, 8 * params
