@@ -35,6 +35,8 @@ MASTER_ADDR_OPT=""
 MASTER_PORT_OPT=29500
 DRY_RUN=0
 BF16=1
+TP=1
+ZERO1=0
 PASSTHROUGH=()
 SHIFT=1
 
@@ -63,6 +65,11 @@ parse_args() {
                 ;;
             --dry-run) DRY_RUN=1 ;;
             --fp32) BF16=0 ;;
+            --zero1) ZERO1=1 ;;
+            --tp | --tp=*)
+                option_value --tp "$@"
+                TP=$VALUE
+                ;;
             --nnodes | --nnodes=*)
                 option_value --nnodes "$@"
                 NNODES=$VALUE
@@ -140,6 +147,15 @@ validate_passthrough() {
     done
 }
 
+# --tp: an integer that divides the processes of one node, so that a tensor-parallel group (adjacent ranks) never
+# spans two nodes (its all-reduces run every layer; bmojo train checks the model's sizes against it).
+validate_parallel() {
+    local nproc=$1
+    require_int --tp "$TP" 1 "$nproc"
+    TP=$((10#$TP))
+    ((nproc % TP == 0)) || usage_error "--tp must divide the $nproc NeuronCores of a node, got $TP"
+}
+
 # TORCHRUN: the torchrun command for NPROC processes on this node (plus the multi-node options).
 build_torchrun() {
     local nproc=$1
@@ -151,6 +167,13 @@ build_torchrun() {
     TRAIN=(-m bmojo.cli train --device xla)
     if ((BF16)); then
         TRAIN+=(--bf16)
+    fi
+    # Tensor parallelism and ZeRO-1 through neuronx-distributed (bmojo.parallel.neuron; neuron/README.md, 4.).
+    if ((TP > 1)); then
+        TRAIN+=(--tp "$TP")
+    fi
+    if ((ZERO1)); then
+        TRAIN+=(--zero1)
     fi
 }
 
@@ -179,6 +202,9 @@ LAUNCH_OPTIONS_HELP="Options:
   --dry-run            print the command (one line, shell-quoted) instead of running it; arguments are still
                        validated, the environment is not checked, so this works on any machine
   --fp32               leave out --bf16 (default: bmojo train --bf16, bfloat16 autocast)
+  --tp N               tensor-parallel degree, passed as bmojo train --tp N (default 1); divides the NeuronCores
+                       of a node. Recommended per preset: neuron/README.md, \"Tensor parallelism and ZeRO-1\"
+  --zero1              shard the AdamW state over the data-parallel ranks (bmojo train --zero1)
   -h, --help           this help
 Exit status: 0 done, 2 bad arguments, 3 environment not ready (one line per missing piece), else the job's own."
 MULTI_NODE_HELP="Multi-node (every node runs the same command with its own --node-rank):
@@ -207,6 +233,7 @@ launch_training() {
     fi
     parse_args "$@"
     validate_nodes "$multi_node_ok"
+    validate_parallel "$nproc"
     validate_passthrough
     build_torchrun "$nproc"
     local command=("${TORCHRUN[@]}" "${TRAIN[@]}" "${PASSTHROUGH[@]}")

@@ -4,7 +4,7 @@
 # neuron_parallel_compile runs the same torchrun command as a short trial in which graphs are only extracted
 # (NEURON_EXTRACT_GRAPHS_ONLY: the numbers it computes are garbage), then compiles all of them in parallel into
 # NEURON_COMPILE_CACHE_URL. The graphs depend on the model, the shapes (batch, sequence length), bf16 and the
-# number of processes, so give it the same instance size, node count and bmojo train arguments as the real run.
+# number of processes, and on --tp and --zero1 (other collectives, other shapes), so give it the same instance size, node count and bmojo train arguments as the real run.
 set -euo pipefail
 
 SCRIPT=$(basename "$0")
@@ -66,6 +66,7 @@ case "$INSTANCE" in
     *) usage_error "--instance must be trn1.2xlarge or trn1.32xlarge, got '$INSTANCE'" ;;
 esac
 validate_nodes "$MULTI_NODE_OK"
+validate_parallel "$NPROC"
 require_int --trial-steps "$TRIAL_STEPS" 1
 TRIAL_STEPS=$((10#$TRIAL_STEPS))
 validate_passthrough

@@ -50,7 +50,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest checkpoint of a run directory."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or _tp_shards(path):
         return path
     found = list_checkpoints(path)
     if not found:
@@ -58,6 +58,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{str(path)!r} is neither a checkpoint (model.safetensors) nor a run directory with checkpoints"
         )
     return found[-1]
+
+
+def _tp_shards(checkpoint: Path) -> list[Path]:
+    """The ``model-tp{r}-of-{N}.safetensors`` files of a ``--tp`` run's checkpoint (``bmojo.parallel.training``)."""
+    return sorted(checkpoint.glob("model-tp*-of-*.safetensors")) if checkpoint.is_dir() else []
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -267,6 +272,8 @@ def load_model(checkpoint: Path) -> BMojoForCausalLM:
         )
     verify_checkpoint(checkpoint)
     config = _read_config(checkpoint, "load the model")
+    if not (checkpoint / "model.safetensors").is_file() and _tp_shards(checkpoint):
+        return _load_sharded(checkpoint, config)
     _check_shapes(checkpoint, config)
     try:
         model = BMojoForCausalLM.from_pretrained(
@@ -275,6 +282,23 @@ def load_model(checkpoint: Path) -> BMojoForCausalLM:
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BMojoError(f"cannot load the model in {checkpoint}: {_reason(exc)}") from exc
     return model
+
+
+def _load_sharded(checkpoint: Path, config: BMojoConfig) -> BMojoForCausalLM:
+    """The full model of a ``--tp`` checkpoint without the merged ``model.safetensors`` (one saved before the end
+    of the run): its shards merged by the sharding plan (``bmojo.parallel.convert``)."""
+    from .parallel.convert import load_full_state_dict
+
+    try:
+        _, full = load_full_state_dict(checkpoint)
+        model = BMojoForCausalLM(config).to(next(iter(full.values())).dtype)
+        missing, unexpected = model.load_state_dict(full, strict=False)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise BMojoError(f"cannot load the model in {checkpoint}: {_reason(exc)}") from exc
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise BMojoError(f"cannot load the model in {checkpoint}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
 
 
 def _read_training_state(checkpoint: Path) -> tuple[dict, dict]:

@@ -93,6 +93,8 @@ TRAIN_FLAGS = {
     "--device": dict(metavar="NAME", help="cpu, or xla (Trainium through torch-xla; see neuron/README.md)"),
     "--threads": dict(type=int, metavar="N", help="torch threads per process (0: the cores, shared among processes)"),
     "--bf16": dict(action="store_true", help="bfloat16 autocast"),
+    "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
+    "--zero1": dict(action="store_true", help="shard the AdamW state over the data-parallel processes (ZeRO-1)"),
 }
 
 TRAIN_EXAMPLES = """examples:
@@ -102,6 +104,7 @@ TRAIN_EXAMPLES = """examples:
   bmojo train --out runs/notes --resume         # continue after a crash or to more --steps
   bmojo train --config runs/notes/train_config.yaml --out runs/again   # the same run again
   torchrun --standalone --nproc_per_node=2 -m bmojo_cli train --out runs/ddp
+  torchrun --standalone --nproc_per_node=4 -m bmojo_cli train --preset tiny --tp 2 --zero1 --out runs/tp
 """
 
 

@@ -42,6 +42,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # or "xla": Trainium through torch-xla (bmojo.devices)
     threads: int = 0  # torch threads per process; 0 = the cores, shared among the processes
+    tp: int = 1  # tensor-parallel degree: processes per model replica (torchrun; bmojo.parallel.training)
+    zero1: bool = False  # shard the AdamW state over the data-parallel processes (ZeRO-1)
+    dtype: str = "float32"  # parameter dtype on the CPU; "float64" for the exactness tests (no flag)
     val_fraction: float = 0.01
     eval_every: int = 100  # 0: evaluate only before and after training
     eval_batches: int = 8
@@ -105,12 +108,41 @@ class TrainConfig:
             "seq_len",
             f"at least model.chunk_size ({model_config.chunk_size}): a sequence must hold a whole chunk",
         )
-        processes = world_size * self.grad_accum
+        check(self.dtype in ("float32", "float64"), "dtype", "float32 or float64")
+        check(self.device == "cpu" or self.dtype == "float32", "dtype", "float32 on xla")
+        self._check_parallel(model_config, world_size)
+        dp_size = world_size // self.tp
+        processes = dp_size * self.grad_accum
+        which = "processes" if self.tp == 1 else f"data-parallel groups ({world_size} processes / tp {self.tp})"
         check(
             self.batch_size % processes == 0,
             "batch_size",
-            f"a multiple of processes x grad_accum ({world_size} x {self.grad_accum})",
+            f"a multiple of {which} x grad_accum ({dp_size} x {self.grad_accum})",
         )
+
+    def _check_parallel(self, model_config: BMojoConfig, world_size: int) -> None:
+        """``tp`` against the model (it divides every sharded size) and the processes (it divides their number;
+        more than one needs torchrun); ``zero1`` needs torchrun."""
+        from .parallel.plan import check_tp_size  # imports torch
+
+        if self.tp < 1:
+            raise BMojoError(f"train.tp must be at least 1, got {self.tp!r}")
+        try:
+            check_tp_size(model_config, self.tp)
+        except ValueError as exc:
+            raise BMojoError(f"--tp {self.tp}: the model's {exc}") from None
+        launch = "launch with torchrun --nproc_per_node=<a multiple of the tensor-parallel degree>"
+        if (self.tp > 1 or self.zero1) and self.device != "cpu":
+            what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
+            raise BMojoError(
+                f"{what} runs on --device cpu (gloo) only so far: on trn1 the neuronx-distributed path "
+                "(bmojo.parallel.neuron.initialize_neuron_training) is not wired into bmojo train yet"
+            )
+        if (self.tp > 1 or self.zero1) and world_size == 1:
+            what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
+            raise BMojoError(f"{what} needs a process group and this is a single process: {launch}")
+        if world_size % self.tp:
+            raise BMojoError(f"--tp {self.tp} must divide the number of processes ({world_size}): {launch}")
 
 
 def _coerce(name: str, value, default):

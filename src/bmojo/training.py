@@ -55,6 +55,10 @@ from .data import Corpus, batch_positions, load_corpus
 from .devices import Device
 from .errors import BMojoError, TrainingDiverged
 from .modeling_bmojo import BMojoForCausalLM
+from .parallel import training as ptrain
+from .parallel.tensor_parallel import clip_grad_norm_ as parallel_clip_grad_norm_
+from .parallel.tensor_parallel import parallel_context
+from .parallel.training import is_parallel_checkpoint
 from .plotting import plot_loss_curve
 from .settings import DEFAULT_PRESET, TrainConfig, _coerce, run_file_sections  # noqa: F401 (re-exported)
 from .tokenization import load_tokenizer
@@ -64,7 +68,7 @@ RUN_FILE = "train_config.yaml"
 LOCK_FILE = ".lock"
 # Training settings that --resume may change without --allow-changes: they do not alter what a step computes.
 RESUMABLE = (
-    *("out", "steps", "eval_every", "save_every", "threads"),
+    *("out", "steps", "eval_every", "save_every", "threads", "tp", "zero1"),
     *("keep_checkpoints", "sample_prompt", "sample_tokens"),
 )
 
@@ -126,6 +130,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    group: object = None  # the torch.distributed group these processes form (None: all of them)
 
     @property
     def is_main(self) -> bool:
@@ -159,7 +164,7 @@ def default_threads(local_world_size: int) -> int:
 
 def _all_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
     if procs.world_size > 1:
-        dist.all_reduce(values)
+        dist.all_reduce(values, group=procs.group)
     return values
 
 
@@ -317,14 +322,15 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model, cfg: TrainConfig, ctx=None) -> torch.optim.Optimizer:
+    """AdamW; with ``cfg.zero1`` its state sharded over ``ctx``'s data-parallel group (ZeRO-1)."""
     # Weight decay on matrices and embeddings only; norms, biases and the SSM's A/D/dt are left alone.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return ptrain.build_optimizer(groups, ctx, cfg.zero1, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -567,12 +573,15 @@ def _start_run_directory(out: Path, plan: RunPlan, metrics: MetricsLog) -> None:
     plan.tokenizer.save(out / "tokenizer")
 
 
-def _finish_run(out: Path, model, tokenizer, cfg: TrainConfig, device: Device, metrics: MetricsLog, say) -> None:
+def _finish_run(
+    out: Path, model, tokenizer, cfg: TrainConfig, device: Device, metrics: MetricsLog, say, from_checkpoint=False
+) -> None:
     """The end-of-run work once the last checkpoint exists: the loss curve and the sample."""
     plot_loss_curve(metrics.read(), out / "loss_curve.png")
-    # Sampling is a host-driven loop of one-token steps: on XLA it runs on a CPU copy of the final checkpoint.
+    # Sampling is a host-driven loop of one-token steps: on XLA (and for a sharded model) it runs on a CPU copy of
+    # the final checkpoint.
     last = ckpt.list_checkpoints(out)[-1]
-    sampler = ckpt.load_model(last) if device.is_xla else model
+    sampler = ckpt.load_model(last) if device.is_xla or from_checkpoint else model
     sample = generate_text(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
     ckpt.write_text_atomic(out / "sample.txt", sample + "\n")
     say(f"sample ({out / 'sample.txt'}):\n{sample}")
@@ -592,14 +601,25 @@ def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
         device.init_process_group(procs.world_size)
     torch.set_num_threads(cfg.threads or default_threads(procs.local_world_size))
 
-    torch.manual_seed(cfg.seed)
-    model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(plan.model_config)
+    # tp x dp (bmojo.parallel.training): data, losses and evaluation over the data-parallel processes
+    ctx = parallel_context(cfg.tp)
+    data_procs = Processes(ctx.dp_rank, ctx.dp_size, procs.local_world_size, ctx.dp_group)
+    resuming_parallel = checkpoint is not None and is_parallel_checkpoint(checkpoint)
+    parallel = cfg.tp > 1 or cfg.zero1 or cfg.dtype != "float32" or resuming_parallel
+    if parallel:
+        model = ptrain.build_model(plan.model_config, ctx, cfg.seed, cfg.dtype, checkpoint)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(plan.model_config)
     device.place_model(model).train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, ctx)
     metrics = MetricsLog(out / "metrics.jsonl")
     start, start_tokens = 0, 0
     if checkpoint is not None:
-        state = ckpt.load_training_state(checkpoint, optimizer)
+        if parallel:  # any checkpoint, at any TP degree: shards merged and split by the plan
+            state = ptrain.load_training_state(checkpoint, model, optimizer, ctx)
+        else:
+            state = ckpt.load_training_state(checkpoint, optimizer)
         start, start_tokens = state["step"], state["tokens"]
         if procs.is_main:
             for damaged in plan.damaged:
@@ -618,15 +638,19 @@ def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
         return {}
 
     # On the CPU, DDP averages the gradients during backward; on XLA, Device.reduce_gradients does after it.
-    wrapped = DistributedDataParallel(model) if procs.world_size > 1 and not device.is_xla else model
-    batches = StepBatches(corpus, cfg, procs, start)
+    # With --tp, over the data-parallel group only: replicated parameters get the same gradient on every
+    # tensor-parallel rank already (bmojo.parallel.training).
+    ddp = data_procs.world_size > 1 and not device.is_xla
+    wrapped = DistributedDataParallel(model, process_group=ctx.dp_group) if ddp else model
+    batches = StepBatches(corpus, cfg, data_procs, start)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    eval_windows = corpus.val_windows[: cfg.eval_batches * batches.micro_batch * procs.world_size]
+    eval_windows = corpus.val_windows[: cfg.eval_batches * batches.micro_batch * data_procs.world_size]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     say(
         f"run {out}: {sum(p.numel() for p in model.parameters()):,} parameters on {device.torch_device} | "
         f"{len(corpus.tokens):,} tokens ({len(corpus.train_windows):,} train / {len(corpus.val_windows):,} val "
         f"sequences of {cfg.seq_len}) | {procs.world_size} process(es) x {torch.get_num_threads()} thread(s)"
+        + (f" | tp {cfg.tp} x dp {ctx.dp_size}{' | ZeRO-1' if cfg.zero1 else ''}" if parallel else "")
     )
     finished: list[dict] = []  # the record of the step just run, once its values are on the host
 
@@ -662,7 +686,7 @@ def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr  # a new Python float each step is a graph input on XLA, not a constant: no recompile
-        losses = torch.zeros(3, device=device.torch_device)  # loss, lm_loss, innovation_loss
+        losses = torch.zeros(3, dtype=ptrain.DTYPES[cfg.dtype], device=device.torch_device)  # loss, lm, innovation
         for k, x in enumerate(batch):
             # Gradients are averaged across processes once per step, on the last micro-batch.
             last = k == cfg.grad_accum - 1
@@ -672,17 +696,20 @@ def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
                 (output.loss / cfg.grad_accum).backward()
             has_innovation = output.innovation_loss is not None
             innovation = output.innovation_loss if has_innovation else torch.zeros_like(output.loss)
-            losses += torch.stack([output.loss, output.lm_loss, innovation]).detach().float()
+            losses += torch.stack([output.loss, output.lm_loss, innovation]).detach().to(losses.dtype)
         device.reduce_gradients(optimizer, procs.world_size)
         # The global batch's loss: all sequences have seq_len tokens, so it is the mean of the micro-batch means.
-        losses = _all_sum(losses, procs) / (cfg.grad_accum * procs.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        losses = _all_sum(losses, data_procs) / (cfg.grad_accum * data_procs.world_size)
+        if cfg.tp > 1:  # the full model's gradient norm: sharded squares summed over the group, replicated once
+            grad_norm = parallel_clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf, ctx)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         device.after_step(check_and_record, step, lr, losses, grad_norm, has_innovation)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(model, corpus, eval_windows, batches.micro_batch, device, cfg.bf16, procs)
+        result = evaluate(model, corpus, eval_windows, batches.micro_batch, device, cfg.bf16, data_procs)
         if procs.is_main:
             metrics.append({"step": step, "split": "val", **result})
             plot_loss_curve(metrics.read(), out / "loss_curve.png")
@@ -691,6 +718,11 @@ def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
 
     def save(step: int) -> Path:
         """After the step's records: a checkpoint that exists always has them (on XLA the step has run by now)."""
+        if parallel:  # every process writes its part; the last checkpoint also gets the merged model
+            if procs.is_main:
+                metrics.sync()
+            state = {"tokens": tokens_after(step)}
+            return ptrain.save(out, step, model, optimizer, ctx, state, cfg.keep_checkpoints, step == cfg.steps)
         if procs.is_main:
             metrics.sync()
             state = {"tokens": tokens_after(step)}
@@ -733,5 +765,5 @@ def _train(procs: Processes, plan: RunPlan, corpus: Corpus) -> dict:
             started = time.perf_counter()
 
     if procs.is_main:
-        _finish_run(out, model, tokenizer, cfg, device, metrics, say)
+        _finish_run(out, model, tokenizer, cfg, device, metrics, say, from_checkpoint=cfg.tp > 1)
     return result

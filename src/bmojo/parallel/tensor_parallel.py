@@ -40,6 +40,7 @@ __all__ = [
     "check_tp_size",
     "clip_grad_norm_",
     "merge_state_dicts",
+    "parallel_context",
     "parameter_rules",
     "resolve_backend",
     "setup_tensor_parallel",
@@ -134,7 +135,7 @@ def shard_model(model: BMojoForCausalLM, tp_rank: int, tp_size: int, backend="to
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Integration point for a training loop (torchrun; not wired into training.py)
+# Integration point for a training loop (torchrun; bmojo.parallel.training wires it into bmojo train)
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class ParallelContext:
@@ -158,16 +159,28 @@ def setup_tensor_parallel(model: BMojoForCausalLM, tp_size: int, backend="torch"
     """
     if not dist.is_initialized():
         raise BMojoError("setup_tensor_parallel needs torch.distributed.init_process_group() first")
-    world, rank = dist.get_world_size(), dist.get_rank()
     check_tp_size(model.config, tp_size)
+    ctx = parallel_context(tp_size)
+    shard_model(model, ctx.tp_rank, tp_size, backend, group=ctx.tp_group)
+    return ctx
+
+
+def parallel_context(tp_size: int) -> ParallelContext:
+    """The tp x dp layout of the current job, tp-major: ranks ``[k*tp, (k+1)*tp)`` form tensor-parallel group
+    ``k`` (``dp_rank = rank // tp``), ranks with the same ``tp_rank = rank % tp`` form a data-parallel group.
+    Collective (every rank must call it). Without an initialised process group: one process,
+    ``ParallelContext(0, 1, None, 0, 1, None)`` (``tp_size`` must then be 1)."""
+    if not dist.is_initialized():
+        if tp_size != 1:
+            raise BMojoError(f"tensor-parallel size {tp_size} needs torch.distributed.init_process_group() first")
+        return ParallelContext(0, 1, None, 0, 1, None)
+    world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp_size:
         raise ValueError(f"world size {world} is not a multiple of the tensor-parallel size {tp_size}")
     tp_groups = [dist.new_group(list(range(k * tp_size, (k + 1) * tp_size))) for k in range(world // tp_size)]
     dp_groups = [dist.new_group(list(range(r, world, tp_size))) for r in range(tp_size)]
     tp_rank, dp_rank = rank % tp_size, rank // tp_size
-    ctx = ParallelContext(tp_rank, tp_size, tp_groups[dp_rank], dp_rank, world // tp_size, dp_groups[tp_rank])
-    shard_model(model, ctx.tp_rank, tp_size, backend, group=ctx.tp_group)
-    return ctx
+    return ParallelContext(tp_rank, tp_size, tp_groups[dp_rank], dp_rank, world // tp_size, dp_groups[tp_rank])
 
 
 def clip_grad_norm_(parameters, max_norm: float, ctx: ParallelContext | None = None) -> torch.Tensor:
