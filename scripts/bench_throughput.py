@@ -27,6 +27,8 @@ Each model's configuration is printed and stored in the JSON. Only ratios are me
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import shlex
 import statistics
@@ -111,13 +113,17 @@ def describe(model) -> str:
     """One line with what decides a model's cost."""
     c = model.config
     if hasattr(c, "layers_block_type"):
-        kinds = ",".join(sorted(set(c.layers_block_type)))
-        return (
-            f"layers={c.num_hidden_layers}x{kinds} d={c.hidden_size} mlp={c.intermediate_size if c.use_mlp else 0} "
-            f"heads={c.num_attention_heads}/{c.num_key_value_heads} W={c.window_size} C={c.chunk_size} "
-            f"ssd_C={getattr(c, 'ssd_chunk_size', None) or c.chunk_size} fading={c.use_fading} M={c.memory_size} "
-            f"N={c.ssm_state_size} P={c.ssm_head_dim}"
-        )
+        kinds = set(c.layers_block_type)
+        text = f"layers={c.num_hidden_layers}x{','.join(sorted(kinds))} d={c.hidden_size} "
+        text += f"mlp={c.intermediate_size if c.use_mlp else 0} "
+        if kinds & {"attention", "bmojo"}:
+            text += f"heads={c.num_attention_heads}/{c.num_key_value_heads} W={c.window_size} C={c.chunk_size} "
+        if "bmojo" in kinds:
+            text += f"fading={c.use_fading} M={c.memory_size} "
+        if kinds & {"ssm", "bmojo"}:
+            chunk = getattr(c, "ssd_chunk_size", None) or c.chunk_size
+            text += f"ssd_C={chunk} N={c.ssm_state_size} P={c.ssm_head_dim} ssm_heads={c.ssm_num_heads}"
+        return text.strip()
     fields = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "sliding_window", "state_size", "head_dim", "num_heads", "n_groups", "chunk_size"]  # fmt: skip
     return f"{type(model).__name__}: " + " ".join(f"{f}={getattr(c, f)}" for f in fields if hasattr(c, f))
@@ -169,13 +175,25 @@ def activation_bytes(model, x) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=x, labels=x).loss
     del loss
+    release_memory()
     return sum(seen.values())
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS (glibc keeps freed mid-sized blocks, and the resident size of a process
+    that runs seven models at 8K would grow to the sum of their peaks)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def train_step(model, opt, x) -> None:
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    release_memory()
 
 
 def train_tokens_per_s(models, length, batch, rounds, vocab):
@@ -276,6 +294,8 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
+    parser.add_argument("--later-lengths", type=int, nargs="+", default=None,
+                        help="training lengths for the thread counts after the first (default: --train-lengths)")
     parser.add_argument("--out", default="docs", help="where throughput.{md,json,png} go")
     parser.add_argument("--quick", action="store_true", help="2 training rounds, 3 decode rounds of 8 tokens")
     parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
@@ -321,7 +341,8 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
-        for L in args.train_lengths:
+        lengths = args.train_lengths if threads == args.threads[0] else (args.later_lengths or args.train_lengths)
+        for L in lengths:
             tps = train_tokens_per_s(models, L, args.train_batch, args.rounds, vocab)
             for name in models:
                 train[name][L] = tps[name]
@@ -407,11 +428,12 @@ def write_report(results, out: Path) -> None:
     lines += [f"| {n} | {results['parameters'][n] / 1e6:.2f}M | `{results['configs'][n]}` |" for n in names]
     for threads, train in results["train_tokens_per_s"].items():
         lines += ["", f"## Training, {threads} thread(s), batch {results['train_batch']}: tokens/s and B'MOJO/model (ideal)", ""]
-        lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in lengths) + " |", "|---" * (1 + len(lengths)) + "|"]
+        tl = sorted(train[REF], key=int)
+        lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in tl) + " |", "|---" * (1 + len(tl)) + "|"]
         for n in names:
             cells = [
                 f"{train[n][L]:.0f} · {train[REF][L] / train[n][L]:.2f}× ({flops[n][L] / flops[REF][L]:.2f}×)"
-                for L in lengths
+                for L in tl
             ]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Activation memory of a training step (MiB saved for the backward; ratio to B'MOJO)", ""]
