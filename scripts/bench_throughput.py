@@ -283,6 +283,20 @@ def decode_ms_per_token(specs, context, steps, rounds, vocab):
     return {name: statistics.median(t) for name, t in times.items()}, {n: state_bytes(c) for n, (_, c, _) in setups.items()}
 
 
+def without_note(argv: list[str]) -> list[str]:
+    """The arguments with ``--note``'s text left out (the note is printed on its own)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            out.append("--note TEXT")
+            skip = True
+        elif not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="model shape (default: cpu)")
@@ -320,7 +334,7 @@ def main() -> None:
         print(f"{name:34s} {params[name] / 1e6:6.2f}M  {configs[name]}")
     flops = {n: {L: ideal_train_flops(cfg, L) for L in args.train_lengths} for n, (_, _, cfg) in specs.items()}
     results = {
-        "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, sys.argv[1:])]),
+        "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, without_note(sys.argv[1:]))]),
         "note": args.note,
         "preset": args.preset,
         "overrides": overrides,
@@ -409,7 +423,7 @@ def write_report(results, out: Path) -> None:
     (out / "throughput.json").write_text(json.dumps(results, indent=2))
     names = list(results["parameters"])
     flops, act = results["ideal_train_flops_per_token"], results["activation_bytes"]
-    lengths = sorted(act[REF])
+    lengths = sorted(act[REF], key=int)
     lines = [
         "# Throughput on the CPU: B'MOJO against its special cases and transformers' models",
         "",
@@ -441,7 +455,7 @@ def write_report(results, out: Path) -> None:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{act[n][L] / 2**20:.0f} ({act[n][L] / act[REF][L]:.2f}×)" for L in lengths) + " |")
     for threads, decode in results["decode_ms_per_token"].items():
-        contexts = sorted(decode[REF])
+        contexts = sorted(decode[REF], key=int)
         lines += ["", f"## Decoding, {threads} thread(s): ms/token after a context of t tokens (state MiB)", ""]
         lines += ["| model | " + " | ".join(f"t={size_label(c)}" for c in contexts) + " |", "|---" * (1 + len(contexts)) + "|"]
         for n in names:
@@ -456,7 +470,7 @@ def write_report(results, out: Path) -> None:
     for n in names:
         axes[0].plot(lengths, [train[n][L] for L in lengths], marker="o", label=n)
         axes[1].plot(lengths, [act[n][L] / 2**20 for L in lengths], marker="o", label=n)
-        contexts = sorted(decode[n])
+        contexts = sorted(decode[n], key=int)
         axes[2].plot(contexts, [decode[n][c] for c in contexts], marker="o", label=n)
     titles = [f"training tokens/s ({threads} thread)", "activation memory (MiB)", f"decode ms/token ({threads} thread)"]
     for ax, title in zip(axes, titles):
@@ -472,4 +486,8 @@ def write_report(results, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--report-only"]:  # rewrite docs/throughput.{md,png} from an existing JSON
+        data = json.loads(Path(sys.argv[2]).read_text())
+        write_report(data, Path(sys.argv[2]).parent)
+    else:
+        main()
