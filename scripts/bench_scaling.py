@@ -69,7 +69,7 @@ def ssd_scaling(config, args) -> None:
     print(f"{'L':>6} {'fwd (ms)':>9} {'bwd (ms)':>9} {'bwd/fwd':>8}")
     for length in args.lengths:
         b = args.batch_size
-        leaf = lambda *shape: torch.randn(*shape).requires_grad_()  # noqa: E731
+        leaf = lambda *shape: torch.randn(*shape).requires_grad_()
         x, bb, cc = leaf(b, length, heads, head_dim), leaf(b, length, groups, state), leaf(b, length, groups, state)
         dt = (0.1 * torch.rand(b, length, heads)).requires_grad_()
         a = -torch.rand(heads) - 0.5

@@ -34,10 +34,10 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
-import warnings
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x: cache keyword renames
 
@@ -97,7 +97,7 @@ def build_specs(preset: str, overrides: dict, max_length: int) -> dict:
 
         return Mamba2ForCausalLM(mamba2_config(ours(**ssm).config))
 
-    full = lambda window=None: ours(window or full_window, **attn)  # noqa: E731
+    full = lambda window=None: ours(window or full_window, **attn)
     return {
         REF: (lambda window=None: ours(), "ours", ours().config),
         "B'MOJO SWA case": (lambda window=None: ours(**attn), "ours", ours(**attn).config),
@@ -156,7 +156,11 @@ def ideal_train_flops(config, length: int) -> float:
         elif kind == "ssm":
             mixing += ssd
         else:
-            keys = window + (fading if config.use_fading else 0) + (config.memory_size if length > config.window_size else 0)
+            keys = (
+                window
+                + (fading if config.use_fading else 0)
+                + (config.memory_size if length > config.window_size else 0)
+            )
             mixing += 4 * head * keys + ssd
     return 3 * (2 * dense + mixing)
 
@@ -236,7 +240,7 @@ def decoder(factory, kind, context, steps, vocab):
     if kind == "ours":
         cache = BMojoCache.empty(model.config, 1)
         cache.positions.fill_(context)
-        run = lambda t: model(input_ids=t, cache=cache)  # noqa: E731
+        run = lambda t: model(input_ids=t, cache=cache)
     elif kind in ("hf_llama", "hf_mistral"):
         from transformers import DynamicCache
 
@@ -272,7 +276,9 @@ def decoder(factory, kind, context, steps, vocab):
 def decode_ms_per_token(specs, context, steps, rounds, vocab):
     """Median ms/token of each model over ``rounds`` rounds of ``steps`` tokens (rounds interleave the models), and
     the bytes of each model's decoding state."""
-    setups = {name: decoder(factory, kind, context, steps * rounds, vocab) for name, (factory, kind, _) in specs.items()}
+    setups = {
+        name: decoder(factory, kind, context, steps * rounds, vocab) for name, (factory, kind, _) in specs.items()
+    }
     times = {name: [] for name in specs}
     for _ in range(rounds):
         for name, (run, _, token) in setups.items():
@@ -280,7 +286,9 @@ def decode_ms_per_token(specs, context, steps, rounds, vocab):
             for _ in range(steps):
                 run(token)
             times[name].append(1000 * (time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}, {n: state_bytes(c) for n, (_, c, _) in setups.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, {
+        n: state_bytes(c) for n, (_, c, _) in setups.items()
+    }
 
 
 def without_note(argv: list[str]) -> list[str]:
@@ -308,8 +316,13 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
-    parser.add_argument("--later-lengths", type=int, nargs="+", default=None,
-                        help="training lengths for the thread counts after the first (default: --train-lengths)")
+    parser.add_argument(
+        "--later-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training lengths for the thread counts after the first (default: --train-lengths)",
+    )
     parser.add_argument("--out", default="docs", help="where throughput.{md,json,png} go")
     parser.add_argument("--quick", action="store_true", help="2 training rounds, 3 decode rounds of 8 tokens")
     parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
@@ -351,7 +364,10 @@ def main() -> None:
         x = torch.randint(3, vocab, (args.train_batch, L))
         for name, model in models.items():
             results["activation_bytes"][name][L] = activation_bytes(model, x)
-        print(f"L={L:6d} activations: " + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in results["activation_bytes"].items()))
+        print(
+            f"L={L:6d} activations: "
+            + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in results["activation_bytes"].items())
+        )
     for threads in args.threads:
         torch.set_num_threads(threads)
         train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
@@ -403,7 +419,9 @@ def targets(results) -> list[str]:
     act = results["activation_bytes"]
     L = max(act[REF])
     r = act[REF][L] / act[llama][L]
-    lines.append(f"activation memory B'MOJO/Llama at L={L}: {r:.2f}x (target <= 1.0): {'met' if r <= 1.0 else 'missed'}")
+    lines.append(
+        f"activation memory B'MOJO/Llama at L={L}: {r:.2f}x (target <= 1.0): {'met' if r <= 1.0 else 'missed'}"
+    )
     assert names[0] == REF
     return lines
 
@@ -441,7 +459,11 @@ def write_report(results, out: Path) -> None:
     ]
     lines += [f"| {n} | {results['parameters'][n] / 1e6:.2f}M | `{results['configs'][n]}` |" for n in names]
     for threads, train in results["train_tokens_per_s"].items():
-        lines += ["", f"## Training, {threads} thread(s), batch {results['train_batch']}: tokens/s and B'MOJO/model (ideal)", ""]
+        lines += [
+            "",
+            f"## Training, {threads} thread(s), batch {results['train_batch']}: tokens/s and B'MOJO/model (ideal)",
+            "",
+        ]
         tl = sorted(train[REF], key=int)
         lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in tl) + " |", "|---" * (1 + len(tl)) + "|"]
         for n in names:
@@ -451,16 +473,28 @@ def write_report(results, out: Path) -> None:
             ]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Activation memory of a training step (MiB saved for the backward; ratio to B'MOJO)", ""]
-    lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in lengths) + " |", "|---" * (1 + len(lengths)) + "|"]
+    lines += [
+        "| model | " + " | ".join(f"L={size_label(L)}" for L in lengths) + " |",
+        "|---" * (1 + len(lengths)) + "|",
+    ]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{act[n][L] / 2**20:.0f} ({act[n][L] / act[REF][L]:.2f}×)" for L in lengths) + " |")
+        lines.append(
+            f"| {n} | "
+            + " | ".join(f"{act[n][L] / 2**20:.0f} ({act[n][L] / act[REF][L]:.2f}×)" for L in lengths)
+            + " |"
+        )
     for threads, decode in results["decode_ms_per_token"].items():
         contexts = sorted(decode[REF], key=int)
         lines += ["", f"## Decoding, {threads} thread(s): ms/token after a context of t tokens (state MiB)", ""]
-        lines += ["| model | " + " | ".join(f"t={size_label(c)}" for c in contexts) + " |", "|---" * (1 + len(contexts)) + "|"]
+        lines += [
+            "| model | " + " | ".join(f"t={size_label(c)}" for c in contexts) + " |",
+            "|---" * (1 + len(contexts)) + "|",
+        ]
         for n in names:
             size = results["state_bytes"][n]
-            lines.append(f"| {n} | " + " | ".join(f"{decode[n][c]:.2f} ({size[c] / 2**20:.1f})" for c in contexts) + " |")
+            lines.append(
+                f"| {n} | " + " | ".join(f"{decode[n][c]:.2f} ({size[c] / 2**20:.1f})" for c in contexts) + " |"
+            )
     lines += ["", "## Targets (issue 12)", ""] + [f"* {t}" for t in results["targets"]]
     (out / "throughput.md").write_text("\n".join(lines) + "\n\n![throughput](throughput.png)\n")
 

@@ -3,10 +3,10 @@
 
 import pytest
 import torch
+from test_attention import CASES, _inputs, _memory
 
 import bmojo.ops.attention.chunk as chunk_mod
 from bmojo.ops.attention import bmojo_attention_chunked
-from test_attention import CASES, _inputs, _memory
 
 pytestmark = pytest.mark.core
 
@@ -41,8 +41,10 @@ def test_one_call_equals_separate_sets_fp32(length, window, chunk, fading, eidet
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("fading,eidetic,padded,window", [(True, True, True, 8), (False, False, True, 8),
-                                                          (False, False, False, 8), (False, False, False, 64)])
+@pytest.mark.parametrize(
+    "fading,eidetic,padded,window",
+    [(True, True, True, 8), (False, False, True, 8), (False, False, False, 8), (False, False, False, 64)],
+)
 def test_one_attention_call_per_layer(monkeypatch, fading, eidetic, padded, window):
     """The mechanism: one ``scaled_dot_product_attention`` call scores every key set (no per-set softmax)."""
     calls = []

@@ -31,7 +31,9 @@ def test_ssd_chunk_changes_the_scan_not_the_result(monkeypatch):
         return real[0](x, dt, A, B, C, chunk_size, **kw)
 
     monkeypatch.setitem(registry._TABLE, ("ssd", "chunked"), (spy, real[1]))
-    logits16, grads16 = _loss_and_grads(preset_config("tiny", layers_block_type=["bmojo", "ssm"], ssd_chunk_size=16), ids)
+    logits16, grads16 = _loss_and_grads(
+        preset_config("tiny", layers_block_type=["bmojo", "ssm"], ssd_chunk_size=16), ids
+    )
     assert chunks and set(chunks) == {16}, chunks  # the SSD ran with its own chunk (attention's is 4)
     torch.testing.assert_close(logits16, logits, rtol=1e-10, atol=1e-10)
     assert grads16.keys() == grads.keys()

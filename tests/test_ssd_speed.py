@@ -44,4 +44,6 @@ def test_backward_forward_ratio_does_not_grow_with_length():
         fwd, bwd = _fwd_bwd_seconds(length)
         ratios[length] = bwd / fwd
     growth = ratios[8192] / ratios[1024]
-    assert growth < 1.5, f"backward/forward time ratio {ratios[1024]:.2f} at 1K -> {ratios[8192]:.2f} at 8K ({growth:.2f}x)"
+    assert growth < 1.5, (
+        f"backward/forward time ratio {ratios[1024]:.2f} at 1K -> {ratios[8192]:.2f} at 8K ({growth:.2f}x)"
+    )
