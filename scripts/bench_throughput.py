@@ -1,96 +1,217 @@
-"""Throughput side by side, in one run: B'MOJO vs its Transformer and Mamba-2 special cases and vs transformers'
-own LlamaForCausalLM and Mamba2ForCausalLM, all at (about) equal parameter counts, on this CPU.
+"""Throughput side by side, in one run: B'MOJO against its special cases (sliding-window attention, full
+attention, Mamba-2) and against transformers' LlamaForCausalLM, MistralForCausalLM (sliding window) and
+Mamba2ForCausalLM, all at (about) equal parameter counts, on this CPU.
 
-    python scripts/bench_throughput.py                         # writes docs/throughput.{md,json,png}
-    python scripts/bench_throughput.py --contexts 1024 2048 --quick
+    python scripts/bench_throughput.py --threads 1 2           # writes docs/throughput.{md,json,png}
+    python scripts/bench_throughput.py --quick --threads 1     # fewer rounds, shorter decode runs (~10 min)
 
-Measures
-* training tokens/s: forward + backward + AdamW step at ``--train-length`` (rounds interleave the models, so
-  machine noise hits them alike; the median per model is reported);
-* decode ms/token after a context of 1K ... 16K tokens, and the bytes of decoding state at that point.
+Measures, for each thread count in ``--threads``:
 
-How the decoding state is set up: B'MOJO's and our special cases' caches have static shapes, so decoding cost
-does not depend on the values held; their cache is created empty and moved to position ``t``. (Our Transformer
-special case keeps a ring of ``W = t`` slots: a Transformer must hold the whole context.) transformers' models
-get a real prefill of ``t`` tokens (Llama in 2K-token pieces, so its attention fits in memory).
+* training tokens/s at each ``--train-lengths`` L (forward + backward + AdamW step, batch ``--train-batch``); the
+  rounds interleave the models (so machine noise hits them alike) and the median per model is reported;
+* activation memory of a training step at each L: the bytes of the tensors autograd saves for the backward (each
+  storage counted once, parameters excluded) - what grows with L; parameters, gradients and AdamW state are equal
+  across models (equal parameter counts);
+* decode ms/token after a context of 1K ... 32K tokens, and the bytes of decoding state at that point;
+* the *ideal* FLOP ratio next to every measured ratio (``ideal_train_flops``): what the measured ratio would be if
+  every model reached the same FLOP/s, so the efficiency gap is visible.
 
-Only ratios are meant to be quoted: absolute times depend on the machine.
+Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
+is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
+Transformer holds its whole context). transformers' Llama gets a DynamicCache holding ``t`` random keys/values per
+layer (Mistral's holds its window); Mamba2's state has a fixed size, so a 64-token prefill stands in for any ``t``.
+
+Each model's configuration is printed and stored in the JSON. Only ratios are meant to be quoted.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import shlex
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x: cache keyword renames
+
 from bmojo import BMojoCache, BMojoForCausalLM, preset_config
 from bmojo.evals.peers import llama_config, mamba2_config
+
+REF = "B'MOJO"
+TARGETS = "B'MOJO / Llama >= 1.0 at 2K and >= 1.5 at 8K (training tokens/s); >= 0.9x its SWA case at every L"
 
 
 def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_models(contexts, train_length):
-    """Name -> (factory(window) -> model, kind). Factories take the attention window our Transformer needs."""
-    base = preset_config("cpu")
+def build_specs(preset: str, overrides: dict, max_length: int) -> dict:
+    """Name -> (factory(window=None) -> model, kind, our equivalent config). ``window`` only matters for the
+    full-attention case (``W >= L``; rounded up to a multiple of the chunk)."""
+    base = preset_config(preset, **overrides)
     target = count(BMojoForCausalLM(base))
+    chunk = base.chunk_size
 
-    def ours(window=None, **overrides):
-        cfg = preset_config("cpu", **overrides)
+    def ours(window=None, **fields):
+        cfg = preset_config(preset, **{**overrides, **fields})
         if window is not None:
-            cfg.window_size = window
+            cfg.window_size = -(-window // chunk) * chunk
         return BMojoForCausalLM(cfg)
 
-    # Transformer special case: attention layers with W covering the input; MLP widened to equal parameters.
+    # Attention cases: attention layers, MLP widened to equal parameters.
     attn = dict(layers_block_type=["attention"] * base.num_hidden_layers)
     width = 64 * round(base.intermediate_size * target / count(ours(**attn)) / 64)
     while count(ours(**attn, intermediate_size=width)) < target:
         width += 64
     attn["intermediate_size"] = width
-    # Mamba-2 special case: SSM layers without MLP (Mamba-2's own block), deep enough for equal parameters.
+    # Mamba-2 case: SSM layers without MLP (Mamba-2's own block), deep enough for equal parameters.
     depth = 1
     while count(ours(num_hidden_layers=depth + 1, layers_block_type=["ssm"] * (depth + 1), use_mlp=False)) <= target:
         depth += 1
     ssm = dict(num_hidden_layers=depth, layers_block_type=["ssm"] * depth, use_mlp=False)
+    full_window = max_length + 64
 
     def llama(window=None):
         from transformers import LlamaForCausalLM
 
-        return LlamaForCausalLM(llama_config(ours(**attn).config, max(contexts + [train_length]) + 64))
+        return LlamaForCausalLM(llama_config(ours(**attn).config, max_length + 64))
+
+    def mistral(window=None):
+        from transformers import MistralConfig, MistralForCausalLM
+
+        cfg = llama_config(ours(**attn).config, max_length + 64).to_dict()
+        keep = set(MistralConfig().to_dict()) - {"architectures", "model_type", "transformers_version"}
+        mcfg = MistralConfig(**{k: v for k, v in cfg.items() if k in keep})
+        mcfg.sliding_window = base.window_size
+        return MistralForCausalLM(mcfg)
 
     def mamba2(window=None):
         from transformers import Mamba2ForCausalLM
 
         return Mamba2ForCausalLM(mamba2_config(ours(**ssm).config))
 
+    full = lambda window=None: ours(window or full_window, **attn)
     return {
-        "B'MOJO": (lambda window=None: ours(), "ours"),
-        "B'MOJO Transformer case": (lambda window=None: ours(window, **attn), "ours"),
-        "B'MOJO Mamba-2 case": (lambda window=None: ours(**ssm), "ours"),
-        "transformers Llama": (llama, "hf_attention"),
-        "transformers Mamba2": (mamba2, "hf_ssm"),
+        REF: (lambda window=None: ours(), "ours", ours().config),
+        "B'MOJO SWA case": (lambda window=None: ours(**attn), "ours", ours(**attn).config),
+        "B'MOJO full-attention case": (full, "ours", full().config),
+        "B'MOJO Mamba-2 case": (lambda window=None: ours(**ssm), "ours", ours(**ssm).config),
+        "transformers Llama": (llama, "hf_llama", full().config),
+        f"transformers Mistral (W={base.window_size})": (mistral, "hf_mistral", ours(**attn).config),
+        "transformers Mamba2": (mamba2, "hf_mamba2", ours(**ssm).config),
     }
+
+
+def describe(model) -> str:
+    """One line with what decides a model's cost."""
+    c = model.config
+    if hasattr(c, "layers_block_type"):
+        kinds = set(c.layers_block_type)
+        text = f"layers={c.num_hidden_layers}x{','.join(sorted(kinds))} d={c.hidden_size} "
+        text += f"mlp={c.intermediate_size if c.use_mlp else 0} "
+        if kinds & {"attention", "bmojo"}:
+            text += f"heads={c.num_attention_heads}/{c.num_key_value_heads} W={c.window_size} C={c.chunk_size} "
+        if "bmojo" in kinds:
+            text += f"fading={c.use_fading} M={c.memory_size} "
+        if kinds & {"ssm", "bmojo"}:
+            chunk = getattr(c, "ssd_chunk_size", None) or c.chunk_size
+            text += f"ssd_C={chunk} N={c.ssm_state_size} P={c.ssm_head_dim} ssm_heads={c.ssm_num_heads}"
+        return text.strip()
+    fields = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "sliding_window", "state_size", "head_dim", "num_heads", "n_groups", "chunk_size"]  # fmt: skip
+    return f"{type(model).__name__}: " + " ".join(f"{f}={getattr(c, f)}" for f in fields if hasattr(c, f))
+
+
+def ideal_train_flops(config, length: int) -> float:
+    """FLOPs per token of one training step (3x the forward) of an exact algorithm for ``config``'s model at
+    length ``L``: 2 per weight (every 2-D projection and the tied output layer), attention 4·H·D per visible key
+    (averaged over the positions; a causal Transformer sees (L+1)/2 keys on average, a window min(i+1, W), B'MOJO
+    also the W fading keys once past W and M eidetic slots), SSD with chunk l: G·N·l + H·P·l (in-chunk scores and
+    their application, half of l on average, 2 FLOPs each) + 4·H·P·N (state update and read-out)."""
+    with torch.device("meta"):
+        model = BMojoForCausalLM(config)
+    embed = model.model.embed_tokens.weight
+    dense = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embed) + embed.numel()
+    pos = torch.arange(length, dtype=torch.float64)
+    window = torch.clamp(pos + 1, max=config.window_size).mean().item()
+    fading = torch.clamp(pos + 1 - config.window_size, min=0, max=config.window_size).mean().item()
+    head = config.num_attention_heads * config.head_dim
+    chunk = getattr(config, "ssd_chunk_size", None) or config.chunk_size
+    ssd = (
+        config.ssm_ngroups * config.ssm_state_size * chunk
+        + config.ssm_num_heads * config.ssm_head_dim * chunk
+        + 4 * config.ssm_num_heads * config.ssm_head_dim * config.ssm_state_size
+    )
+    mixing = 0.0
+    for kind in config.layers_block_type:
+        if kind == "attention":
+            mixing += 4 * head * window
+        elif kind == "ssm":
+            mixing += ssd
+        else:
+            keys = (
+                window
+                + (fading if config.use_fading else 0)
+                + (config.memory_size if length > config.window_size else 0)
+            )
+            mixing += 4 * head * keys + ssd
+    return 3 * (2 * dense + mixing)
+
+
+def activation_bytes(model, x) -> int:
+    """Bytes autograd saves for the backward of one training forward (each storage once, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=x, labels=x).loss
+    del loss
+    release_memory()
+    return sum(seen.values())
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS (glibc keeps freed mid-sized blocks, and the resident size of a process
+    that runs seven models at 8K would grow to the sum of their peaks)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def train_step(model, opt, x) -> None:
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    release_memory()
 
 
 def train_tokens_per_s(models, length, batch, rounds, vocab):
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    warm = torch.randint(3, vocab, (1, 256), generator=torch.Generator().manual_seed(0))
+    for name, model in models.items():  # warm-up: allocator, first calls
+        train_step(model, opts[name], warm)
     times = {name: [] for name in models}
-    for r in range(rounds + 1):  # round 0 warms up
-        x = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(r))
+    for r in range(rounds):
+        x = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(r + 1))
         for name, model in models.items():
             start = time.perf_counter()
-            model(input_ids=x, labels=x).loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            if r:
-                times[name].append(time.perf_counter() - start)
+            train_step(model, opts[name], x)
+            times[name].append(time.perf_counter() - start)
     return {name: batch * length / statistics.median(t) for name, t in times.items()}
 
 
@@ -114,96 +235,199 @@ def state_bytes(obj, seen=None) -> int:
 @torch.no_grad()
 def decoder(factory, kind, context, steps, vocab):
     """(one-token step function, its cache, the token) for a model whose state holds ``context`` tokens."""
-    model = factory(window=max(context + steps, 32)).eval()
+    model = factory(window=context + steps + 1).eval()
     token = torch.randint(3, vocab, (1, 1))
     if kind == "ours":
         cache = BMojoCache.empty(model.config, 1)
         cache.positions.fill_(context)
-        run = lambda t: model(input_ids=t, cache=cache)  # noqa: E731
-        model(input_ids=token, cache=cache)  # warm-up
+        run = lambda t: model(input_ids=t, cache=cache)
+    elif kind in ("hf_llama", "hf_mistral"):
+        from transformers import DynamicCache
+
+        c = model.config
+        cache = DynamicCache(config=c)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        gen = torch.Generator().manual_seed(context)
+        for layer in range(c.num_hidden_layers):
+            k, v = (torch.randn(1, c.num_key_value_heads, context, head_dim, generator=gen) for _ in range(2))
+            cache.update(k, v, layer)
+        position = [context]
+
+        def run(t):
+            p = torch.tensor([position[0]])
+            result = model(input_ids=t, past_key_values=cache, use_cache=True, cache_position=p, position_ids=p[None])
+            position[0] += 1
+            return result
     else:
-        prompt = torch.randint(3, vocab, (1, context))
-        if kind == "hf_attention":
-            out, cache = None, None
-            for start in range(0, context, 2048):
-                out = model(input_ids=prompt[:, start : start + 2048], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-            run = lambda t: model(input_ids=t, past_key_values=cache, use_cache=True)  # noqa: E731
-        else:
-            out = model(input_ids=prompt, use_cache=True)
-            cache = out.cache_params  # transformers Mamba2 (5.2x: an alias of .cache)
-            position = [context]
+        out = model(input_ids=torch.randint(3, vocab, (1, 64)), use_cache=True)
+        cache = out.cache_params  # transformers Mamba2 (5.2x: an alias of .cache)
+        position = [64]
 
-            def run(t):
-                result = model(
-                    input_ids=t, cache_params=cache, use_cache=True, cache_position=torch.tensor([position[0]])
-                )
-                position[0] += 1
-                return result
+        def run(t):
+            result = model(input_ids=t, cache_params=cache, use_cache=True, cache_position=torch.tensor([position[0]]))
+            position[0] += 1
+            return result
 
+    run(token)  # warm-up
     return run, cache, token
 
 
 @torch.no_grad()
 def decode_ms_per_token(specs, context, steps, rounds, vocab):
-    """Median ms/token of each model over ``rounds`` rounds of ``steps`` tokens; the rounds interleave the models,
-    so machine noise hits them alike. Also the bytes of each model's decoding state."""
-    setups = {name: decoder(factory, kind, context, steps * (rounds + 1), vocab) for name, (factory, kind) in specs.items()}
+    """Median ms/token of each model over ``rounds`` rounds of ``steps`` tokens (rounds interleave the models), and
+    the bytes of each model's decoding state."""
+    setups = {
+        name: decoder(factory, kind, context, steps * rounds, vocab) for name, (factory, kind, _) in specs.items()
+    }
     times = {name: [] for name in specs}
-    for r in range(rounds + 1):  # round 0 warms up
+    for _ in range(rounds):
         for name, (run, _, token) in setups.items():
             start = time.perf_counter()
             for _ in range(steps):
                 run(token)
-            if r:
-                times[name].append(1000 * (time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}, {n: state_bytes(c) for n, (_, c, _) in setups.items()}
+            times[name].append(1000 * (time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}, {
+        n: state_bytes(c) for n, (_, c, _) in setups.items()
+    }
+
+
+def without_note(argv: list[str]) -> list[str]:
+    """The arguments with ``--note``'s text left out (the note is printed on its own)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            out.append("--note TEXT")
+            skip = True
+        elif not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", help="model shape (default: cpu)")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's depth (a scaled-down shape)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary")
+    parser.add_argument("--train-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--train-batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
+    parser.add_argument(
+        "--later-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training lengths for the thread counts after the first (default: --train-lengths)",
+    )
+    parser.add_argument("--out", default="docs", help="where throughput.{md,json,png} go")
+    parser.add_argument("--quick", action="store_true", help="2 training rounds, 3 decode rounds of 8 tokens")
+    parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.decode_steps = 2, 8
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--train-length", type=int, default=1024)
-    parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--out", default="docs", help="where throughput.{md,json,png} go")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (smoke run)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.rounds, args.decode_steps = 1, 4
+    args = parse_args()
+    overrides = {k: v for k, v in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab_size)) if v}
+    if args.layers:
+        overrides["layers_block_type"] = [preset_config(args.preset).layers_block_type[0]] * args.layers
     torch.manual_seed(0)
-    specs = build_models(args.contexts, args.train_length)
-    vocab = preset_config("cpu").vocab_size
-    models = {name: factory() for name, (factory, _) in specs.items()}
+    specs = build_specs(args.preset, overrides, max(args.train_lengths + args.contexts))
+    vocab = preset_config(args.preset, **overrides).vocab_size
+    models = {name: factory() for name, (factory, _, _) in specs.items()}
     params = {name: count(m) for name, m in models.items()}
-    for name, n in params.items():
-        print(f"{name:28s} {n / 1e6:6.2f}M parameters")
-    train = train_tokens_per_s(models, args.train_length, args.train_batch, args.rounds, vocab)
-    del models
-    decode, nbytes = {n: {} for n in specs}, {n: {} for n in specs}
-    for context in args.contexts:
-        ms, size = decode_ms_per_token(specs, context, args.decode_steps, args.rounds, vocab)
-        for name in specs:
-            decode[name][context], nbytes[name][context] = ms[name], size[name]
-            print(f"context {context:6d}  {name:28s} {ms[name]:8.2f} ms/token  {size[name] / 2**20:8.2f} MiB state")
-    command = " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, sys.argv[1:])])
+    configs = {name: describe(m) for name, m in models.items()}
+    for name in models:
+        print(f"{name:34s} {params[name] / 1e6:6.2f}M  {configs[name]}")
+    flops = {n: {L: ideal_train_flops(cfg, L) for L in args.train_lengths} for n, (_, _, cfg) in specs.items()}
     results = {
-        "command": command,
-        "threads": torch.get_num_threads(),
+        "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, without_note(sys.argv[1:]))]),
+        "note": args.note,
+        "preset": args.preset,
+        "overrides": overrides,
         "parameters": params,
-        "train_tokens_per_s": train,
-        "train_length": args.train_length,
-        "decode_ms_per_token": decode,
-        "state_bytes": nbytes,
+        "configs": configs,
+        "ideal_train_flops_per_token": flops,
+        "train_batch": args.train_batch,
+        "activation_bytes": {n: {} for n in models},
+        "train_tokens_per_s": {},
+        "decode_ms_per_token": {},
+        "state_bytes": {n: {} for n in models},
     }
+    for L in args.train_lengths:
+        x = torch.randint(3, vocab, (args.train_batch, L))
+        for name, model in models.items():
+            results["activation_bytes"][name][L] = activation_bytes(model, x)
+        print(
+            f"L={L:6d} activations: "
+            + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in results["activation_bytes"].items())
+        )
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
+        lengths = args.train_lengths if threads == args.threads[0] else (args.later_lengths or args.train_lengths)
+        for L in lengths:
+            tps = train_tokens_per_s(models, L, args.train_batch, args.rounds, vocab)
+            for name in models:
+                train[name][L] = tps[name]
+                ideal = flops[name][L] / flops[REF][L]
+                print(f"threads {threads} L={L:6d} {name:34s} {tps[name]:8.0f} tokens/s  "
+                      f"B'MOJO/this {tps[REF] / tps[name]:.2f}x (ideal {ideal:.2f}x)")  # fmt: skip
+        decode = results["decode_ms_per_token"][threads] = {n: {} for n in models}
+        for context in args.contexts:
+            ms, size = decode_ms_per_token(specs, context, args.decode_steps, 3, vocab)
+            for name in models:
+                decode[name][context], results["state_bytes"][name][context] = ms[name], size[name]
+                print(f"threads {threads} context {context:6d} {name:34s} {ms[name]:8.2f} ms/token  "
+                      f"{size[name] / 2**20:8.2f} MiB state")  # fmt: skip
+    results["targets"] = targets(results)
+    for line in results["targets"]:
+        print(line)
     write_report(results, Path(args.out))
 
 
-def size_label(tokens: int) -> str:
+def targets(results) -> list[str]:
+    """The issue's targets, each with the measured ratio and met / missed."""
+    lines = []
+    names = list(results["parameters"])
+    llama, mamba2 = "transformers Llama", "transformers Mamba2"
+    swa = "B'MOJO SWA case"
+    for threads, train in results["train_tokens_per_s"].items():
+        lengths = sorted(train[REF])
+        for L, goal in ((2048, 1.0), (8192, 1.5)):
+            if L in train[REF]:
+                r = train[REF][L] / train[llama][L]
+                lines.append(f"[{threads} thr] training tokens/s B'MOJO/Llama at L={L}: {r:.2f}x (target >= {goal}): "
+                             f"{'met' if r >= goal else 'missed'}")  # fmt: skip
+        worst = min(train[REF][L] / train[swa][L] for L in lengths)
+        lines.append(f"[{threads} thr] B'MOJO/own SWA case, worst L: {worst:.2f}x (target >= 0.9): "
+                     f"{'met' if worst >= 0.9 else 'missed'}")  # fmt: skip
+        decode = results["decode_ms_per_token"][threads]
+        contexts = sorted(decode[REF])
+        spread = max(decode[REF].values()) / min(decode[REF].values())
+        lines.append(f"[{threads} thr] B'MOJO decode ms/token max/min over {contexts[0]}..{contexts[-1]}: {spread:.2f} "
+                     f"(target <= 1.10): {'met' if spread <= 1.10 else 'missed'}")  # fmt: skip
+        worst = max(decode[REF][c] / decode[mamba2][c] for c in contexts)
+        lines.append(f"[{threads} thr] decode ms/token B'MOJO/Mamba2, worst context: {worst:.2f}x (target <= 1.5): "
+                     f"{'met' if worst <= 1.5 else 'missed'}")  # fmt: skip
+    act = results["activation_bytes"]
+    L = max(act[REF])
+    r = act[REF][L] / act[llama][L]
+    lines.append(
+        f"activation memory B'MOJO/Llama at L={L}: {r:.2f}x (target <= 1.0): {'met' if r <= 1.0 else 'missed'}"
+    )
+    assert names[0] == REF
+    return lines
+
+
+def size_label(tokens) -> str:
+    tokens = int(tokens)
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
@@ -216,44 +440,88 @@ def write_report(results, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(results, indent=2))
     names = list(results["parameters"])
-    ref = "B'MOJO"
-    contexts = sorted(next(iter(results["decode_ms_per_token"].values())))
+    flops, act = results["ideal_train_flops_per_token"], results["activation_bytes"]
+    lengths = sorted(act[REF], key=int)
     lines = [
-        "# Throughput on the CPU (ratios to B'MOJO)",
+        "# Throughput on the CPU: B'MOJO against its special cases and transformers' models",
         "",
-        f"Regenerate: `{results['command']}` ({results['threads']} thread(s)). Absolute times depend on the machine;",
-        "quote the ratios. Ratio > 1 means that many times B'MOJO's value.",
+        f"Regenerate: `{results['command']}`. {results['note']}",
         "",
-        f"| model | parameters | training tokens/s (L={results['train_length']}) | "
-        + " | ".join(f"decode ms/token @{size_label(c)}" for c in contexts)
-        + " | "
-        + " | ".join(f"state @{size_label(c)}" for c in contexts)
-        + " |",
-        "|---" * (3 + 2 * len(contexts)) + "|",
+        "Absolute numbers depend on the machine; quote the ratios, which are measured side by side in one run (the",
+        "models alternate within every round). **B'MOJO/model** > 1 means B'MOJO is that many times faster; the",
+        "*ideal* ratio in brackets is the inverse FLOP ratio (`ideal_train_flops`): what the measured ratio would be",
+        "if both reached the same FLOP/s.",
+        "",
+        f"## Models (preset `{results['preset']}` {results['overrides'] or ''})",
+        "",
+        "| model | parameters | configuration |",
+        "|---|---|---|",
     ]
-    train, decode, size = results["train_tokens_per_s"], results["decode_ms_per_token"], results["state_bytes"]
-    for name in names:
-        row = [name, f"{results['parameters'][name] / 1e6:.2f}M", f"{train[name] / train[ref]:.2f}×"]
-        row += [f"{decode[name][c] / decode[ref][c]:.2f}×" for c in contexts]
-        row += [f"{size[name][c] / size[ref][c]:.2f}×" for c in contexts]
-        lines.append("| " + " | ".join(row) + " |")
-    (out / "throughput.md").write_text("\n".join(lines) + "\n\n![decode](throughput.png)\n")
+    lines += [f"| {n} | {results['parameters'][n] / 1e6:.2f}M | `{results['configs'][n]}` |" for n in names]
+    for threads, train in results["train_tokens_per_s"].items():
+        lines += [
+            "",
+            f"## Training, {threads} thread(s), batch {results['train_batch']}: tokens/s and B'MOJO/model (ideal)",
+            "",
+        ]
+        tl = sorted(train[REF], key=int)
+        lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in tl) + " |", "|---" * (1 + len(tl)) + "|"]
+        for n in names:
+            cells = [
+                f"{train[n][L]:.0f} · {train[REF][L] / train[n][L]:.2f}× ({flops[n][L] / flops[REF][L]:.2f}×)"
+                for L in tl
+            ]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## Activation memory of a training step (MiB saved for the backward; ratio to B'MOJO)", ""]
+    lines += [
+        "| model | " + " | ".join(f"L={size_label(L)}" for L in lengths) + " |",
+        "|---" * (1 + len(lengths)) + "|",
+    ]
+    for n in names:
+        lines.append(
+            f"| {n} | "
+            + " | ".join(f"{act[n][L] / 2**20:.0f} ({act[n][L] / act[REF][L]:.2f}×)" for L in lengths)
+            + " |"
+        )
+    for threads, decode in results["decode_ms_per_token"].items():
+        contexts = sorted(decode[REF], key=int)
+        lines += ["", f"## Decoding, {threads} thread(s): ms/token after a context of t tokens (state MiB)", ""]
+        lines += [
+            "| model | " + " | ".join(f"t={size_label(c)}" for c in contexts) + " |",
+            "|---" * (1 + len(contexts)) + "|",
+        ]
+        for n in names:
+            size = results["state_bytes"][n]
+            lines.append(
+                f"| {n} | " + " | ".join(f"{decode[n][c]:.2f} ({size[c] / 2**20:.1f})" for c in contexts) + " |"
+            )
+    lines += ["", "## Targets (issue 12)", ""] + [f"* {t}" for t in results["targets"]]
+    (out / "throughput.md").write_text("\n".join(lines) + "\n\n![throughput](throughput.png)\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in names:
-        axes[0].plot(contexts, [decode[name][c] for c in contexts], marker="o", label=name)
-        axes[1].plot(contexts, [size[name][c] / 2**20 for c in contexts], marker="o", label=name)
-    for ax, title in zip(axes, ["decode ms/token", "decoding state (MiB)"]):
+    threads = next(iter(results["train_tokens_per_s"]))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    train, decode = results["train_tokens_per_s"][threads], results["decode_ms_per_token"][threads]
+    for n in names:
+        axes[0].plot(lengths, [train[n][L] for L in lengths], marker="o", label=n)
+        axes[1].plot(lengths, [act[n][L] / 2**20 for L in lengths], marker="o", label=n)
+        contexts = sorted(decode[n], key=int)
+        axes[2].plot(contexts, [decode[n][c] for c in contexts], marker="o", label=n)
+    titles = [f"training tokens/s ({threads} thread)", "activation memory (MiB)", f"decode ms/token ({threads} thread)"]
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length")
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence / context length")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=120)
+    fig.savefig(out / "throughput.png", dpi=110)
     print(f"wrote {out / 'throughput.md'}, {out / 'throughput.json'}, {out / 'throughput.png'}")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--report-only"]:  # rewrite docs/throughput.{md,png} from an existing JSON
+        data = json.loads(Path(sys.argv[2]).read_text())
+        write_report(data, Path(sys.argv[2]).parent)
+    else:
+        main()

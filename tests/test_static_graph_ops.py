@@ -9,6 +9,8 @@ import, so it runs everywhere):
 * ``nonzero``, ``argwhere``, ``unique``, ``unique_consecutive``, ``masked_select``, ``torch.where`` with one argument
   and boolean-mask indexing (``x[mask]``, ``x[x > 0]``, ``x[~keep]``): results whose shape depends on the data;
 * ``unfold``: materialises overlapping windows as a gather (blocks come from reshapes);
+* ``cumsum``, ``cumprod``, ``cummax``, ``cummin``, ``logcumsumexp``: lower to an HLO ``reduce-window``, a neuronx-cc
+  trouble spot (``FORBIDDEN_OPCODES``; prefix sums are matmuls with triangular ones, as in ``ops/ssd/chunk.py``);
 * ``.item()``, ``.tolist()``: a device-to-host read, which cuts the graph and waits for the device.
 
 Boolean-mask indexing is undecidable from the source alone; an index counts as a mask when it is a comparison, a
@@ -45,6 +47,10 @@ FORBIDDEN_METHODS = {
     "unique_consecutive": "a data-dependent shape",
     "masked_select": "a data-dependent shape",
     "unfold": "overlapping windows (a gather); use reshapes",
+    **dict.fromkeys(
+        ["cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"],
+        "a prefix scan (an HLO reduce-window); use a matmul with triangular ones",
+    ),
     "item": "a host read of a tensor value",
     "tolist": "a host read of tensor values",
 }

@@ -40,6 +40,9 @@ class BMojoConfig(PretrainedConfig):
             ``chunk_size``. With ``W >= L`` an ``attention`` layer is full causal attention.
         chunk_size (`int`): chunk ``C`` of the chunked SSD scan, of the chunked attention and of eidetic
             selection. The 130m-1.4b presets use 128, the Trainium partition width.
+        ssd_chunk_size (`int`, *optional*): chunk of the chunked SSD scan alone, when it should differ from
+            ``chunk_size`` (the SSD's in-chunk cost grows with its chunk; the attention's window must be a multiple
+            of ``chunk_size``). Defaults to ``chunk_size``; the result does not depend on it, only the speed.
         use_fading (`bool`): ``bmojo`` layers attend the SSM's fading tokens of the span ``[i-2W+1, i-W]``.
         memory_size (`int`): eidetic memory slots ``M`` per ``bmojo`` layer; 0 turns eidetic memory off.
         selections_per_chunk (`int`): tokens selected by the innovation test in each chunk (``k_sel``).
@@ -75,6 +78,7 @@ class BMojoConfig(PretrainedConfig):
         head_dim: int | None = None,
         window_size: int = 128,
         chunk_size: int = 32,
+        ssd_chunk_size: int | None = None,
         use_fading: bool = True,
         memory_size: int = 32,
         selections_per_chunk: int = 2,
@@ -112,6 +116,7 @@ class BMojoConfig(PretrainedConfig):
             self.head_dim = hidden_size // num_attention_heads
         self.window_size = window_size
         self.chunk_size = chunk_size
+        self.ssd_chunk_size = ssd_chunk_size
         self.use_fading = use_fading
         self.memory_size = memory_size
         self.selections_per_chunk = selections_per_chunk
@@ -184,6 +189,8 @@ class BMojoConfig(PretrainedConfig):
             "intermediate_size",
         ):
             positive(name)
+        if self.ssd_chunk_size is not None:
+            positive("ssd_chunk_size")
         for name in ("memory_size", "selections_per_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -29,6 +29,7 @@ FORBIDDEN_OPCODES = {
     "while": "a loop in the graph; no Neuron document covers HLO while for training (docs/xla.md)",
     "conditional": "data-dependent control flow (docs/xla.md, static-graph rules)",
     "sort": "from topk/argsort; neuronx-cc handles it badly (argsort crash, aws-neuron-sdk #868)",
+    "reduce-window": "from cumsum; a neuronx-cc trouble spot (docs/xla.md): prefix sums are triangular-ones matmuls",
     "set-dimension-size": "a data-dependent (dynamic) shape",
     "get-dimension-size": "a data-dependent (dynamic) shape",
 }

@@ -75,3 +75,10 @@ def test_census_catches_a_sort():
     x = torch.randn(4, 16).to(xa.device())
     census = xa.hlo_census(torch_xla._XLAC._get_xla_tensors_hlo([x.topk(2, dim=-1).values]))
     assert any(line.startswith("sort") for line in xa.census_violations(census))
+
+
+def test_census_catches_a_cumsum():
+    """``cumsum`` lowers to an HLO reduce-window, which the census forbids (the chunked SSD uses matmuls)."""
+    x = torch.randn(4, 16).to(xa.device())
+    census = xa.hlo_census(torch_xla._XLAC._get_xla_tensors_hlo([x.cumsum(dim=-1)]))
+    assert any(line.startswith("reduce-window") for line in xa.census_violations(census))

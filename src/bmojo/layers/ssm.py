@@ -42,7 +42,7 @@ class Mamba2Mixer(nn.Module):
         self.hidden_size = config.hidden_size
         self.head_dim = config.ssm_head_dim
         self.state_size = config.ssm_state_size
-        self.chunk_size = config.chunk_size
+        self.chunk_size = getattr(config, "ssd_chunk_size", None) or config.chunk_size  # the SSD's own chunk
         self.conv_kernel = config.ssm_conv_kernel
         inner, heads, groups = config.ssm_inner_size, config.ssm_num_heads, config.ssm_ngroups
         conv_dim = inner + 2 * groups * self.state_size

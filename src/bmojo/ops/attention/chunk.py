@@ -8,6 +8,13 @@ The sequence is cut into chunks of ``C`` queries. A chunk ``c`` (queries ``[cC, 
 
 Every chunk therefore scores ``C x (2(W+C) + M)`` entries: cost and memory grow linearly with ``L`` for a fixed
 ``W``. All chunks are computed at once; there is no Python loop and no data-dependent shape.
+
+The key sets are concatenated and scored by **one** ``scaled_dot_product_attention`` call per chunk with a boolean
+mask (``sdpa=True``, the default), the same joint softmax as scoring each set separately (``sdpa=False``, kept as
+the cross-check). The eidetic keys are scored with other queries (``q_eid``, unrotated): queries and keys are then
+concatenated along the feature axis, ``[q_rot | q_eid]`` against ``[k | 0]`` for in-context and fading keys and
+``[0 | k_mem]`` for eidetic ones, so every score is the right dot product. A full window (``W >= L``) without
+padding, fading or memory is plain causal attention: one ``is_causal`` call over the whole sequence.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def bmojo_attention_chunked(
     memory: EideticMemory | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    sdpa: bool = True,
 ) -> torch.Tensor:
     """Chunked B'MOJO attention; same result as :func:`bmojo_attention_ref`.
 
@@ -58,6 +66,8 @@ def bmojo_attention_chunked(
             seen by each chunk (``nC = ceil(L / chunk_size)``). Slot ``m`` is visible to query ``i`` iff it is
             valid (``score >= 0``) and ``pos <= i - W``.
         key_mask: ``[B, L]`` bool, ``False`` at padding keys.
+        sdpa: one ``scaled_dot_product_attention`` call over the concatenated key sets (default), or a softmax over
+            separately scored sets (``joint_softmax``); equal up to rounding.
 
     Returns:
         ``[B, L, H, D]`` in ``q.dtype``.
@@ -73,6 +83,8 @@ def bmojo_attention_chunked(
     scale = head_dim**-0.5 if scale is None else scale
     ctype = compute_dtype(q)
     device = q.device
+    if sdpa and k_fade is None and memory is None and key_mask is None and window >= padded:
+        return _causal_sdpa(q, k, v, scale, ctype)
     if key_mask is None:
         key_mask = torch.ones(bsz, length, dtype=torch.bool, device=device)
 
@@ -97,9 +109,9 @@ def bmojo_attention_chunked(
     real = _chunk_windows(key_flag, window, size, chunk, num_chunks)[..., 0].bool()  # [B, nC, K]
     rel = qpos[:, :, None] - kpos[:, None, :]  # [nC, C, K]
     ctx_mask = (((rel >= 0) & (rel < window))[None] & real[:, :, None, :]) | (rel == 0)[None]
-    scores = [score(qc, _chunk_windows(k, window, size, chunk, num_chunks))]
-    masks = [ctx_mask[:, :, None, None]]
-    values = [weighted(_chunk_windows(v, window, size, chunk, num_chunks))]
+    keys = [_chunk_windows(k, window, size, chunk, num_chunks)]
+    vals = [_chunk_windows(v, window, size, chunk, num_chunks)]
+    masks = [ctx_mask]
 
     if k_fade is not None:
         # Fading keys: positions [cC - 2W, cC + C - W).
@@ -107,16 +119,56 @@ def bmojo_attention_chunked(
         freal = _chunk_windows(key_flag, 2 * window, size, chunk, num_chunks)[..., 0].bool()
         frel = qpos[:, :, None] - fpos[:, None, :]
         fade_mask = ((frel >= window) & (frel < 2 * window))[None] & freal[:, :, None, :]
-        scores.append(score(qc, _chunk_windows(k_fade, 2 * window, size, chunk, num_chunks)))
-        masks.append(fade_mask[:, :, None, None])
-        values.append(weighted(_chunk_windows(v_fade, 2 * window, size, chunk, num_chunks)))
+        keys.append(_chunk_windows(k_fade, 2 * window, size, chunk, num_chunks))
+        vals.append(_chunk_windows(v_fade, 2 * window, size, chunk, num_chunks))
+        masks.append(fade_mask)
 
     if memory is not None:
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
-        scores.append(score(chunk_queries(q_eid), mem_k))
-        masks.append(eid_mask[:, :, None, None])
-        values.append(weighted(mem_v))
+        masks.append(eid_mask)
 
-    out = joint_softmax(scores, masks, values, q.dtype)  # [B, nC, C, Hkv, G, D]
+    if sdpa:
+        out = _chunk_sdpa(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, masks, scale)
+        return out.to(q.dtype).reshape(bsz, padded, num_heads, head_dim)[:, :length]
+    scores = [score(qc, kw) for kw in keys]
+    values = [weighted(vw) for vw in vals]
+    if memory is not None:
+        scores.append(score(chunk_queries(q_eid), mem_k))
+        values.append(weighted(mem_v))
+    out = joint_softmax(scores, [m[:, :, None, None] for m in masks], values, q.dtype)  # [B, nC, C, Hkv, G, D]
     return out.reshape(bsz, padded, num_heads, head_dim)[:, :length]
+
+
+def _causal_sdpa(q, k, v, scale, ctype):
+    """Full causal attention, ``q [B, L, H, D]``, ``k, v [B, L, Hkv, D]`` -> ``[B, L, H, D]`` in ``q.dtype``."""
+    groups = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).to(ctype)
+    kh, vh = (x.transpose(1, 2).repeat_interleave(groups, dim=1).to(ctype) for x in (k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _chunk_sdpa(qc, qe, keys, vals, memory, masks, scale):
+    """One softmax over all key sets of every chunk through ``scaled_dot_product_attention``.
+
+    ``qc [B, nC, C, Hkv, G, D]`` (rotated queries), ``qe`` the same shape (eidetic queries) or ``None``; ``keys`` /
+    ``vals``: ``[B, nC, K_n, Hkv, D]`` per in-context / fading set; ``memory``: the eidetic slots (``k, v [B, nC, M,
+    Hkv, D]``) or ``None``; ``masks``: ``[B, nC, C, K_n]`` bool per set (the eidetic one last). Returns ``[B, nC, C,
+    Hkv, G, D]`` in ``qc.dtype``."""
+    bsz, num_chunks, chunk, num_kv, groups, head_dim = qc.shape
+    k_all, v_all = torch.cat(keys, dim=2).to(qc.dtype), torch.cat(vals, dim=2).to(qc.dtype)
+    if memory is not None:  # feature-concatenate: [q | q_eid] . [k | 0] and [0 | k_mem]
+        q_all = torch.cat([qc, qe], dim=-1)
+        k_all = torch.cat([F.pad(k_all, [0, head_dim]), F.pad(memory.k.to(qc.dtype), [head_dim, 0])], dim=2)
+        v_all = torch.cat([v_all, memory.v.to(qc.dtype)], dim=2)
+    else:
+        q_all = qc
+    mask = torch.cat(masks, dim=-1)  # [B, nC, C, K]
+    width = q_all.shape[-1]
+    n = bsz * num_chunks
+    qh = q_all.reshape(n, chunk, num_kv * groups, width).transpose(1, 2)  # [n, H, C, E]
+    kh = k_all.reshape(n, -1, num_kv, width).transpose(1, 2).repeat_interleave(groups, dim=1)  # [n, H, K, E]
+    vh = v_all.reshape(n, -1, num_kv, head_dim).transpose(1, 2).repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.reshape(n, 1, chunk, -1), scale=scale)
+    return out.transpose(1, 2).reshape(bsz, num_chunks, chunk, num_kv, groups, head_dim)

@@ -73,12 +73,14 @@ def memory_per_chunk(candidates: EideticMemory, capacity: int) -> tuple[EideticM
         ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it (picks of
         chunks ``< c``); ``final`` (``[B, M, ...]``) also holds the last chunk's picks.
     """
-    bsz, num_chunks, _, features = candidates.k.shape
+    bsz, _, _, features = candidates.k.shape
     memory = empty_slots(bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype)
     seen = []
-    for c in range(num_chunks):  # a recurrence over chunks: trip count fixed by the shape
+    # A recurrence over chunks (trip count fixed by the shape), over unbind(1) views: indexing ``field[:, c]``
+    # would make each step's backward materialise a zero tensor of the whole input (quadratic in L).
+    for chunk_picks in zip(*(field.unbind(1) for field in candidates)):
         seen.append(memory)
-        memory = merge_slots(memory, EideticMemory(*(field[:, c] for field in candidates)), capacity)
+        memory = merge_slots(memory, EideticMemory(*chunk_picks), capacity)
     stacked = EideticMemory(*(torch.stack(fields, dim=1) for fields in zip(*seen)))
     return stacked, memory
 

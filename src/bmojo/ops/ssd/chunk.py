@@ -31,16 +31,18 @@ def segsum(a: Tensor) -> Tensor:
         [..., l, l] with out[..., i, j] = a[j+1] + ... + a[i] for i >= j (0 on the diagonal)
         and -inf for j > i, so that exp(out) is the causal decay matrix.
 
-    Computed as a masked cumsum rather than cumsum(a)[i] - cumsum(a)[j]: each entry is a
+    Computed as a masked prefix sum rather than cumsum(a)[i] - cumsum(a)[j]: each entry is a
     plain sum of same-sign terms, so there is no cancellation and the result keeps the
-    sign of a (<= 0 for decays).
+    sign of a (<= 0 for decays). The prefix sum is a matmul with a lower-triangular matrix
+    of ones, not ``torch.cumsum``: cumsum lowers to an HLO ``reduce-window``, which neuronx-cc
+    handles badly (``xla_audit.FORBIDDEN_OPCODES``); the matmul runs on TensorE.
     """
     l = a.shape[-1]
     ones = torch.ones(l, l, dtype=torch.bool, device=a.device)
     strict_lower = torch.tril(ones, diagonal=-1)  # [k, j]: k > j
-    # m[..., k, j] = a[k] if k > j else 0; cumsum over k gives sum_{j < k <= i} a[k].
+    # m[..., k, j] = a[k] if k > j else 0; summing over k <= i gives sum_{j < k <= i} a[k].
     m = a[..., :, None].expand(*a.shape, l).masked_fill(~strict_lower, 0.0)
-    out = torch.cumsum(m, dim=-2)
+    out = torch.matmul(torch.tril(ones).to(a.dtype), m)  # [i, k] @ [..., k, j]
     # masked_fill (not multiply) so the -inf never meets a 0 and no NaN reaches autograd.
     return out.masked_fill(~torch.tril(ones), float("-inf"))
 
@@ -114,7 +116,8 @@ def ssd_chunked(
     dtc = dtf.reshape(batch, nchunks, l, ngroups, rep)            # [b, c, l, G, R]
     a = (dtc * Af.view(ngroups, rep)).permute(0, 1, 3, 4, 2)      # [b, c, G, R, l], <= 0
 
-    a_cum = torch.cumsum(a, dim=-1)                               # decay from chunk start to i
+    # Decay from chunk start to i: a prefix sum as a matmul with upper-triangular ones (no cumsum, see segsum).
+    a_cum = a @ torch.ones(l, l, dtype=dtype, device=a.device).triu()  # [b, c, G, R, l]
     decay = torch.exp(segsum(a))                                  # [b, c, G, R, l(i), l(j)]
     dt_j = dtc.permute(0, 1, 3, 4, 2)[..., None, :]               # [b, c, G, R, 1, l(j)]
 
@@ -134,10 +137,12 @@ def ssd_chunked(
         state = xf.new_zeros(batch, ngroups, rep, headdim, dstate)
     else:
         state = initial_state.to(dtype).reshape(batch, ngroups, rep, headdim, dstate)
+    # Iterate over unbind(1) views, not chunk_decay[:, c]: the backward of each indexing op materialises a zero
+    # tensor of the whole input, which made the backward quadratic in L (tests/test_ssd_speed.py).
     states_in = []
-    for c in range(nchunks):
+    for decay_c, new_c in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
         states_in.append(state)
-        state = chunk_decay[:, c, :, :, None, None] * state + chunk_states[:, c]
+        state = decay_c[..., None, None] * state + new_c
     states_in = torch.stack(states_in, dim=1)                     # [b, c, G, R, P, N]
 
     # 4) Contribution of the carried-in state to each position: exp(a_0 + ... + a_i) S_in C_i.
