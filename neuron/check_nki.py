@@ -68,7 +68,8 @@ def budget(args):
     module = nki_standin.load_kernel_module(os.path.join(os.path.dirname(pkg.__file__), "nki.py"))
     arrays = [t.float().numpy() for t in k] + [triangle().numpy()]
     for name, kernel, extra in (("forward", module.ssd_fwd_kernel, []),
-                                ("backward", module.ssd_bwd_kernel, [np.ones_like(arrays[0]), np.ones_like(arrays[4])])):
+                                ("backward", module.ssd_bwd_kernel,
+                                 [np.ones_like(arrays[0]), np.ones_like(arrays[4])])):
         nki_standin.BUDGET.matmul_flops = nki_standin.BUDGET.hbm_bytes = 0
         nki_standin.simulate_kernel(kernel[1, 1], *arrays, *extra)
         programs = args.batch * args.heads

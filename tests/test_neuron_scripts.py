@@ -194,7 +194,10 @@ def test_dry_run_precompile_wraps_the_same_command():
 def test_dry_run_passes_tp_and_zero1_to_bmojo_train():
     big = run("train_trn1_32xlarge.sh", "--tp", "8", "--zero1", "--dry-run", "--", "--preset", "1.4b")
     assert big.returncode == 0, big.stderr
-    assert big.stdout == "torchrun --nproc_per_node=32 -m bmojo.cli train --device xla --bf16 --tp 8 --zero1 --preset 1.4b\n"
+    assert (
+        big.stdout
+        == "torchrun --nproc_per_node=32 -m bmojo.cli train --device xla --bf16 --tp 8 --zero1 --preset 1.4b\n"
+    )
     small = run("train_trn1_2xlarge.sh", "--tp=2", "--dry-run")
     assert small.stdout == "torchrun --nproc_per_node=2 -m bmojo.cli train --device xla --bf16 --tp 2\n"
     compiled = run("precompile.sh", "--instance", "trn1.32xlarge", "--zero1", "--tp", "4", "--dry-run")
@@ -211,8 +214,11 @@ BAD_ARGUMENTS = [
     ("train_trn1_32xlarge.sh", ["--tp", "64"], "--tp must be at most 32, got 64"),
     ("train_trn1_2xlarge.sh", ["--tp", "0"], "--tp must be at least 1, got 0"),
     ("precompile.sh", ["--instance", "trn1.2xlarge", "--tp", "two"], "--tp expects an integer, got 'two'"),
-    ("train_trn1_32xlarge.sh", ["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"],
-     "--node-rank must be less than --nnodes (2), got 2"),
+    (
+        "train_trn1_32xlarge.sh",
+        ["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"],
+        "--node-rank must be less than --nnodes (2), got 2",
+    ),
     ("train_trn1_32xlarge.sh", ["--nnodes", "two"], "--nnodes expects an integer, got 'two'"),
     (
         "train_trn1_32xlarge.sh",

@@ -30,8 +30,15 @@ def make_inputs(batch=1, L=256, H=2, P=16, G=1, N=8, seed=0, init=True, dtype=to
     rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
     dt = (0.005 + 0.195 * torch.rand(batch, L, H, generator=g, dtype=torch.float64)).to(dtype)
     A = -torch.logspace(np.log10(0.02), np.log10(4.0), H, dtype=torch.float64).to(dtype)
-    return dict(x=rn(batch, L, H, P), dt=dt, A=A, B=rn(batch, L, G, N), C=rn(batch, L, G, N),
-                D=rn(H), initial_state=rn(batch, H, P, N) if init else None)
+    return dict(
+        x=rn(batch, L, H, P),
+        dt=dt,
+        A=A,
+        B=rn(batch, L, G, N),
+        C=rn(batch, L, G, N),
+        D=rn(H),
+        initial_state=rn(batch, H, P, N) if init else None,
+    )
 
 
 def rel_err(got, ref):
@@ -49,8 +56,9 @@ def scan_in_kernel_layout(u, a, bm, cm, s0):
 
 def kernel_inputs(seed=0, **shape):
     inp = make_inputs(seed=seed, **shape)
-    return [t.detach() for t in to_kernel_layout(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
-                                                 inp["initial_state"])]
+    return [
+        t.detach() for t in to_kernel_layout(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["initial_state"])
+    ]
 
 
 # ------------------------------------------------------------------------------ layer A: the twin
@@ -65,8 +73,10 @@ def test_twin_matches_a_sequential_scan_outputs_states_and_every_gradient(shape,
     u, a, bm, cm, s0 = (t.double().requires_grad_() for t in kernel_inputs(**shape))
     y_ref, s_ref = scan_in_kernel_layout(u, a, bm, cm, s0)
     g = torch.Generator().manual_seed(1)
-    dy, ds = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(s_ref.shape, generator=g,
-                                                                                     dtype=torch.float64)
+    dy, ds = (
+        torch.randn(y_ref.shape, generator=g, dtype=torch.float64),
+        torch.randn(s_ref.shape, generator=g, dtype=torch.float64),
+    )
     grads_ref = torch.autograd.grad((y_ref * dy).sum() + (s_ref * ds).sum(), (u, a, bm, cm, s0))
 
     f32 = [t.detach().float() for t in (u, a, bm, cm, s0)]
@@ -83,8 +93,9 @@ def test_twin_matches_a_sequential_scan_outputs_states_and_every_gradient(shape,
 @pytest.mark.parametrize("init", [True, False])
 def test_wrapper_matches_ssd_ref_on_every_input_gradient(monkeypatch, init):
     monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
-    ref_in = {k: (v.requires_grad_() if v is not None else None) for k, v in make_inputs(L=384, H=4, G=2,
-                                                                                         init=init).items()}
+    ref_in = {
+        k: (v.requires_grad_() if v is not None else None) for k, v in make_inputs(L=384, H=4, G=2, init=init).items()
+    }
     got_in = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in ref_in.items()}
     y_ref, s_ref = ssd_ref(**ref_in)
     y, s = ssd_nki(**got_in)
@@ -140,8 +151,11 @@ def _run(kernels, inputs, dy=None, ds=None):
     return fwd, bwd
 
 
-@pytest.mark.parametrize("shape", [dict(L=128), dict(L=384, H=3, batch=2), dict(L=2048, P=64, N=128, init=False)],
-                         ids=["one-chunk", "three-chunks-grid-2x3", "preset-L2048-P64-N128-zero-state"])
+@pytest.mark.parametrize(
+    "shape",
+    [dict(L=128), dict(L=384, H=3, batch=2), dict(L=2048, P=64, N=128, init=False)],
+    ids=["one-chunk", "three-chunks-grid-2x3", "preset-L2048-P64-N128-zero-state"],
+)
 def test_kernel_source_equals_the_twin(kernels, shape):
     inputs = [t.float() for t in kernel_inputs(**shape)]
     g = torch.Generator().manual_seed(3)
@@ -190,7 +204,7 @@ def test_standin_rules_each_fail_where_trn1_would():
         nisa.tensor_reduce(np.add, sb(4, 4), axis=0)
 
 
-# ------------------------------------------------------------------------------ neuron/check_nki.py (hardware checklist)
+# ---------------------------------------------------------------------- neuron/check_nki.py (hardware checklist)
 
 
 def _check_nki(capsys, monkeypatch, *argv, **env):
@@ -216,21 +230,58 @@ def test_check_nki_budget_counts_the_kernel_source_work(capsys, monkeypatch):
 
 
 def test_check_nki_op_compares_the_backend_with_the_chunked_path(capsys, monkeypatch):
-    status, out = _check_nki(capsys, monkeypatch, "op", "--device", "cpu", "--dtype", "fp32", "--heads", "2",
-                             "--length", "256", "--repeat", "1", "--head-dim", "16", "--state", "16",
-                             BMOJO_NKI_STANDIN="1")
+    status, out = _check_nki(
+        capsys,
+        monkeypatch,
+        "op",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--heads",
+        "2",
+        "--length",
+        "256",
+        "--repeat",
+        "1",
+        "--head-dim",
+        "16",
+        "--state",
+        "16",
+        BMOJO_NKI_STANDIN="1",
+    )
     assert status == 0, out
     assert "check_nki: OK" in out and "dinitial_state" in out
-    status, out = _check_nki(capsys, monkeypatch, "op", "--device", "cpu", "--length", "200", "--repeat", "1",
-                             BMOJO_NKI_STANDIN="1")
+    status, out = _check_nki(
+        capsys, monkeypatch, "op", "--device", "cpu", "--length", "200", "--repeat", "1", BMOJO_NKI_STANDIN="1"
+    )
     assert status == 1
     assert "refuses these inputs: sequence length 200 is not a multiple of 128" in out
 
 
 def test_check_nki_attn_op_compares_the_backend_with_the_chunked_path(capsys, monkeypatch):
-    status, out = _check_nki(capsys, monkeypatch, "attn-op", "--device", "cpu", "--dtype", "fp32", "--heads", "2",
-                             "--length", "256", "--head-dim", "16", "--window", "128", "--memory", "8", "--repeat",
-                             "1", BMOJO_NKI_STANDIN="1")
+    status, out = _check_nki(
+        capsys,
+        monkeypatch,
+        "attn-op",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--heads",
+        "2",
+        "--length",
+        "256",
+        "--head-dim",
+        "16",
+        "--window",
+        "128",
+        "--memory",
+        "8",
+        "--repeat",
+        "1",
+        BMOJO_NKI_STANDIN="1",
+    )
     assert status == 0, out
     assert "check_nki: OK" in out and "dmemory.v" in out
 
@@ -249,11 +300,13 @@ def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):
     monkeypatch.setattr(nki_backend.SSDCore, "apply", lambda *a: calls.append(1) or apply(*a))
     attention_calls = []
     attention_apply = attention_backend.AttentionNKI.apply
-    monkeypatch.setattr(attention_backend.AttentionNKI, "apply",
-                        lambda *a: attention_calls.append(1) or attention_apply(*a))
+    monkeypatch.setattr(
+        attention_backend.AttentionNKI, "apply", lambda *a: attention_calls.append(1) or attention_apply(*a)
+    )
     torch.manual_seed(0)
-    config = preset_config("tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2,
-                           layers_block_type=["bmojo", "ssm"])
+    config = preset_config(
+        "tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2, layers_block_type=["bmojo", "ssm"]
+    )
     model = BMojoForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (1, 256))
 

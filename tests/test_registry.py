@@ -63,30 +63,40 @@ def test_nki_backend_runs_supported_calls_and_logs_each_fallback_reason_once(mon
     monkeypatch.setattr(nki_backend.SSDCore, "apply", lambda *a: calls.append(1) or apply(*a))
 
     def inputs(L, dtype=torch.float32, P=4, N=8):
-        return (torch.randn(1, L, 2, P, dtype=dtype), torch.rand(1, L, 2, dtype=dtype), -torch.rand(2, dtype=dtype),
-                torch.randn(1, L, 1, N, dtype=dtype), torch.randn(1, L, 1, N, dtype=dtype))
+        return (
+            torch.randn(1, L, 2, P, dtype=dtype),
+            torch.rand(1, L, 2, dtype=dtype),
+            -torch.rand(2, dtype=dtype),
+            torch.randn(1, L, 1, N, dtype=dtype),
+            torch.randn(1, L, 1, N, dtype=dtype),
+        )
 
     with use_backend("nki"), caplog.at_level(logging.WARNING, logger=registry.__name__):
         args = inputs(256)
         y, _ = dispatch("ssd")(*args, 128)
         assert calls == [1] and torch.allclose(y, ssd_chunked(*args, 128)[0], atol=1e-4)
         assert not caplog.records
-        for case, why in (((inputs(100), 128), "sequence length 100 is not a multiple of 128"),
-                          ((inputs(128), 64), "chunk_size 64: the kernels use 128"),
-                          ((inputs(128, torch.float64), 128), "dtype torch.float64: the kernels take float32 or bfloat16"),
-                          ((inputs(128, P=130), 128), "head dim 130 / state size 8 over 128")):
+        for case, why in (
+            ((inputs(100), 128), "sequence length 100 is not a multiple of 128"),
+            ((inputs(128), 64), "chunk_size 64: the kernels use 128"),
+            ((inputs(128, torch.float64), 128), "dtype torch.float64: the kernels take float32 or bfloat16"),
+            ((inputs(128, P=130), 128), "head dim 130 / state size 8 over 128"),
+        ):
             caplog.clear()
             monkeypatch.setattr(registry, "_warned", set())
             for _ in range(2):
                 y, _ = dispatch("ssd")(*case[0], case[1])
             assert calls == [1], why  # the chunked form ran
             assert [r.message for r in caplog.records] == [
-                f"backend 'nki' does not support these inputs ({why}) for op 'ssd'; running the 'chunked' form"]
+                f"backend 'nki' does not support these inputs ({why}) for op 'ssd'; running the 'chunked' form"
+            ]
 
 
 def test_nothing_imports_neuronxcc_unless_a_kernel_runs():
-    code = ("import sys, torch; from bmojo.ops import dispatch, use_backend; from bmojo.ops.ssd import ssd_nki; "
-            "import bmojo.modeling_bmojo; print(sorted(m for m in sys.modules if m.startswith('neuronxcc')))")
+    code = (
+        "import sys, torch; from bmojo.ops import dispatch, use_backend; from bmojo.ops.ssd import ssd_nki; "
+        "import bmojo.modeling_bmojo; print(sorted(m for m in sys.modules if m.startswith('neuronxcc')))"
+    )
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src"), "BMOJO_BACKEND": "nki"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -100,15 +110,32 @@ def test_nki_attention_verifier_names_each_refusal(monkeypatch):
 
     def call(L=256, W=128, chunk=128, D=16, M=8, fading=True, memory=True, key_mask=None, dtype=torch.float32):
         q = torch.zeros(1, L, 2, D, dtype=dtype)
-        mem = EideticMemory(torch.zeros(1, L // chunk, M, 2, D), torch.zeros(1, L // chunk, M, 2, D),
-                            torch.zeros(1, L // chunk, M, dtype=torch.long), torch.zeros(1, L // chunk, M))
-        return supports_attention_nki(q, q, q, W, chunk, q if fading else None, q if fading else None, q,
-                                      mem if memory else None, key_mask=key_mask)
+        mem = EideticMemory(
+            torch.zeros(1, L // chunk, M, 2, D),
+            torch.zeros(1, L // chunk, M, 2, D),
+            torch.zeros(1, L // chunk, M, dtype=torch.long),
+            torch.zeros(1, L // chunk, M),
+        )
+        return supports_attention_nki(
+            q,
+            q,
+            q,
+            W,
+            chunk,
+            q if fading else None,
+            q if fading else None,
+            q,
+            mem if memory else None,
+            key_mask=key_mask,
+        )
 
     assert call() is True
     assert call(key_mask=torch.ones(1, 256, dtype=torch.bool)) == "a key padding mask (the kernels take none)"
-    assert call(memory=False) == call(fading=False) == (
-        "no fading keys or no eidetic memory (the kernels score all three key sets)")
+    assert (
+        call(memory=False)
+        == call(fading=False)
+        == ("no fading keys or no eidetic memory (the kernels score all three key sets)")
+    )
     assert call(chunk=64) == "chunk_size 64: the kernels use 128"
     assert call(W=192) == "sequence length 256 / window 192 not a positive multiple of 128"
     assert call(M=129) == "head dim 16 / memory size 129 over 128"

@@ -201,7 +201,8 @@ def test_sigkill_then_resume_at_tp2_repeats_the_uninterrupted_run(runs, corpus, 
          "--nproc_per_node=<a multiple of the tensor-parallel degree>"),
         (["--zero1"], "1", "--zero1 needs a process group and this is a single process"),
         (["--tp", "2"], "3", "--tp 2 must divide the number of processes (3)"),
-        (["--tp", "2", "--device", "xla", "--set", "train.dtype=float32"], "2", "--tp 2 runs on --device cpu (gloo) only so far"),
+        (["--tp", "2", "--device", "xla", "--set", "train.dtype=float32"], "2",
+         "--tp 2 runs on --device cpu (gloo) only so far"),
         (["--tp", "2", "--batch-size", "6"], "4", "train.batch_size must be a multiple of data-parallel groups "
          "(4 processes / tp 2) x grad_accum (2 x 2), got 6"),
     ],
@@ -256,6 +257,8 @@ def test_memory_table_counts_the_parameters_a_rank_holds():
     config = BMojoConfig(**{**PRESETS["tiny"], "ssm_ngroups": 2})
     full = {n: p.detach() for n, p in BMojoForCausalLM(config).named_parameters()}  # tied head once
     for tp in (1, 2):
-        assert memory.rank_parameters(config, tp) == sum(t.numel() for t in split_state_dict(full, config, tp)[0].values())
+        assert memory.rank_parameters(config, tp) == sum(
+            t.numel() for t in split_state_dict(full, config, tp)[0].values()
+        )
     one, two = (memory.saved_activation_bytes(config, tp, 32) for tp in (1, 2))
     assert 0 < two < one

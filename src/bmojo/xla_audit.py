@@ -231,7 +231,9 @@ def hlo_census(hlo: str) -> dict:
 
 def census_violations(census: dict) -> list[str]:
     """Forbidden opcodes and dynamic shapes, as readable lines (empty when the graph is clean)."""
-    found = [f"{op} x{census['opcodes'][op]}: {why}" for op, why in FORBIDDEN_OPCODES.items() if op in census["opcodes"]]
+    found = [
+        f"{op} x{census['opcodes'][op]}: {why}" for op, why in FORBIDDEN_OPCODES.items() if op in census["opcodes"]
+    ]
     return found + [f"dynamic shape: {line}" for line in census["dynamic_shapes"]]
 
 

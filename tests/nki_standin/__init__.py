@@ -1,8 +1,8 @@
 """A NumPy stand-in for the subset of Beta-1 NKI (``neuronxcc.nki``, ``.language``, ``.isa``) bmojo's kernels use.
 
-It runs the **real kernel source** (``src/bmojo/ops/ssd/nki.py``, ``src/bmojo/ops/attention/nki.py``): ``load_kernel_module`` places this package's
-modules under the ``neuronxcc`` names in ``sys.modules`` while the kernel file is imported, the pattern
-nki-library's tests use for their CPU simulator. Every call checks trn1's limits (NeuronCore-v2, see
+It runs the **real kernel source** (``src/bmojo/ops/ssd/nki.py``, ``src/bmojo/ops/attention/nki.py``):
+``load_kernel_module`` places this package's modules under the ``neuronxcc`` names in ``sys.modules`` while the
+kernel file is imported, the pattern nki-library's tests use for their CPU simulator. Every call checks trn1's limits (NeuronCore-v2, see
 docs/kernels.md): partition dim <= 128 for every on-chip tile; ``nc_matmul`` contraction K <= 128, stationary
 free M <= 128, moving free N <= 512, operands in SBUF, result in PSUM; transposes <= 128 x 128; a PSUM tile at most
 one 2 KiB bank per partition and at most 8 banks live; at most 192 KiB of SBUF per partition live; loads and stores
@@ -319,8 +319,7 @@ nki.jit = _Kernel
 nki.simulate_kernel = simulate_kernel
 _package = types.ModuleType("neuronxcc")
 _package.nki = nki
-_MODULES = {"neuronxcc": _package, "neuronxcc.nki": nki, "neuronxcc.nki.language": language,
-            "neuronxcc.nki.isa": isa}
+_MODULES = {"neuronxcc": _package, "neuronxcc.nki": nki, "neuronxcc.nki.language": language, "neuronxcc.nki.isa": isa}
 
 
 @contextmanager

@@ -50,7 +50,11 @@ def mamba2_config(config: BMojoConfig):
 
 def llama_state_dict(state: dict) -> dict:
     """Our parameter names -> LlamaForCausalLM's."""
-    renames = {".input_norm.": ".input_layernorm.", ".post_mixer_norm.": ".post_attention_layernorm.", ".mixer.": ".self_attn."}
+    renames = {
+        ".input_norm.": ".input_layernorm.",
+        ".post_mixer_norm.": ".post_attention_layernorm.",
+        ".mixer.": ".self_attn.",
+    }
     out = {}
     for name, tensor in state.items():
         for ours, theirs in renames.items():

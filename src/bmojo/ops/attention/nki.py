@@ -1,8 +1,8 @@
 """Joint B'MOJO attention, forward and backward, as Beta-1 NKI kernels for trn1 (``neuronxcc.nki``, Neuron SDK 2.28).
 
 Importing this module imports ``neuronxcc``: only ``nki_backend.py`` does so, and only when the ``nki`` backend
-runs on a Neuron device (docs/kernels.md). The CPU tests run this source through the NumPy stand-in (``tests/nki_standin``) against the
-algorithm twin ``nki_twin.attention_twin_fwd`` / ``attention_twin_bwd``.
+runs on a Neuron device (docs/kernels.md). The CPU tests run this source through the NumPy stand-in
+(``tests/nki_standin``) against the algorithm twin ``nki_twin.attention_twin_fwd`` / ``attention_twin_bwd``.
 
 Grid ``[batch, heads]``; each program walks its 128-query tiles. Per tile, one online softmax (running ``m, l, o``
 in SBUF) over the ``(W+C)/C`` window key tiles, the as many fading key tiles and the one eidetic tile; it emits
@@ -38,8 +38,9 @@ def _online_step(q_t, k_t, v_c, bias, m, l, o_acc):
     neg_m = nisa.tensor_scalar(m_new, np.multiply, -1.0)
     p = nisa.activation(nl.exp, s, bias=neg_m)  # exp(s - m_new)
     alpha = nisa.activation(nl.exp, m, bias=neg_m)  # exp(m - m_new)
-    l[...] = nisa.tensor_tensor(nisa.tensor_tensor(l, alpha, np.multiply),
-                                nisa.tensor_reduce(np.add, p, axis=1, keepdims=True), np.add)
+    l[...] = nisa.tensor_tensor(
+        nisa.tensor_tensor(l, alpha, np.multiply), nisa.tensor_reduce(np.add, p, axis=1, keepdims=True), np.add
+    )
     pv = nisa.nc_matmul(_transpose(p), v_c)  # [C, D]
     o_acc[...] = nisa.tensor_tensor(nisa.tensor_scalar(o_acc, np.multiply, alpha), pv, np.add)
     m[...] = m_new
@@ -76,8 +77,15 @@ def attn_fwd_kernel(q, qe, kw, vw, kf, vf, mk, mv, band_w, band_f, kb_w, kb_f, e
         _band_tiles(q_t, kw, vw, band_w, kb_w, ib, ih, ic, ones_row, m, l, o_acc)
         _band_tiles(q_t, kf, vf, band_f, kb_f, ib, ih, ic, ones_row, m, l, o_acc)
         slots = nl.ds(ic * mem, mem)
-        _online_step(_transpose(nl.load(qe[ib, ih, rows, :])), _transpose(nl.load(mk[ib, ih, slots, :])),
-                     nl.load(mv[ib, ih, slots, :]), nl.load(ebias[ib, rows, :]), m, l, o_acc)
+        _online_step(
+            _transpose(nl.load(qe[ib, ih, rows, :])),
+            _transpose(nl.load(mk[ib, ih, slots, :])),
+            nl.load(mv[ib, ih, slots, :]),
+            nl.load(ebias[ib, rows, :]),
+            m,
+            l,
+            o_acc,
+        )
         nl.store(o[ib, ih, rows, :], value=nisa.tensor_scalar(o_acc, np.divide, l))
         nl.store(lse[ib, ih, rows, :], value=nisa.tensor_tensor(m, nisa.activation(nl.log, l), np.add))
     return o, lse
@@ -97,8 +105,9 @@ def _query_side(q, o, lse, do, ib, ih, ic):
     q_c = nl.load(q[ib, ih, rows, :])
     do_c = nl.load(do[ib, ih, rows, :])
     neg_lse = nisa.tensor_scalar(nl.load(lse[ib, ih, rows, :]), np.multiply, -1.0)
-    delta = nisa.tensor_reduce(np.add, nisa.tensor_tensor(nl.load(o[ib, ih, rows, :]), do_c, np.multiply),
-                               axis=1, keepdims=True)
+    delta = nisa.tensor_reduce(
+        np.add, nisa.tensor_tensor(nl.load(o[ib, ih, rows, :]), do_c, np.multiply), axis=1, keepdims=True
+    )
     return q_c, _transpose(q_c), do_c, _transpose(do_c), neg_lse, delta
 
 
@@ -136,15 +145,29 @@ def attn_bwd_kernel(q, qe, kw, vw, kf, vf, mk, mv, band_w, band_f, kb_w, kb_f, e
             for it in nl.static_range(ntiles):
                 blk = nl.ds((ic + it) * CHUNK, CHUNK)
                 k_c = nl.load(keys[ib, ih, blk, :])
-                _, ds = _probs_grad(q_t, _transpose(k_c), _transpose(nl.load(vals[ib, ih, blk, :])), do_t,
-                                    _band_bias(band, kbias, it, ic + it, ones_row), neg_lse, delta)
+                _, ds = _probs_grad(
+                    q_t,
+                    _transpose(k_c),
+                    _transpose(nl.load(vals[ib, ih, blk, :])),
+                    do_t,
+                    _band_bias(band, kbias, it, ic + it, ones_row),
+                    neg_lse,
+                    delta,
+                )
                 dq_ps += nisa.nc_matmul(_transpose(ds), k_c)
         nl.store(dq[ib, ih, nl.ds(ic * CHUNK, CHUNK), :], value=nisa.tensor_copy(dq_ps))
         rows, slots = nl.ds(ic * CHUNK, CHUNK), nl.ds(ic * mem, mem)
         qe_c = nl.load(qe[ib, ih, rows, :])
         mk_c = nl.load(mk[ib, ih, slots, :])
-        p, ds = _probs_grad(_transpose(qe_c), _transpose(mk_c), _transpose(nl.load(mv[ib, ih, slots, :])), do_t,
-                            nl.load(ebias[ib, rows, :]), neg_lse, delta)
+        p, ds = _probs_grad(
+            _transpose(qe_c),
+            _transpose(mk_c),
+            _transpose(nl.load(mv[ib, ih, slots, :])),
+            do_t,
+            nl.load(ebias[ib, rows, :]),
+            neg_lse,
+            delta,
+        )
         nl.store(dqe[ib, ih, rows, :], value=nisa.tensor_copy(nisa.nc_matmul(_transpose(ds), mk_c)))
         nl.store(grads["mk"][ib, ih, slots, :], value=nisa.tensor_copy(nisa.nc_matmul(ds, qe_c)))
         nl.store(grads["mv"][ib, ih, slots, :], value=nisa.tensor_copy(nisa.nc_matmul(p, do_c)))
@@ -160,8 +183,7 @@ def attn_bwd_kernel(q, qe, kw, vw, kf, vf, mk, mv, band_w, band_f, kb_w, kb_f, e
                 ic = kb - it
                 if 0 <= ic < nchunks:
                     q_c, q_t, do_c, do_t, neg_lse, delta = _query_side(q, o, lse, do, ib, ih, ic)
-                    p, ds = _probs_grad(q_t, k_t, v_t, do_t, _band_bias(band, kbias, it, kb, ones_row), neg_lse,
-                                        delta)
+                    p, ds = _probs_grad(q_t, k_t, v_t, do_t, _band_bias(band, kbias, it, kb, ones_row), neg_lse, delta)
                     dk_ps += nisa.nc_matmul(ds, q_c)
                     dv_ps += nisa.nc_matmul(p, do_c)
             nl.store(grads["k" + name][ib, ih, blk, :], value=nisa.tensor_copy(dk_ps))
