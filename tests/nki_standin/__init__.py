@@ -3,11 +3,11 @@
 It runs the **real kernel source** (``src/bmojo/ops/ssd/nki.py``, ``src/bmojo/ops/attention/nki.py``):
 ``load_kernel_module`` places this package's modules under the ``neuronxcc`` names in ``sys.modules`` while the
 kernel file is imported, the pattern nki-library's tests use for their CPU simulator. Every call checks trn1's
-limits (NeuronCore-v2, see docs/kernels.md): partition dim <= 128 for every on-chip tile; ``nc_matmul`` contraction K <= 128, stationary
-free M <= 128, moving free N <= 512, operands in SBUF, result in PSUM; transposes <= 128 x 128; a PSUM tile at most
-one 2 KiB bank per partition and at most 8 banks live; at most 192 KiB of SBUF per partition live; loads and stores
-between HBM and SBUF only; engine operands on chip. "Live" is Python liveness (reference counting), which is more
-conservative than the compiler's allocator.
+limits (NeuronCore-v2, see docs/kernels.md): partition dim <= 128 for every on-chip tile; ``nc_matmul`` contraction
+K <= 128, stationary free M <= 128, moving free N <= 512, operands in SBUF, result in PSUM; transposes <= 128 x 128;
+a PSUM tile at most one 2 KiB bank per partition and at most 8 banks live; at most 192 KiB of SBUF per partition
+live; loads and stores between HBM and SBUF only; engine operands on chip. "Live" is Python liveness (reference
+counting), which is more conservative than the compiler's allocator.
 
 It is bmojo's model of NKI, not NKI: it cannot see compiler rejections, instruction scheduling, races between
 iterations of ``affine_range``, ScalarE's exp tables, or anything the real simulator and hardware disagree on.
