@@ -1,5 +1,5 @@
 """Seconds per step of the default `bmojo train` (the 'cpu' preset, 8 x 256 bytes, AdamW) under thread settings,
-on an idle machine and with one busy core, to choose ``bmojo.training.default_threads``.
+on an idle machine and with one busy core, to choose ``bmojo.processes.default_threads``.
 
     python scripts/bench_threads.py --reps 3 --steps 3      # a Markdown table: median (best) over the reps
 

@@ -13,7 +13,7 @@ from bmojo.checkpoint import load_model, resolve_checkpoint
 from bmojo.cli import main
 from bmojo.export import bytes_to_unicode
 from bmojo.tokenization import ByteTokenizer, load_tokenizer
-from bmojo.training import generate_text
+from bmojo.evaluation import generate_text
 
 WORDS = ["def", "return", "self", "import", "class", "if", "(x)", ":", "\n    ", "héllo", "🙂"]
 TEXTS = [

@@ -19,7 +19,9 @@ from filelock import FileLock
 
 from bmojo import checkpoint as ckpt
 from bmojo.cli import main
-from bmojo.training import LOCK_FILE, TrainConfig, learning_rate
+from bmojo.run_directory import LOCK_FILE
+from bmojo.settings import TrainConfig
+from bmojo.training import learning_rate
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
@@ -356,7 +358,7 @@ def test_unusable_out(fault, corpus, tmp_path, capsys):
 
 
 def test_a_full_disk_while_writing_records_is_one_line(corpus, tmp_path, monkeypatch, capsys):
-    from bmojo.training import MetricsLog
+    from bmojo.run_directory import MetricsLog
 
     def full(self, record):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -16,7 +16,8 @@ import torch
 
 from bmojo import checkpoint as ckpt
 from bmojo.cli import main
-from bmojo.training import TrainConfig, learning_rate
+from bmojo.settings import TrainConfig
+from bmojo.training import learning_rate
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]

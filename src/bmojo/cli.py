@@ -171,7 +171,7 @@ def _load_model_and_tokenizer(path: str, tokenizer_spec: str | None, threads: in
 
     from .checkpoint import load_model, resolve_checkpoint, run_dir_of
     from .tokenization import load_tokenizer
-    from .training import default_threads
+    from .processes import default_threads
 
     torch.set_num_threads(threads or default_threads(1))
     checkpoint = resolve_checkpoint(path)
@@ -201,7 +201,8 @@ def cmd_eval(args) -> int:
     import numpy as np
 
     from .data import load_corpus
-    from .training import evaluate, load_train_settings
+    from .evaluation import evaluate
+    from .run_directory import load_train_settings
 
     checkpoint, run_dir, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
     run = TrainConfig()
@@ -235,7 +236,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .training import TextStream, generate_text
+    from .evaluation import TextStream, generate_text
 
     _, _, model, tokenizer = _load_model_and_tokenizer(args.path, args.tokenizer, args.threads)
     temperature = 0.0 if args.greedy else args.temperature
@@ -318,6 +319,7 @@ def cmd_tokenizer_encode(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------------------------------------------
+# Long on purpose: every command's flags are declared here, in --help order, one call per flag.
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bmojo", description="Train, evaluate and sample B'MOJO language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -453,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 def set_thread_environment() -> None:
     """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless already set), which
     OpenMP reads once, when torch loads it. Spinning threads were at best 14% faster on a quiet machine and up to
-    22x slower when other processes kept a core busy (README, "CPU threads"; ``bmojo.training.default_threads``)."""
+    22x slower when other processes kept a core busy (README, "CPU threads"; ``bmojo.processes.default_threads``)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

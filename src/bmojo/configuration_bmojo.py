@@ -67,6 +67,7 @@ class BMojoConfig(PretrainedConfig):
     model_type = "bmojo"
     keys_to_ignore_at_inference = ["cache", "cache_params"]
 
+    # Long on purpose: one keyword argument per hyperparameter (transformers' config convention).
     def __init__(
         self,
         vocab_size: int = 264,
@@ -165,6 +166,7 @@ class BMojoConfig(PretrainedConfig):
         return layer_type == "ssm" or (layer_type == "bmojo" and (self.use_fading or self.eidetic))
 
     # Validation --------------------------------------------------------------------------------------------------
+    # Long on purpose: one check per field, each error naming the field and its rule.
     def _validate_fields(self) -> None:
         """Raise ``ValueError`` naming the field and the rule it breaks."""
 

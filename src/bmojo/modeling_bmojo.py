@@ -193,6 +193,7 @@ class BMojoModel(BMojoPreTrainedModel):
         )
         return Rope(cos, sin, eid_cos, eid_sin)
 
+    # Long on purpose: the parallel forward in order (checks, padding roll, layers, roll back, cache).
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

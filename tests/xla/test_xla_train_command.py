@@ -22,7 +22,7 @@ from bmojo import checkpoint as ckpt  # noqa: E402
 from bmojo.cli import main  # noqa: E402
 from bmojo.data import load_corpus  # noqa: E402
 from bmojo.tokenization import load_tokenizer  # noqa: E402
-from bmojo.training import evaluate  # noqa: E402
+from bmojo.evaluation import evaluate
 
 WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
 STEPS = 8

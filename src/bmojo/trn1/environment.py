@@ -91,6 +91,7 @@ def neuron_devices(dev_dir: str = "/dev") -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(dev_dir, "neuron*")) if os.path.basename(p)[6:].isdigit())
 
 
+# Long on purpose: one check per requirement of the trn1 environment, in the order they are reported.
 def problems(purpose: str, cores: int = 0, dev_dir: str = "/dev") -> tuple[list[str], list[str], dict]:
     """``(problems, notes, found)``: one message per missing piece, informational notes, and what was found."""
     found: dict[str, str] = {}

@@ -42,6 +42,8 @@ def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunk
     return torch.cat([xb[:, j : j + num_chunks] for j in range(span)], dim=2)
 
 
+# Long on purpose: the chunked algorithm as one listing (as mamba's ssd_minimal), so it reads against the
+# reference (naive.py) line by line.
 def bmojo_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -18,6 +18,7 @@ from ..common import compute_dtype, expand_groups
 from ..selection.common import EideticMemory
 
 
+# Long on purpose: the reference is one plain listing of the three key sets and their masks.
 def bmojo_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -116,6 +116,7 @@ def _band_bias(band, kbias, it, kb, ones_row):
     return nisa.tensor_tensor(nl.load(band[it]), key_bias, np.add)
 
 
+# Long on purpose: an NKI kernel is one traced function; its two passes are marked inside.
 @nki.jit
 def attn_bwd_kernel(q, qe, kw, vw, kf, vf, mk, mv, band_w, band_f, kb_w, kb_f, ebias, o, lse, do):
     """Gradients (dq, dqe, dkw, dvw, dkf, dvf, dmk, dmv) in the layouts of the inputs, fp32; grid [b, H].

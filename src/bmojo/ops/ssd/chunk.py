@@ -57,6 +57,7 @@ def segsum_ref(a: Tensor) -> Tensor:
     return out
 
 
+# Long on purpose: the chunked SSD as one listing (as mamba's ssd_minimal): intra-chunk, states, inter-chunk.
 def ssd_chunked(
     x: Tensor,
     dt: Tensor,
