@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -21,6 +22,23 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -
 def tokens(bsz: int, length: int, vocab: int = 64, seed: int = 1) -> torch.Tensor:
     """Reproducible token ids ``[bsz, length]`` in ``[3, vocab)`` (above the special tokens)."""
     return torch.randint(3, vocab, (bsz, length), generator=torch.Generator().manual_seed(seed))
+
+
+WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
+
+
+def word_salad(root: Path, names: tuple[str, ...] = ("a.py",), words: int = 3000) -> Path:
+    """A small, learnable corpus in ``root``: one file of Python-ish word salad per name (seeded)."""
+    rng = random.Random(0)
+    for name in names:
+        (root / name).write_text("".join(rng.choice(WORDS) + " " for _ in range(words)))
+    return root
+
+
+def repeated_text(root: Path) -> Path:
+    """The smallest corpus a run can train on: one short function, 200 times, in ``root/a.txt``."""
+    (root / "a.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    return root
 
 
 def train_args(data: Path | str, out: Path, *extra: str) -> list[str]:

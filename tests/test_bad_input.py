@@ -14,15 +14,13 @@ import yaml
 
 from bmojo.cli import build_parser, main
 from bmojo.data import write_token_file
-from support import cli, one_error_line
+from support import cli, one_error_line, repeated_text
 from support import train_args as tiny
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "a.txt").write_text("def f(x):\n    return x + 1\n" * 200)
-    return root
+    return repeated_text(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

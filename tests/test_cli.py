@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bmojo.cli import main
-from support import cli, one_error_line
+from support import cli, one_error_line, repeated_text
 from support import train_args as tiny
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -18,9 +18,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "a.txt").write_text("def f(x):\n    return x + 1\n" * 200)
-    return root
+    return repeated_text(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import errno
 import itertools
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -22,17 +21,14 @@ from bmojo.cli import main
 from bmojo.run_directory import LOCK_FILE
 from bmojo.settings import TrainConfig
 from bmojo.training import learning_rate
+from support import word_salad
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    (root / "a.py").write_text("".join(rng.choice(WORDS) + " " for _ in range(3000)))
-    return root
+    return word_salad(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny(corpus: Path, out: Path, *extra: str) -> list[str]:

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from bmojo import checkpoint as ckpt
 from bmojo.cli import main
 from bmojo.modeling_bmojo import BMojoForCausalLM
+from support import word_salad
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
 STEPS = 8
 # ssm_ngroups=2: the tiny preset's single SSM group cannot be split in two.
 ARGS = [
@@ -31,13 +31,7 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    import random
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for name in ("a.py", "b.py"):
-        (root / name).write_text("".join(rng.choice(WORDS) + " " for _ in range(3000)))
-    return root
+    return word_salad(tmp_path_factory.mktemp("corpus"), ("a.py", "b.py"))
 
 
 def tiny(corpus: Path, out: Path, *extra: str) -> list[str]:

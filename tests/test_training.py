@@ -4,7 +4,6 @@ import errno
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,19 +17,15 @@ from bmojo import checkpoint as ckpt
 from bmojo.cli import main
 from bmojo.settings import TrainConfig
 from bmojo.training import learning_rate
+from support import word_salad
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "(x)", ":", "\n    "]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A small, learnable text corpus: two files of Python-ish word salad."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for name in ("a.py", "b.py"):
-        (root / name).write_text("".join(rng.choice(WORDS) + " " for _ in range(3000)))
-    return root
+    return word_salad(tmp_path_factory.mktemp("corpus"), ("a.py", "b.py"))
 
 
 def tiny(corpus: Path, out: Path, *extra: str) -> list[str]:
