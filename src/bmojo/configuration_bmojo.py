@@ -23,6 +23,9 @@ from transformers import PretrainedConfig
 from .presets import PRESETS
 
 LAYER_TYPES = ("bmojo", "attention", "ssm")
+SELECTION_SCORES = ("key_prediction", "next_input", "random", "recency")
+MEMORY_ADMISSIONS = ("chunk", "window_exit")
+EIDETIC_KEY_DISTANCES = ("window", "zero")
 
 
 class BMojoConfig(PretrainedConfig):
@@ -47,6 +50,32 @@ class BMojoConfig(PretrainedConfig):
         memory_size (`int`): eidetic memory slots ``M`` per ``bmojo`` layer; 0 turns eidetic memory off.
         selections_per_chunk (`int`): tokens selected by the innovation test in each chunk (``k_sel``).
         innovation_loss_weight (`float`): weight of the innovation predictor's auxiliary loss.
+
+        Eidetic-memory design options (issue 11; the first value of each is the original behaviour):
+
+        selection_score (`str`): what ranks tokens for the memory. ``"key_prediction"``: squared error of predicting
+            token ``t``'s key from the fading token ``f_{t-1}``; ``"next_input"``: the paper's innovation test,
+            the error of predicting the layer input ``h_t`` from ``f_{t-1}``; ``"random"``: a fixed hash of
+            (layer, position), a baseline; ``"recency"``: the position (newest wins), a baseline.
+        learned_selection (`bool`): a learned per-token bias ``u_t`` (linear in ``h_t``): selection ranks
+            ``score * exp(u_t)`` and a selected token's eidetic logit gets ``+ u_t``, so the LM loss teaches
+            which tokens are worth keeping.
+        memory_score_decay (`float`): retention; each memory slot's score is multiplied by this factor at every
+            chunk boundary (``1.0``: keep the highest scores ever seen; ``0 < decay < 1``: older tokens must
+            have scored higher to stay).
+        memory_admission (`str`): ``"chunk"``: a chunk's picks join the memory when the chunk ends and become
+            visible once they leave the window; ``"window_exit"``: picks join the memory only when their chunk
+            has left the window, so no slot holds a token the query cannot see.
+        memory_reset_at_document (`bool`): a query sees no memory slot from an earlier document (documents end
+            with ``eos_token_id``), and slots of finished documents are dropped.
+        memory_per_kv_head (`bool`): each key/value head selects and keeps its own ``memory_size`` tokens.
+        eidetic_key_distance (`str`): relative position at which eidetic keys are scored: ``"window"`` (``2W``, so
+            distances never exceed training's) or ``"zero"`` (query and key unrotated: pure content match).
+        fading_self_key (`bool`): query ``i`` also attends its own fading token ``f_i`` (distance 0), so one
+            ``bmojo`` layer can compute exactly what a Mamba-2 layer computes.
+        key_set_bias (`bool`): a learned per-head bias added to the logits of the fading keys (and the self
+            fading key) and of the eidetic keys; ``key_set_bias_init`` (`float`) is its initial value (very
+            negative: the layer starts as sliding-window attention, as ``bmojo convert`` needs).
         ssm_state_size (`int`): SSD state size ``N``.
         ssm_expand (`int`): SSM inner width is ``ssm_expand * hidden_size``.
         ssm_head_dim (`int`): SSD head size ``P``.
@@ -84,6 +113,16 @@ class BMojoConfig(PretrainedConfig):
         memory_size: int = 32,
         selections_per_chunk: int = 2,
         innovation_loss_weight: float = 0.01,
+        selection_score: str = "key_prediction",
+        learned_selection: bool = False,
+        memory_score_decay: float = 1.0,
+        memory_admission: str = "chunk",
+        memory_reset_at_document: bool = False,
+        memory_per_kv_head: bool = False,
+        eidetic_key_distance: str = "window",
+        fading_self_key: bool = False,
+        key_set_bias: bool = False,
+        key_set_bias_init: float = 0.0,
         ssm_state_size: int = 32,
         ssm_expand: int = 2,
         ssm_head_dim: int = 32,
@@ -122,6 +161,16 @@ class BMojoConfig(PretrainedConfig):
         self.memory_size = memory_size
         self.selections_per_chunk = selections_per_chunk
         self.innovation_loss_weight = innovation_loss_weight
+        self.selection_score = selection_score
+        self.learned_selection = learned_selection
+        self.memory_score_decay = memory_score_decay
+        self.memory_admission = memory_admission
+        self.memory_reset_at_document = memory_reset_at_document
+        self.memory_per_kv_head = memory_per_kv_head
+        self.eidetic_key_distance = eidetic_key_distance
+        self.fading_self_key = fading_self_key
+        self.key_set_bias = key_set_bias
+        self.key_set_bias_init = key_set_bias_init
         self.ssm_state_size = ssm_state_size
         self.ssm_expand = ssm_expand
         self.ssm_head_dim = ssm_head_dim
@@ -252,6 +301,28 @@ class BMojoConfig(PretrainedConfig):
             raise ValueError(
                 f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got {self.ssm_dt_min}, {self.ssm_dt_max}"
             )
+        for name, choices in (
+            ("selection_score", SELECTION_SCORES),
+            ("memory_admission", MEMORY_ADMISSIONS),
+            ("eidetic_key_distance", EIDETIC_KEY_DISTANCES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in (
+            "learned_selection",
+            "memory_reset_at_document",
+            "memory_per_kv_head",
+            "fading_self_key",
+            "key_set_bias",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("memory_score_decay", "key_set_bias_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0 < self.memory_score_decay <= 1:
+            raise ValueError(f"memory_score_decay must be in (0, 1], got {self.memory_score_decay}")
         if self.innovation_loss_weight < 0:
             raise ValueError(f"innovation_loss_weight must be >= 0, got {self.innovation_loss_weight}")
         if self.rope_theta <= 0:
