@@ -13,9 +13,10 @@ Conventions (each one is a choice; the docs repeat them):
 * **FLOPs** are matmul FLOPs, ``2*m*n*k`` per product, and the depthwise convolution's ``2 * outputs * K``, as
   ``torch.utils.flop_counter`` counts them. The backward counts one product per operand that needs a gradient:
   ``2x`` the forward for a linear layer, ``1x`` for a product with a constant (the ones matrices of the SSD's prefix
-  sums, the one-hot selection matrices, the innovation predictor's detached input). The attention backward
-  recomputes the scores, as flash attention, the NKI kernel and torch's count do: ``3 E + 2 D`` per score against
-  ``E + D`` forward (``E`` the query/key width, ``D`` the value width). Elementwise work is not a FLOP here.
+  sums, the one-hot selection matrices, the innovation predictor's detached input). The attention backward is
+  autograd's through SDPA's math form (the scores are saved, not recomputed): ``2 (2 E + 2 D)`` per score against
+  ``2 (E + D)`` forward, ``E`` the query/key width, ``D`` the value width (a flash-style backward, as the NKI
+  kernel's, recomputes ``Q K^T`` once more: ``+2 E``). Elementwise work is not a FLOP here.
 * **HBM bytes** are the minimum of a fused op: every input and output of the op read or written once per pass
   (forward; backward), activations at the step's dtype (2 bytes bf16, 4 fp32), parameters, their gradients and the
   optimizer state at 4 bytes (bf16 autocast keeps float32 weights, as ``bmojo train --bf16`` does). Intermediates
@@ -144,8 +145,12 @@ def ssd_op(batch: int, length: int, heads: int, head_dim: int, groups: int, stat
         "inter-chunk recurrence": 0.0,
         "state outputs (C S_in)": 2.0 * rows * H * l * N * P,
     }
-    # Products with a constant (the ones matrices) have one gradient; the rest two.
+    # Products with a constant (the ones matrices) have one gradient; the rest two. With one chunk the carried-in
+    # state is the (constant) zero state and the chunk's own state feeds only the final state, which training
+    # does not use: neither product has a backward through the state.
     bwd_factor = {"decay (prefix sums)": 1.0}
+    if n_chunks == 1:
+        bwd_factor.update({"chunk states": 0.0, "state outputs (C S_in)": 1.0})
     parts = {k: v * (1.0 + bwd_factor.get(k, 2.0)) for k, v in fwd_parts.items()}
     tokens = batch * length
     inputs = tokens * (H * P + H + 2 * G * N) * s  # x, dt, B, C (A, D: a few numbers per head)
@@ -193,7 +198,7 @@ def attention_op(
             sets["eidetic"] = per_chunk * memory
         width = 2 * D if memory else D
     scores = sum(sets.values())
-    parts = {name: 2.0 * n * (width + D) + 2.0 * n * (3 * width + 2 * D) for name, n in sets.items()}
+    parts = {name: 3 * 2.0 * n * (width + D) for name, n in sets.items()}  # backward: 2x the forward
     q = tokens * heads * D * s * (2 if memory else 1)  # q_rot (and q_eid)
     kv = tokens * kv_heads * D * s * (4 if fading else 2)  # k, v (and the fading k, v)
     mem = 2 * batch * n_chunks * memory * kv_heads * D * s  # the memory each chunk sees
@@ -201,8 +206,9 @@ def attention_op(
     lse = tokens * heads * 4
     inputs = q + kv + mem
     fwd = Cost(2.0 * scores * (width + D), inputs + out + lse, scores, 2 * scores)  # exp; mask, row max
-    # backward: reads the inputs, o, do and lse, writes every input's gradient; recomputes p = exp(s - lse).
-    bwd = Cost(2.0 * scores * (3 * width + 2 * D), 2 * inputs + 2 * out + lse, scores, 4 * scores)
+    # backward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q; reads the inputs, o, do and lse, writes every
+    # input's gradient. A fused kernel recomputes p = exp(s - lse) rather than reading P: counted on ScalarE.
+    bwd = Cost(2.0 * scores * (2 * width + 2 * D), 2 * inputs + 2 * out + lse, scores, 4 * scores)
     return Op("attention (window + fading + eidetic)", "attention", fwd, bwd, "", parts, scores * 4)
 
 

@@ -1,0 +1,238 @@
+"""The paper counts of ``bmojo.roofline`` against the code they describe: torch's FLOP counter on the CPU, on tiny
+configs, for the whole training step and for each sequence op alone, forward and backward separately."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from bmojo import BMojoForCausalLM, preset_config
+from bmojo.configuration_bmojo import BMojoConfig
+from bmojo.ops.attention.chunk import bmojo_attention_chunked
+from bmojo.ops.selection.chunk import select_per_chunk
+from bmojo.ops.selection.common import EideticMemory
+from bmojo.ops.ssd.chunk import ssd_chunked
+from bmojo.roofline import (
+    TRN1,
+    attention_op,
+    main,
+    op_times,
+    parameter_count,
+    report,
+    selection_op,
+    ssd_op,
+    step_ops,
+)
+
+aten = torch.ops.aten
+
+
+def _conv_backward(grad_out, x, w, _bias, _stride, _padding, _dilation, transposed, _out_pad, _groups, output_mask,
+                   out_shape=None, **kwargs):
+    # torch's own formula prices the input gradient of a grouped conv as a dense one (groups ignored); the
+    # depthwise conv's input and weight gradients each cost what its forward does.
+    return conv_flop_count(x, w, grad_out, transposed) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+MAPPING = {aten.convolution_backward: _conv_backward}
+
+
+def counted(forward, backward=None) -> tuple[int, int]:
+    """FLOPs torch counts in ``forward()`` and in ``backward(out)``, SDPA in its math form (the one the model's
+    joint attention takes on the CPU: its query/key width differs from the value width; torch's counter has no
+    formula for the CPU's flash kernel, which the other calls would take)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=MAPPING) as counter:
+        out = forward()
+        fwd = counter.get_total_flops()
+        if backward is not None:
+            backward(out)
+    return fwd, counter.get_total_flops() - fwd
+
+
+def _sum_loss(out):
+    (out[0] if isinstance(out, tuple) else out).square().sum().backward()
+
+
+CONFIGS = {
+    "tiny": lambda: (preset_config("tiny"), 2, 16),
+    # every layer type, the SSD chunk apart from the attention chunk, a length that fills no chunk, no MLP
+    "mixed": lambda: (
+        BMojoConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, layers_block_type=["bmojo", "attention", "ssm"],
+                    num_attention_heads=4, num_key_value_heads=2, window_size=8, chunk_size=4, ssd_chunk_size=8,
+                    memory_size=4, selections_per_chunk=2, ssm_state_size=8, ssm_head_dim=16, ssm_ngroups=2,
+                    use_mlp=False),
+        1,
+        18,
+    ),
+    # a Transformer: a window longer than the sequence is one causal SDPA call
+    "full attention": lambda: (
+        BMojoConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, layers_block_type=["attention"] * 2,
+                    num_attention_heads=4, window_size=64, chunk_size=4, memory_size=0, selections_per_chunk=0),
+        2,
+        20,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_step_flops_equal_torch_flop_counter_of_the_model(name):
+    config, batch, length = CONFIGS[name]()
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (batch, length))
+    fwd, bwd = counted(lambda: model(ids, labels=ids).loss, lambda loss: loss.backward())
+    ops = step_ops(config, length, batch, "fp32")
+    assert sum(op.fwd.flops for op in ops) == fwd
+    assert sum(op.bwd.flops for op in ops) == bwd
+
+
+def test_projection_flops_equal_each_module_forward():
+    config, batch, length = CONFIGS["tiny"]()
+    model = BMojoForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (batch, length))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=MAPPING) as counter:
+        model(ids)
+    per_module = {name.split(".")[-1]: 0 for name in counter.get_flop_counts()}
+    for name, counts in counter.get_flop_counts().items():
+        if "layers." in name:  # leaf modules of every layer, summed over layers
+            per_module[name.split(".")[-1]] += sum(counts.values())
+    ops = {op.name: op for op in step_ops(config, length, batch, "fp32")}
+    # k_proj and v_proj run twice per layer: on the layer input and on the fading tokens.
+    attn = sum(per_module[m] for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert ops["attention projections q/k/v/o (+ fading k/v)"].fwd.flops == attn
+    assert ops["SSM projections in/out"].fwd.flops == per_module["in_proj"] + per_module["out_proj"]
+    assert ops["MLP (SwiGLU)"].fwd.flops == sum(per_module[m] for m in ("gate_proj", "up_proj", "down_proj"))
+    assert ops["eidetic innovation predictor"].fwd.flops == per_module["innovation_predictor"]
+
+
+@pytest.mark.parametrize("length, chunk, groups", [(16, 8, 2), (21, 4, 1), (8, 8, 4)])
+def test_ssd_flops_equal_the_chunked_op_forward_and_backward(length, chunk, groups):
+    batch, heads, head_dim, state = 2, 4, 3, 5
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x = leaf(batch, length, heads, head_dim)
+    B, C = leaf(batch, length, groups, state), leaf(batch, length, groups, state)
+    dt = torch.rand(batch, length, heads, generator=g).requires_grad_()
+    A, D = leaf(heads), leaf(heads)
+    fwd, bwd = counted(lambda: ssd_chunked(x, dt, -A.exp(), B, C, chunk, D=D), _sum_loss)
+    op = ssd_op(batch, length, heads, head_dim, groups, state, chunk, 4)
+    assert (op.fwd.flops, op.bwd.flops) == (fwd, bwd)
+    assert sum(op.parts.values()) == fwd + bwd
+
+
+@pytest.mark.parametrize("fading, memory", [(True, 3), (True, 0), (False, 0), (False, 3)])
+def test_attention_flops_equal_the_chunked_op_forward_and_backward(fading, memory):
+    batch, length, heads, kv_heads, dim, window, chunk = 2, 14, 4, 2, 8, 8, 4
+    g = torch.Generator().manual_seed(0)
+    n_chunks = -(-length // chunk)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    q, q_eid = leaf(batch, length, heads, dim), leaf(batch, length, heads, dim)
+    k, v = leaf(batch, length, kv_heads, dim), leaf(batch, length, kv_heads, dim)
+    k_fade, v_fade = (leaf(batch, length, kv_heads, dim), leaf(batch, length, kv_heads, dim)) if fading else (None,) * 2
+    mem = None
+    if memory:
+        pos = torch.randint(0, length, (batch, n_chunks, memory), generator=g)
+        mem = EideticMemory(leaf(batch, n_chunks, memory, kv_heads, dim), leaf(batch, n_chunks, memory, kv_heads, dim),
+                            pos, torch.rand(batch, n_chunks, memory, generator=g))
+    fwd, bwd = counted(
+        lambda: bmojo_attention_chunked(q, k, v, window, chunk, k_fade, v_fade, q_eid if memory else None, mem),
+        _sum_loss,
+    )
+    op = attention_op(batch, length, heads, kv_heads, dim, window, chunk, fading, memory, 4)
+    assert (op.fwd.flops, op.bwd.flops) == (fwd, bwd)
+    assert sum(op.parts.values()) == fwd + bwd
+
+
+def test_full_window_attention_flops_equal_the_causal_call():
+    batch, length, heads, kv_heads, dim = 2, 10, 4, 2, 8
+    q = torch.randn(batch, length, heads, dim, requires_grad=True)
+    k, v = (torch.randn(batch, length, kv_heads, dim, requires_grad=True) for _ in range(2))
+    fwd, bwd = counted(lambda: bmojo_attention_chunked(q, k, v, 64, 4), _sum_loss)
+    op = attention_op(batch, length, heads, kv_heads, dim, 64, 4, False, 0, 4)
+    assert set(op.parts) == {"causal (full window)"}
+    assert (op.fwd.flops, op.bwd.flops) == (fwd, bwd)
+
+
+@pytest.mark.parametrize("length, chunk", [(16, 4), (13, 4)])
+def test_selection_flops_equal_the_chunked_op_forward_and_backward(length, chunk):
+    batch, features, picks, capacity = 2, 6, 2, 3
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(batch, length, generator=g)
+    k, v = (torch.randn(batch, length, features, generator=g).requires_grad_() for _ in range(2))
+
+    def backward(out):
+        _, seen = out
+        (seen.k.square().sum() + seen.v.square().sum()).backward()
+
+    fwd, bwd = counted(lambda: select_per_chunk(scores, k, v, chunk, picks, capacity), backward)
+    op = selection_op(batch, length, features, chunk, picks, capacity, 4)
+    assert (op.fwd.flops, op.bwd.flops) == (fwd, bwd)
+
+
+def test_bf16_autocast_runs_the_ssd_and_attention_matmuls_in_bf16():
+    # The convention that prices both ops at the step's dtype: autocast casts their bmm/SDPA operands.
+    seen = []
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("bmm", "_scaled_dot_product")):
+                seen.append((func.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    x, B = torch.randn(1, 8, 2, 3), torch.randn(1, 8, 1, 4)
+    q, k = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 1, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Dtypes():
+        ssd_chunked(x, torch.rand(1, 8, 2), -torch.rand(2), B, B, 4)
+        bmojo_attention_chunked(q, k, k, 4, 4, k, k)
+    assert len(seen) == 7 and {dtype for _, dtype in seen} == {torch.bfloat16}
+
+
+def test_roofline_time_is_the_larger_of_compute_and_memory():
+    ops = {op.name: op for op in step_ops(preset_config("130m"), 2048, 1, "bf16")}
+    mlp, adamw = ops["MLP (SwiGLU)"], ops["optimizer step (AdamW)"]
+    t = op_times(mlp)
+    assert t["tensor"] == mlp.total.flops / 92e12 and t["hbm"] == mlp.total.bytes / 410e9
+    assert t["roofline"] == max(t["tensor"], t["hbm"]) and t["roofline_bound"] == "compute"
+    assert adamw.total.flops == 0 and op_times(adamw)["roofline_bound"] == "memory"
+    assert adamw.total.bytes == 7 * 4 * parameter_count(preset_config("130m"))  # 7 float32 reads/writes each
+    # pricing the two kernels at fp32 quadruples their TensorE time and nothing else
+    fp32 = {op.name: op for op in step_ops(preset_config("130m"), 2048, 1, "bf16", kernel_dtype="fp32")}
+    for name, op in ops.items():
+        ratio = op_times(fp32[name])["tensor"] / op_times(op)["tensor"] if op.total.flops else 1.0
+        assert ratio == pytest.approx(4.0 if op.group in ("ssd", "attention") else 1.0)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "130m", "370m", "790m", "1.4b"])
+def test_total_flops_are_close_to_six_n_t_plus_the_sequence_mixing(preset):
+    rep = report(preset)
+    # What remains is the fading tokens' second pass through the key/value projections (+), the innovation
+    # predictor's detached input (-) and the selection's one-hot products (+): a few percent.
+    assert 1.0 < rep["flops"] / rep["six_nt_plus_mixing"] < 1.08
+    assert 0 < rep["ssd_fraction_roofline"] < rep["ssd_fraction_fwd_bwd"] < 1
+    assert rep["step_roofline_s"] <= rep["step_time_s"]
+
+
+def test_cli_json_and_bad_input(capsys):
+    assert main(["--preset", "tiny", "--seq-len", "32", "--json"]) == 0
+    (rep,) = json.loads(capsys.readouterr().out)
+    assert rep["seq_len"] == 32 and rep["machine"] == TRN1.name and rep["ops"][-1]["op"] == "optimizer step (AdamW)"
+    for argv, message in (
+        (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+        (["--seq-len", "0"], "argument --seq-len: must be a positive integer, got '0'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        step_ops(preset_config("tiny"), 16, 1, "fp16")
