@@ -1,7 +1,7 @@
 """On paper: FLOPs, HBM bytes and roofline time of one training step on trn1, per op, per preset.
 
     python -m bmojo.roofline [--preset NAME ...] [--seq-len L] [--batch B] [--dtype bf16|fp32]
-                             [--kernel-dtype bf16|fp32] [--json]
+                             [--kernel-dtype bf16|fp32] [--summary] [--json]
 
 Nothing here runs on Trainium or measures anything: it counts what this package's chunked ops compute
 (``ops/ssd/chunk.py``, ``ops/attention/chunk.py``, ``ops/selection/chunk.py``, the layers) for a config, and divides
@@ -419,6 +419,7 @@ def report(preset: str, seq_len: int | None = None, batch: int = 1, dtype: str =
         "machine": machine.name,
         "parameters": n_params,
         "tokens": tokens,
+        "layers": config.num_hidden_layers,
         "ops": rows,
         "flops": total_flops,
         "bytes": sum(r["bytes_fwd"] + r["bytes_bwd"] for r in rows),
@@ -475,11 +476,39 @@ def markdown(rep: dict) -> str:
         f"{100 * rep['attention_fraction']:.1f}%. FLOPs / (6 N T + SSD + attention FLOPs) = "
         f"{rep['flops'] / rep['six_nt_plus_mixing']:.3f}.",
     ]
+    layers = rep["layers"]
+    budget = []
+    for group, label in (("ssd", "SSD"), ("attention", "attention")):
+        group_rows = [r for r in rep["ops"] if r["group"] == group]
+        if group_rows:
+            roof_us = sum(r["roofline"] for r in group_rows) / layers * 1e6 / rep["batch"]
+            time_us = sum(r["time"] for r in group_rows) / layers * 1e6 / rep["batch"]
+            budget.append(f"{label} {roof_us:,.0f} us ({time_us:,.0f} us with ScalarE/VectorE)")
+    if budget:
+        lines.append(f"Per layer and sequence, forward + backward, at this bound: {'; '.join(budget)}.")
     for r in rep["ops"]:
         if r["group"] in ("ssd", "attention") and r["flops_parts"]:
             total = r["flops_fwd"] + r["flops_bwd"]
             shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in r["flops_parts"].items() if v)
             lines.append(f"{r['op']} FLOPs: {shares}.")
+    return "\n".join(lines)
+
+
+def summary(reports: list[dict]) -> str:
+    """One row per preset: the step at the roofline and the shares of the SSD scan and the attention."""
+    lines = [
+        "| preset | params | tokens/step | GFLOP | GB | step ms (roofline) | tokens/s/core | SSD % | attention % "
+        "| step ms (engines) | SSD % | attention % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['preset']} | {r['parameters'] / 1e6:,.1f}M | {r['batch']} x {r['seq_len']} "
+            f"| {r['flops'] / 1e9:,.0f} | {r['bytes'] / 1e9:,.2f} | {_ms(r['step_roofline_s'])} "
+            f"| {r['tokens_per_s_roofline']:,.0f} "
+            f"| {100 * r['ssd_fraction_roofline']:.1f} | {100 * r['attention_fraction_roofline']:.1f} "
+            f"| {_ms(r['step_time_s'])} | {100 * r['ssd_fraction']:.1f} | {100 * r['attention_fraction']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -503,11 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="the step's dtype")
     parser.add_argument("--kernel-dtype", choices=sorted(DTYPE_BYTES),
                         help="dtype of the SSD and attention matmuls (default: --dtype; fp32 = the NKI kernels)")
+    parser.add_argument("--summary", action="store_true", help="one row per preset instead of the tables")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args(argv)
     reports = [report(p, args.seq_len, args.batch, args.dtype, args.kernel_dtype) for p in args.preset]
     if args.json:
         print(json.dumps(reports, indent=1))
+    elif args.summary:
+        print(summary(reports))
     else:
         print("\n\n".join(markdown(r) for r in reports))
     return 0
