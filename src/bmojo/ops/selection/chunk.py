@@ -11,6 +11,13 @@ Retention policy (the same in the parallel forward, in decoding and in the refer
 3. A memory slot is visible to query ``i`` only once its token has left the in-context window
    (``pos <= i - W``); the attention applies that mask.
 
+Options (``BMojoConfig``; the defaults are the policy above): ``memory_score_decay`` multiplies every slot's
+score by ``decay`` at each chunk boundary (older tokens must have scored higher to stay); ``memory_admission=
+"window_exit"`` lets chunk ``c``'s picks join only at chunk ``c + 1 + W/C``, once the whole chunk has left the
+window, so every slot is visible to every query of the chunks that see it; ``memory_reset_at_document`` drops, at
+each boundary, the slots from before the document of the next chunk's first token (and query ``i`` sees no slot
+before its own document's start, a mask in the attention).
+
 No sort, no ``nonzero``, no variable-length gather: top-k is ``k`` rounds of ``argmax``, taking the selected
 rows is a one-hot matmul (so gradients reach the selected keys and values), and the merge ranks entries by
 pairwise comparison and moves them with a one-hot matmul.
@@ -63,38 +70,101 @@ def take_selected(onehot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bnkc,bncf->bnkf", onehot.to(x.dtype), x)
 
 
-def memory_per_chunk(candidates: EideticMemory, capacity: int) -> tuple[EideticMemory, EideticMemory]:
+def chunk_fields(slots: EideticMemory) -> list[EideticMemory]:
+    """``[B, nC, S, ...]`` slots -> one ``[B, S, ...]`` ``EideticMemory`` per chunk (``None`` fields stay ``None``).
+
+    Views from ``unbind(1)``: indexing ``field[:, c]`` in a loop would make each step's backward materialise a zero
+    tensor of the whole input (quadratic in L)."""
+    parts = [None if f is None else f.unbind(1) for f in slots]
+    count = len(parts[0])
+    return [EideticMemory(*(None if p is None else p[c] for p in parts)) for c in range(count)]
+
+
+def stack_chunks(memories: list[EideticMemory]) -> EideticMemory:
+    """The inverse of ``chunk_fields``: ``[B, S, ...]`` per chunk -> ``[B, nC, S, ...]``."""
+    return EideticMemory(*(None if f[0] is None else torch.stack(f, dim=1) for f in zip(*memories)))
+
+
+def memory_per_chunk_scan(
+    candidates: EideticMemory,
+    capacity: int,
+    *,
+    chunk_size: int | None = None,
+    decay: float = 1.0,
+    delay: int = 0,
+    chunk_doc_start: torch.Tensor | None = None,
+) -> tuple[EideticMemory, EideticMemory]:
+    """The memory over the chunks, one merge per chunk boundary (the recurrent form; ``memory_per_chunk``'s
+    arguments and result)."""
+    bsz, num_chunks, _, features = candidates.k.shape
+    memory = empty_slots(bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype)
+    picks = chunk_fields(candidates)
+    starts = [None] * num_chunks if chunk_doc_start is None else chunk_doc_start.unbind(1)
+    options = dict(chunk_size=chunk_size, decay=decay)
+    seen = []
+    # A recurrence over chunks (trip count fixed by the shape): chunk c - 1 - delay's picks join before chunk c.
+    for c in range(num_chunks + 1):
+        if c > delay:
+            start = starts[min(c, num_chunks - 1)]  # (the last chunk's for the final memory)
+            memory = merge_slots(memory, picks[c - 1 - delay], capacity, **options, doc_start=start)
+        if c < num_chunks:
+            seen.append(memory)
+    return stack_chunks(seen), memory
+
+
+def memory_per_chunk(
+    candidates: EideticMemory,
+    capacity: int,
+    *,
+    chunk_size: int | None = None,
+    decay: float = 1.0,
+    delay: int = 0,
+    chunk_doc_start: torch.Tensor | None = None,
+) -> tuple[EideticMemory, EideticMemory]:
     """Run the memory over the chunks.
 
     Args:
         candidates: picks of every chunk, ``k, v [B, nC, k, F]``, ``pos, score [B, nC, k]``.
+        capacity: ``M`` slots.
+        chunk_size: ``C``; needed with ``decay < 1`` (scores age by ``pos // C``).
+        decay: ``memory_score_decay``: each slot's score is multiplied by it at every chunk boundary.
+        delay: chunk ``c``'s picks join the memory seen by chunk ``c + 1 + delay`` (0, or ``W / C`` for
+            ``memory_admission="window_exit"``).
+        chunk_doc_start: ``[B, nC]`` long, the document start of each chunk's first token
+            (``memory_reset_at_document``): the memory seen by chunk ``c`` holds no token before it.
 
     Returns:
-        ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it (picks of
-        chunks ``< c``); ``final`` (``[B, M, ...]``) also holds the last chunk's picks.
+        ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it; ``final``
+        (``[B, M, ...]``) the memory a chunk after the last would see (no document drop beyond the last chunk's).
     """
-    bsz, _, _, features = candidates.k.shape
-    memory = empty_slots(bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype)
-    seen = []
-    # A recurrence over chunks (trip count fixed by the shape), over unbind(1) views: indexing ``field[:, c]``
-    # would make each step's backward materialise a zero tensor of the whole input (quadratic in L).
-    for chunk_picks in zip(*(field.unbind(1) for field in candidates)):
-        seen.append(memory)
-        memory = merge_slots(memory, EideticMemory(*chunk_picks), capacity)
-    stacked = EideticMemory(*(torch.stack(fields, dim=1) for fields in zip(*seen)))
-    return stacked, memory
+    return memory_per_chunk_scan(
+        candidates, capacity, chunk_size=chunk_size, decay=decay, delay=delay, chunk_doc_start=chunk_doc_start
+    )
 
 
 def select_per_chunk(
-    scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, selections: int, capacity: int
+    scores: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    selections: int,
+    capacity: int,
+    *,
+    decay: float = 1.0,
+    delay: int = 0,
+    doc_start: torch.Tensor | None = None,
 ) -> tuple[EideticMemory, EideticMemory]:
     """The whole policy over a sequence: ``scores [B, L]`` (``INVALID_SCORE`` at padding), ``k, v [B, L, F]``.
 
     Returns ``(picks, seen)``: ``picks`` (``[B, nC, selections, ...]``) are every chunk's selections, ``seen``
-    (``[B, nC, capacity, ...]``) the memory as chunk ``c`` sees it (picks of chunks ``< c``). The reference
-    ``naive.select_per_chunk_ref`` has the same signature and result.
+    (``[B, nC, capacity, ...]``) the memory as chunk ``c`` sees it. Retention options (``memory_per_chunk``):
+    ``decay``, ``delay``, and ``doc_start [B, L]`` (long, the first position of each token's document). The
+    reference ``naive.select_per_chunk_ref`` has the same signature and result.
     """
     onehot, pick_score, pick_pos = topk_per_chunk(scores, chunk_size, selections)
     picks = EideticMemory(take_selected(onehot, k), take_selected(onehot, v), pick_pos, pick_score)
-    seen, _ = memory_per_chunk(picks, capacity)
+    starts = None if doc_start is None else doc_start[:, ::chunk_size]
+    seen, _ = memory_per_chunk(
+        picks, capacity, chunk_size=chunk_size, decay=decay, delay=delay, chunk_doc_start=starts
+    )
     return picks, seen

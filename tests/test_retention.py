@@ -1,0 +1,192 @@
+"""Retention options of the eidetic memory (issue 11): score decay, admission at window exit, reset at document
+boundaries. Each: the chunked form == the plain-loop reference, decoding == the parallel forward (fp64, across
+chunk boundaries and eviction), and a test of the mechanism itself."""
+
+import pytest
+import torch
+
+from bmojo import BMojoCache
+from bmojo.ops import use_backend
+from bmojo.ops.selection import (
+    INVALID_SCORE,
+    Slots,
+    eidetic_mask_ref,
+    memory_per_chunk,
+    merge_slots,
+    select_per_chunk,
+    select_per_chunk_ref,
+    take_selected,
+    topk_per_chunk,
+)
+from support import tiny_model, tokens
+
+EOS = 2  # the tiny preset's eos_token_id; support.tokens() draws ids >= 3
+
+
+def _valid_equal(a: Slots, b: Slots):
+    """The same valid slots, in the same order, with the same rows (invalid slots may hold anything)."""
+    assert torch.equal(a.valid, b.valid)
+    keep = a.valid
+    assert torch.equal(a.pos[keep], b.pos[keep])
+    assert torch.equal(a.score[keep], b.score[keep])
+    for x, y in ((a.k, b.k), (a.v, b.v)):
+        assert torch.equal(x[keep], y[keep])
+
+
+def _scores(bsz, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(bsz, length, generator=g)
+    scores[0, 5] = 0.0  # a zero score is a valid score
+    scores[-1, -5:] = INVALID_SCORE  # padding
+    return scores
+
+
+def _chunked_equals_reference(length, chunk, k, capacity, window, **options):
+    g = torch.Generator().manual_seed(length)
+    scores = _scores(2, length, length + 1)
+    kx = torch.randn(2, length, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    vx = torch.randn(2, length, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    picks, seen = select_per_chunk(scores, kx, vx, chunk, k, capacity, **options)
+    picks_ref, seen_ref = select_per_chunk_ref(scores, kx, vx, chunk, k, capacity, **options)
+    _valid_equal(picks, picks_ref)
+    _valid_equal(seen, seen_ref)
+    # Gradients reach the remembered tokens alike (through the valid slots).
+    w = torch.randn(seen.k.shape, generator=g, dtype=torch.float64)
+    grads = [
+        torch.autograd.grad((torch.where(s.valid[..., None], s.k * w + s.v * w, 0)).sum(), (kx, vx))
+        for s in (seen, seen_ref)
+    ]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # And the visibility mask rebuilt from the chunked memory is the reference's.
+    mask = torch.zeros(2, length, length, dtype=torch.bool)
+    doc_start = options.get("doc_start")
+    for b in range(2):
+        for i in range(length):
+            c = i // chunk
+            for m in range(capacity):
+                p = int(seen.pos[b, c, m])
+                if seen.valid[b, c, m] and p <= i - window and (doc_start is None or p >= doc_start[b, i]):
+                    mask[b, i, p] = True
+    ref = eidetic_mask_ref(scores, chunk, k, capacity, window, **options)
+    assert torch.equal(mask, ref)
+    return seen
+
+
+# --- decoding == parallel forward, for a model with the given options ------------------------------------------
+def _memory_positions(cache):
+    out = []
+    for layer in cache.layers:
+        eidetic = getattr(layer, "eidetic", None)
+        if eidetic is not None:
+            parts = [(eidetic.mem_pos, eidetic.mem_score), (eidetic.run_pos, eidetic.run_score)]
+            if eidetic.wait_pos is not None:
+                parts.append((eidetic.wait_pos, eidetic.wait_score))
+            out.append([sorted(p for p, s in zip(pos[0].tolist(), sc[0].tolist()) if s >= 0) for pos, sc in parts])
+    return out
+
+
+def _decode_equals_parallel(x, **overrides):
+    model = tiny_model(**overrides)
+    cfg = model.config
+    length = x.shape[1]
+    with torch.no_grad():
+        parallel = model(x, use_cache=True)
+        cache = BMojoCache.empty(cfg, x.shape[0], dtype=torch.float64)
+        stepped, selections = [], []
+        for t in range(length):
+            stepped.append(model(x[:, t : t + 1], cache=cache).logits)
+            prefix = model(x[:1, : t + 1], use_cache=True).cache
+            selections.append((_memory_positions(prefix), _memory_positions(cache)))
+    torch.testing.assert_close(torch.cat(stepped, 1), parallel.logits, rtol=1e-12, atol=1e-12)
+    for t, (from_parallel, from_decoding) in enumerate(selections):
+        assert from_parallel == from_decoding, f"position {t}"
+    # The memory did evict: some token remembered earlier is gone at the end.
+    remembered = {p for sel, _ in selections for parts in sel for p in parts[0]}
+    final = {p for parts in _memory_positions(cache) for p in parts[0]}
+    assert remembered - final
+    # Prefill then decode agrees too (the state handed over mid-stream, e.g. mid-queue).
+    with torch.no_grad():
+        for split in (5, 19, 30):
+            out = model(x[:, :split], use_cache=True)
+            rest = model(x[:, split:], cache=out.cache).logits
+            torch.testing.assert_close(torch.cat([out.logits, rest], 1), parallel.logits, rtol=1e-12, atol=1e-12)
+    return model, selections
+
+
+def _stream_length(model_cfg=None):
+    return 2 * 8 + 6 * 4 + 3  # tiny: W=8, C=4; >= 4 chunks beyond 2W, the memory (M=4) evicts
+
+
+# --- memory_score_decay -------------------------------------------------------------------------------------------
+def test_decay_one_is_todays_merge_and_decay_ages_old_slots():
+    """A slot picked in chunk 0 (score 1.0) against a pick of chunk 10 (score 0.5): with decay d the old one holds
+    1.0 * d^10, so it loses at d = 0.9 (0.35) and wins at d = 0.95 (0.60) and at d = 1."""
+    old = Slots(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.tensor([[1]]), torch.tensor([[1.0]]))
+    new = Slots(torch.ones(1, 1, 2), torch.ones(1, 1, 2), torch.tensor([[41]]), torch.tensor([[0.5]]))
+    for decay, winner in ((1.0, 1), (0.95, 1), (0.9, 41)):
+        kept = merge_slots(old, new, 1, chunk_size=4, decay=decay)
+        assert kept.pos.tolist() == [[winner]], decay
+        assert kept.score.tolist() == [[1.0 if winner == 1 else 0.5]]  # slots keep the token's own score
+    # decay = 1 is bit-identical to the merge without the option
+    a = Slots(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randint(0, 50, (2, 3)), torch.rand(2, 3))
+    b = Slots(torch.randn(2, 2, 4), torch.randn(2, 2, 4), torch.randint(0, 50, (2, 2)), torch.rand(2, 2))
+    for x, y in zip(merge_slots(a, b, 3), merge_slots(a, b, 3, chunk_size=4, decay=1.0)):
+        assert x is None and y is None or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5])
+@pytest.mark.parametrize("length,chunk,k,capacity,window", [(41, 4, 2, 3, 8), (33, 8, 1, 5, 8)])
+def test_decay_chunked_equals_reference(decay, length, chunk, k, capacity, window):
+    _chunked_equals_reference(length, chunk, k, capacity, window, decay=decay)
+
+
+def _last_quarter_fraction(decay, length=4096, chunk=8, k=2, capacity=16):
+    scores = torch.rand(1, length, generator=torch.Generator().manual_seed(0))  # stationary scores
+    onehot, s, p = topk_per_chunk(scores, chunk, k)
+    cand = Slots(take_selected(onehot, torch.zeros(1, length, 1)), take_selected(onehot, torch.zeros(1, length, 1)),
+                 p, s)  # fmt: skip
+    _, final = memory_per_chunk(cand, capacity, chunk_size=chunk, decay=decay)
+    assert bool(final.valid.all())
+    return (final.pos >= 3 * length // 4).float().mean().item()
+
+
+def test_decay_keeps_mostly_recent_tokens_of_a_stationary_stream():
+    """'Keep the M best ever' is a uniform sample of the past (about a quarter of the slots from the last quarter);
+    with decay the memory holds mostly recent tokens."""
+    assert _last_quarter_fraction(1.0) < 0.5
+    assert _last_quarter_fraction(0.95) > 0.9
+
+
+def test_decay_evicts_an_early_high_score_token():
+    length, chunk, k, capacity = 400, 4, 2, 4
+    scores = torch.rand(1, length, generator=torch.Generator().manual_seed(3))
+    scores[0, 2] = 100.0  # a cold-start spike
+    onehot, s, p = topk_per_chunk(scores, chunk, k)
+    zeros = take_selected(onehot, torch.zeros(1, length, 1))
+    for decay, stays in ((1.0, True), (0.9, False)):
+        seen, _ = memory_per_chunk(Slots(zeros, zeros, p, s), capacity, chunk_size=chunk, decay=decay)
+        held = [(seen.pos[0, c] == 2).any().item() for c in range(seen.pos.shape[1])]
+        assert held[1]  # remembered at first
+        assert held[-1] == stays  # with decay 100 * 0.9^n falls below the fresh picks: gone
+        if not stays:
+            gone = held.index(False, 1)
+            assert not any(held[gone:])  # and never comes back
+
+
+def test_decay_decode_equals_parallel():
+    _decode_equals_parallel(tokens(2, _stream_length()), memory_score_decay=0.7)
+
+
+def test_decay_model_chunked_equals_reference():
+    model = tiny_model(memory_score_decay=0.7)
+    x = tokens(2, 38)
+    out = model(x, labels=x)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    with use_backend("reference"):
+        ref = model(x, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
