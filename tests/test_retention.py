@@ -190,3 +190,45 @@ def test_decay_model_chunked_equals_reference():
     for a, b in zip(grads, ref_grads):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+# --- memory_admission="window_exit" -------------------------------------------------------------------------------
+@pytest.mark.parametrize("decay", [1.0, 0.8])
+@pytest.mark.parametrize("length,chunk,k,capacity,window", [(41, 4, 2, 3, 8), (50, 4, 1, 5, 12)])
+def test_window_exit_chunked_equals_reference(decay, length, chunk, k, capacity, window):
+    delay = window // chunk
+    _chunked_equals_reference(length, chunk, k, capacity, window, decay=decay, delay=delay)
+    # Chunk c's picks are first in the memory seen by chunk c + 1 + W/C: that memory is "chunk" admission's at c + 1.
+    scores, zeros = _scores(2, length, length + 1), torch.zeros(2, length, 1)
+    _, late = select_per_chunk(scores, zeros, zeros, chunk, k, capacity, decay=decay, delay=delay)
+    _, now = select_per_chunk(scores, zeros, zeros, chunk, k, capacity, decay=decay)
+    assert not late.valid[:, :delay].any()
+    _valid_equal(Slots(*(f[:, delay:] for f in late[:4])), Slots(*(f[:, :-delay] for f in now[:4])))
+
+
+def test_window_exit_leaves_no_slot_invisible():
+    """Every slot of the memory a chunk sees is visible to every query of that chunk (pos <= i - W); with "chunk"
+    admission slots are held by tokens still inside the window."""
+    length, chunk, k, capacity, window = 64, 4, 2, 6, 12
+    scores = _scores(1, length, 7)
+    zeros = torch.zeros(1, length, 1)
+    invisible = {}
+    for delay in (0, window // chunk):
+        _, seen = select_per_chunk(scores, zeros, zeros, chunk, k, capacity, delay=delay)
+        count = 0
+        for c in range(seen.pos.shape[1]):
+            for i in range(c * chunk, min((c + 1) * chunk, length)):
+                count += int((seen.valid[0, c] & (seen.pos[0, c] > i - window)).sum())
+        invisible[delay] = count
+    assert invisible[0] > 0 and invisible[window // chunk] == 0
+
+
+def test_window_exit_decode_equals_parallel():
+    model, selections = _decode_equals_parallel(tokens(2, _stream_length()), memory_admission="window_exit")
+    # the queue was in use: picks waited there before joining the memory
+    assert any(parts[2] for sel, _ in selections for parts in sel)
+    assert model.model.layers[0].mixer.retention["delay"] == 2
+
+
+def test_window_exit_with_decay_decode_equals_parallel():
+    _decode_equals_parallel(tokens(2, _stream_length()), memory_admission="window_exit", memory_score_decay=0.6)
