@@ -232,3 +232,201 @@ def test_window_exit_decode_equals_parallel():
 
 def test_window_exit_with_decay_decode_equals_parallel():
     _decode_equals_parallel(tokens(2, _stream_length()), memory_admission="window_exit", memory_score_decay=0.6)
+
+
+# --- memory_reset_at_document -------------------------------------------------------------------------------------
+def _starts_by_loop(ids, eos):
+    out = torch.zeros_like(ids)
+    for b in range(ids.shape[0]):
+        start = 0
+        for i in range(ids.shape[1]):
+            out[b, i] = start
+            if ids[b, i] == eos:
+                start = i + 1
+    return out
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 16, 50, 130])
+def test_document_starts(length):
+    from bmojo.modeling_bmojo import document_starts
+
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, 6, (3, length), generator=g)  # token 2 is the end of a document, often
+    ids[1, 0] = 2  # a document of one token
+    ids[2] = 3  # no end at all: one document
+    if length > 3:
+        ids[0, -2:] = 2  # consecutive ends
+    assert torch.equal(document_starts(ids, 2), _starts_by_loop(ids, 2))
+
+
+def _doc_starts(bsz, length, ends):
+    ids = tokens(bsz, length)
+    for b, i in ends:
+        ids[b, i] = EOS
+    return ids, _starts_by_loop(ids, EOS)
+
+
+@pytest.mark.parametrize("decay,delay", [(1.0, 0), (0.8, 0), (1.0, 2), (0.7, 3)])
+def test_reset_chunked_equals_reference(decay, delay):
+    length, chunk, k, capacity, window = 60, 4, 2, 3, 8
+    _, doc_start = _doc_starts(2, length, [(0, 21), (0, 22), (0, 39), (1, 12), (1, 47)])
+    seen = _chunked_equals_reference(length, chunk, k, capacity, window, decay=decay, delay=delay,
+                                     doc_start=doc_start)  # fmt: skip
+    # Slots of finished documents are gone at the next merge: chunk c's memory is all from c's first document.
+    starts = doc_start[:, ::chunk]
+    assert bool((seen.pos >= starts[..., None])[seen.valid].all())
+    assert seen.valid[:, -1].any()  # (and the memory refills within a document)
+
+
+def _attention_inputs(length, window, chunk):
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    t = {n: r(2, length, 4 if n.startswith("q") else 2, 8) for n in ("q", "k", "v", "k_fade", "v_fade", "q_eid")}
+    scores = torch.rand(2, length, generator=g)
+    # Memory without document reset: slots of earlier documents stay, only the attention's mask can hide them.
+    picks, seen = select_per_chunk(scores, t["k"].flatten(-2), t["v"].flatten(-2), chunk, 2, 5)
+    memory = seen._replace(k=seen.k.unflatten(-1, (2, 8)), v=seen.v.unflatten(-1, (2, 8)))
+    return t, memory
+
+
+def test_reset_mask_in_every_attention_form():
+    """Reference, chunked (one SDPA call and separate sets) and the decoding step agree with ``doc_start``; a change
+    to the values of a slot from an earlier document never reaches a query (with the mask), but does without."""
+    from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref, bmojo_attention_step
+
+    length, window, chunk = 45, 8, 4
+    t, memory = _attention_inputs(length, window, chunk)
+    _, doc_start = _doc_starts(2, length, [(0, 25), (0, 34), (1, 30)])  # documents start mid-chunk (26, 35, 31)
+    args = (t["q"], t["k"], t["v"], window, chunk, t["k_fade"], t["v_fade"], t["q_eid"])
+    ref = bmojo_attention_ref(*args, memory, doc_start=doc_start)
+    for sdpa in (True, False):
+        out = bmojo_attention_chunked(*args, memory, sdpa=sdpa, doc_start=doc_start)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    names = ["q", "k", "v", "q_eid"]
+    g_ref = torch.autograd.grad((ref * grad).sum(), [t[n] for n in names], retain_graph=True)
+    g_out = torch.autograd.grad((bmojo_attention_chunked(*args, memory, doc_start=doc_start) * grad).sum(),
+                                [t[n] for n in names])  # fmt: skip
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # The decoding step over a full-history "ring" (every position) gives the same outputs.
+    with torch.no_grad():
+        ring_pos = torch.arange(length).expand(2, -1)
+        for i in range(length):
+            c = i // chunk
+            mem = memory._replace(**{f: getattr(memory, f)[:, c] for f in ("k", "v", "pos", "score")})
+            past = ring_pos.masked_fill(ring_pos > i, -1)
+            ring = (t["k"], t["v"], past, window, t["k_fade"], t["v_fade"])
+            out = bmojo_attention_step(t["q"][:, i], torch.full((2,), i), *ring, t["q_eid"][:, i], mem,
+                                       doc_start=doc_start[:, i])  # fmt: skip
+            torch.testing.assert_close(out, ref[:, i], rtol=1e-10, atol=1e-10, msg=f"position {i}")
+    # The probe: shift the values of every slot from before each query's document.
+    with torch.no_grad():
+        earlier = memory.valid & (memory.pos < doc_start[:, ::chunk][..., None])  # [B, nC, M], per chunk start
+        moved = memory._replace(v=memory.v + 10.0)  # every slot's value
+        base = bmojo_attention_chunked(*args, memory, doc_start=doc_start)
+        shifted = bmojo_attention_chunked(*args, moved, doc_start=doc_start)
+        # a query changes iff it sees some slot of its own document
+        pos = memory.pos[:, torch.arange(length) // chunk]  # [B, L, M]
+        own = (memory.valid[:, torch.arange(length) // chunk] & (pos >= doc_start[..., None])
+               & (pos <= torch.arange(length)[:, None] - window))  # fmt: skip
+        changed = (shifted - base).abs().amax(dim=(2, 3)) > 0
+        assert torch.equal(changed, own.any(-1))
+        unmasked = (bmojo_attention_chunked(*args, moved) - bmojo_attention_chunked(*args, memory)).abs()
+        sees_earlier = (pos < doc_start[..., None]) & (pos <= torch.arange(length)[:, None] - window)
+        assert bool((unmasked.amax(dim=(2, 3)) > 0)[sees_earlier.any(-1) & ~own.any(-1)].all())
+        assert earlier.any() and (sees_earlier.any(-1) & ~own.any(-1)).any()  # the probe had something to hide
+
+
+def _packed(length):
+    ids = tokens(2, length)
+    for b, i in [(0, 9), (0, 22), (0, 31), (1, 17), (1, 18), (1, 36)]:  # mid-chunk, at a chunk's end, consecutive
+        ids[b, i] = EOS
+    return ids
+
+
+def test_reset_decode_equals_parallel():
+    _decode_equals_parallel(_packed(_stream_length()), memory_reset_at_document=True)
+
+
+def test_reset_with_window_exit_and_decay_decode_equals_parallel():
+    _decode_equals_parallel(_packed(_stream_length()), memory_reset_at_document=True,
+                            memory_admission="window_exit", memory_score_decay=0.8)  # fmt: skip
+
+
+def test_reset_model_chunked_equals_reference():
+    model = tiny_model(memory_reset_at_document=True, memory_score_decay=0.8, memory_admission="window_exit")
+    x = _packed(44)
+    out = model(x, labels=x)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    with use_backend("reference"):
+        ref = model(x, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_reset_off_or_without_end_tokens_changes_nothing():
+    x = tokens(2, 43)  # no end-of-document token
+    plain = tiny_model()
+    reset = tiny_model(memory_reset_at_document=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, reset(x).logits)
+        packed = _packed(43)
+        assert not torch.equal(plain(packed).logits, reset(packed).logits)  # (with end tokens it does act)
+
+
+def test_reset_hides_an_earlier_document_from_a_query(monkeypatch):
+    """A token planted in the memory of document 1 (far beyond the window and fading span) reaches queries of
+    document 1 only through the eidetic memory; with the reset, no query of document 2 sees it, also those in the
+    chunk where document 2 starts (before the next merge drops it)."""
+    far, end, length = 5, 41, 90  # document 2 starts at 42, mid-chunk (chunk 10 = 40..43)
+    x = tokens(1, length)
+    x[0, end] = EOS
+
+    def change_at_queries(reset):
+        model = tiny_model(layers_block_type=["bmojo"], num_hidden_layers=1, memory_size=2, selections_per_chunk=1,
+                           memory_reset_at_document=reset)  # fmt: skip
+        attn = model.model.layers[0].mixer
+        original = type(attn)._innovation
+
+        def planted(self, f_prev, k):
+            score = original(self, f_prev, k) * 1e-3
+            score = score.clone()
+            score[:, far] = 100.0
+            return score
+
+        monkeypatch.setattr(type(attn), "_innovation", planted)
+
+        def logits(bump):
+            calls = []
+
+            def hook(module, inputs, output):
+                calls.append(1)
+                if len(calls) > 1:  # the second v_proj call maps fading tokens
+                    return output
+                output = output.clone()
+                output[:, far] += bump
+                return output
+
+            handle = attn.v_proj.register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    return model(x).logits[0]
+            finally:
+                handle.remove()
+
+        diff = (logits(1.0) - logits(0.0)).abs().amax(-1)
+        monkeypatch.setattr(type(attn), "_innovation", original)
+        return diff
+
+    with_reset, without = change_at_queries(True), change_at_queries(False)
+    doc1 = slice(2 * 8 + far, end + 1)  # beyond the fading span, still document 1
+    assert bool((with_reset[doc1] > 1e-6).all()) and bool((without[doc1] > 1e-6).all())
+    assert bool((with_reset[end + 1 :] == 0).all())  # document 2, including 42 and 43 in the boundary chunk
+    assert bool((without[end + 1 :] > 1e-6).all())
