@@ -430,3 +430,100 @@ def test_reset_hides_an_earlier_document_from_a_query(monkeypatch):
     assert bool((with_reset[doc1] > 1e-6).all()) and bool((without[doc1] > 1e-6).all())
     assert bool((with_reset[end + 1 :] == 0).all())  # document 2, including 42 and 43 in the boundary chunk
     assert bool((without[end + 1 :] > 1e-6).all())
+
+
+# --- the closed form of memory_per_chunk (no per-chunk loop) -----------------------------------------------------
+def _candidates(bsz, num_chunks, sel, seed, features=3):
+    g = torch.Generator().manual_seed(seed)
+    length = num_chunks * 4
+    scores = torch.rand(bsz, length, generator=g)
+    scores[:, 7] = 0.0
+    scores[:, 8] = 0.0  # ties at zero: the earlier position wins
+    scores[0, 13] = scores[0, 22] = 0.5  # a tie of real scores
+    scores[-1, -6:] = INVALID_SCORE  # padding, and a chunk with fewer real tokens than picks
+    onehot, s, p = topk_per_chunk(scores, 4, sel)
+    x = torch.randn(bsz, length, 2 * features, generator=g, dtype=torch.float64)
+    rows = take_selected(onehot, x)
+    k = rows[..., :features].detach().requires_grad_()
+    v = rows[..., features:].detach().requires_grad_()
+    return Slots(k, v, p, s), scores
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"decay": 0.8}, {"delay": 2}, {"decay": 0.5, "delay": 3}, {"doc": True},
+     {"doc": True, "decay": 0.9, "delay": 1}],  # fmt: skip
+)
+def test_closed_form_equals_scan(options):
+    from bmojo.ops.selection.chunk import memory_per_chunk_closed, memory_per_chunk_scan
+
+    options = dict(options)
+    cand, scores = _candidates(2, 15, 2, 4)
+    if options.pop("doc", False):
+        ids = tokens(2, scores.shape[1])
+        for b, i in [(0, 10), (0, 26), (1, 31), (1, 32)]:
+            ids[b, i] = EOS
+        options["chunk_doc_start"] = _starts_by_loop(ids, EOS)[:, ::4]
+    results = [form(cand, 5, chunk_size=4, **options) for form in (memory_per_chunk_closed, memory_per_chunk_scan)]
+    for a, b in zip(*results):  # seen and final
+        _valid_equal(a, b)
+    (seen, _), (seen_scan, _) = results
+    assert seen.valid.any() and not seen.valid.all()  # empty slots, and eviction (15 chunks x 2 picks > 5 slots)
+    w = torch.randn(seen.k.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = [torch.autograd.grad((torch.where(s.valid[..., None], s.k * w + s.v * w**2, 0)).sum(), (cand.k, cand.v))
+             for s in (seen, seen_scan)]  # fmt: skip
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_closed_form_keeps_non_finite_rows_out():
+    """A pick that never enters the memory cannot poison it (the scan's one-hot matmul would: 0 * nan = nan)."""
+    from bmojo.ops.selection.chunk import memory_per_chunk_closed, memory_per_chunk_scan
+
+    cand, _ = _candidates(1, 6, 2, 9)
+    early = cand.score[0, :3].flatten()  # picks of chunks 0-2, all real
+    never = early.masked_fill(early < 0, 2.0).argmin()  # the lowest: never among the best 3
+    k = cand.k.detach().clone()
+    k.view(-1, k.shape[-1])[never] = float("nan")
+    poisoned = cand._replace(k=k)
+    seen, final = memory_per_chunk_closed(poisoned, 3)
+    assert not (seen.pos == cand.pos.flatten()[never]).any()
+    assert torch.isfinite(seen.k).all() and torch.isfinite(final.k).all()
+    clean, _ = memory_per_chunk_scan(cand, 3)
+    _valid_equal(seen, clean)
+
+
+def test_memory_per_chunk_runs_the_closed_form_up_to_its_limit(monkeypatch):
+    import bmojo.ops.selection.chunk as chunk_mod
+
+    calls = []
+    for name in ("memory_per_chunk_closed", "memory_per_chunk_scan"):
+        real = getattr(chunk_mod, name)
+        counted = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(chunk_mod, name, counted)
+    cand, _ = _candidates(1, 8, 2, 0)
+    chunk_mod.memory_per_chunk(cand, 4)
+    monkeypatch.setattr(chunk_mod, "CLOSED_FORM_MAX_PICKS", 15)
+    chunk_mod.memory_per_chunk(cand, 4)
+    assert calls == ["memory_per_chunk_closed", "memory_per_chunk_scan"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"memory_score_decay": 0.7, "memory_admission": "window_exit",
+                                            "memory_reset_at_document": True}])  # fmt: skip
+def test_model_with_closed_form_equals_model_with_scan(monkeypatch, overrides):
+    import bmojo.ops.selection.chunk as chunk_mod
+
+    model = tiny_model(**overrides)
+    x = _packed(41)
+
+    def run():
+        out = model(x, labels=x)
+        return out.logits, torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+
+    closed_logits, closed_grads = run()
+    monkeypatch.setattr(chunk_mod, "CLOSED_FORM_MAX_PICKS", 0)
+    scan_logits, scan_grads = run()
+    assert torch.equal(closed_logits, scan_logits)  # the same memory: bit-identical outputs
+    for a, b in zip(closed_grads, scan_grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

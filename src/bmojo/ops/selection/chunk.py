@@ -29,7 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .common import INVALID_SCORE, EideticMemory, empty_slots
-from .recurrent import merge_slots
+from .recurrent import merge_slots, retention_key
+
+# The closed form costs O(P^2 nC) for P picks, the scan O(nC) merges; on one CPU thread they cost the same at about
+# P = 2048 (L = 32K at C = 32, k = 2: scripts/bench_memory_per_chunk.py). Beyond it the scan runs.
+CLOSED_FORM_MAX_PICKS = 2048
 
 
 def topk_per_chunk(scores: torch.Tensor, chunk_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,6 +116,67 @@ def memory_per_chunk_scan(
     return stack_chunks(seen), memory
 
 
+def memory_per_chunk_closed(
+    candidates: EideticMemory,
+    capacity: int,
+    *,
+    chunk_size: int | None = None,
+    decay: float = 1.0,
+    delay: int = 0,
+    chunk_doc_start: torch.Tensor | None = None,
+) -> tuple[EideticMemory, EideticMemory]:
+    """The memory over the chunks without a loop (``memory_per_chunk``'s arguments and result, the same memory as
+    ``memory_per_chunk_scan``).
+
+    Retention keeps the best ``M`` under an order that does not change over time (``retention_key``: also with
+    decay), so an evicted pick never returns and the memory seen by chunk ``c`` is simply the best ``M`` of its
+    *pool*: the picks of chunks ``<= c - 1 - delay``, from ``chunk_doc_start[c]`` on (all slots before a document's
+    start leave at once, so dropping them merge by merge keeps the same set). With ``P = nC k`` picks: a pairwise
+    ``beats [P, P]``; one matmul counts, for every pick and chunk, the pool entries that beat it (its rank); slot
+    ``m`` of chunk ``c`` is the pool pick of rank ``m`` (its index placed by a scatter into distinct bins), its
+    row fetched by indexing (gradients reach the selected rows; nothing from unselected rows mixes in).
+    Cost ``O(P^2 nC)``: quadratic in ``L``, unlike the scan.
+    """
+    bsz, num_chunks, sel = candidates.pos.shape
+    count = num_chunks * sel
+    device = candidates.pos.device
+    pos, score = candidates.pos.flatten(1), candidates.score.flatten(1)  # [B, P], chunk-major
+    key = retention_key(score, pos, chunk_size, decay)
+    # beats[b, p, q]: pick q ranks before pick p (higher key, then earlier position: strict among real picks)
+    k_p, k_q = key[:, :, None], key[:, None, :]
+    beats = (k_q > k_p) | ((k_q == k_p) & (pos[:, None, :] < pos[:, :, None]))
+    # pool[b, q, c]: pick q competes for the memory seen by chunk c (c = nC: the memory after the last chunk)
+    born = torch.arange(count, device=device) // sel
+    chunk = torch.arange(num_chunks + 1, device=device)
+    pool = (born[:, None] + 1 + delay <= chunk[None, :])[None] & (score >= 0)[:, :, None]  # [B, P, nC + 1]
+    if chunk_doc_start is not None:
+        starts = torch.cat([chunk_doc_start, chunk_doc_start[:, -1:]], dim=1)  # (the final memory: no new drop)
+        pool = pool & (pos[:, :, None] >= starts[:, None, :])
+    work = torch.float32  # counts of at most P < 2^24: exact
+    rank = torch.einsum("bpq,bqc->bpc", beats.to(work), pool.to(work)).long()  # [B, P, nC + 1]
+    # index[b, c, m]: the pick in slot m of chunk c's memory; P (a row of fill values) where the slot is empty.
+    kept = pool & (rank < capacity)
+    slot = torch.where(kept, rank, capacity)  # slot ``capacity``: a discard bin for every pick not kept
+    picks = torch.arange(count, device=device)[None, :, None].expand(bsz, -1, num_chunks + 1)
+    bins = torch.full((bsz, num_chunks + 1, capacity + 1), count, dtype=torch.long, device=device)
+    # Kept ranks are distinct (0 .. min(pool size, M) - 1): only the discard bin receives several picks.
+    index = bins.scatter(2, slot.transpose(1, 2), picks.transpose(1, 2))[..., :capacity]
+    rows = (index + torch.arange(bsz, device=device)[:, None, None] * (count + 1)).flatten()
+
+    def fetch(field, fill):  # [B, nC, k, ...] -> [B, nC + 1, M, ...]: rows of the picks, or the fill row
+        flat = field.flatten(1, 2)
+        filler = torch.full_like(flat[:, :1], fill)
+        table = torch.cat([flat, filler], dim=1).flatten(0, 1)  # [B (P + 1), ...]
+        return table[rows].view(bsz, num_chunks + 1, capacity, *flat.shape[2:])
+
+    fills = {"k": 0, "v": 0, "pos": 0, "score": INVALID_SCORE, "bias": 0}
+    named = zip(EideticMemory._fields, candidates)
+    memory = EideticMemory(*(None if f is None else fetch(f, fills[n]) for n, f in named))
+    seen = EideticMemory(*(None if f is None else f[:, :num_chunks] for f in memory))
+    final = EideticMemory(*(None if f is None else f[:, num_chunks] for f in memory))
+    return seen, final
+
+
 def memory_per_chunk(
     candidates: EideticMemory,
     capacity: int,
@@ -134,12 +199,15 @@ def memory_per_chunk(
             (``memory_reset_at_document``): the memory seen by chunk ``c`` holds no token before it.
 
     Returns:
-        ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it; ``final``
-        (``[B, M, ...]``) the memory a chunk after the last would see (no document drop beyond the last chunk's).
+        ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it (valid slots
+        best first); ``final`` (``[B, M, ...]``) the memory a chunk after the last would see (no document drop
+        beyond the last chunk's). Empty slots: ``score = INVALID_SCORE``; their other fields are unspecified.
+
+    Two forms give the same memory: ``memory_per_chunk_closed`` (no loop) and ``memory_per_chunk_scan`` (one merge
+    per chunk, linear in ``L``); this runs the closed form up to ``CLOSED_FORM_MAX_PICKS`` picks, the scan beyond.
     """
-    return memory_per_chunk_scan(
-        candidates, capacity, chunk_size=chunk_size, decay=decay, delay=delay, chunk_doc_start=chunk_doc_start
-    )
+    form = memory_per_chunk_closed if candidates.pos[0].numel() <= CLOSED_FORM_MAX_PICKS else memory_per_chunk_scan
+    return form(candidates, capacity, chunk_size=chunk_size, decay=decay, delay=delay, chunk_doc_start=chunk_doc_start)
 
 
 def select_per_chunk(
