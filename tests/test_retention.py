@@ -527,3 +527,23 @@ def test_model_with_closed_form_equals_model_with_scan(monkeypatch, overrides):
     for a, b in zip(closed_grads, scan_grads):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# --- generate() with every retention option ------------------------------------------------------------------------
+def test_generate_with_retention_options_left_padded_equals_rows_alone_and_manual_loop():
+    model = tiny_model(memory_reset_at_document=True, memory_admission="window_exit", memory_score_decay=0.8)
+    prompts = [_packed(40)[0, :n] for n in (40, 23, 6)]  # end-of-document tokens inside the prompts
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    kwargs = dict(max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], **kwargs)
+        assert torch.equal(batch[row, width - len(p) :], alone[0])
+        with torch.no_grad():  # greedy decoding == argmax of the parallel forward, token by token
+            logits = model(alone[:, :-1]).logits[0, len(p) - 1 :]
+        assert torch.equal(logits.argmax(-1), alone[0, len(p) :])
