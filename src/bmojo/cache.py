@@ -41,16 +41,21 @@ class BMojoCache:
     keys ``ring_kf, ring_vf``, and ``EideticState`` from ``layers/eidetic.py``: ``mem_*``, ``run_*``, ``prev_f``).
     ``layer.tensors()`` names every tensor by those flat names.
 
-    ``positions [B]`` is the position of the next token of each row. States are updated in place.
+    ``positions [B]`` is the position of the next token of each row; ``doc_start [B]`` (long, with
+    ``memory_reset_at_document``, else ``None``) the first position of that token's document. States are updated
+    in place.
     """
 
     # transformers' generate() asks this before compiling the decoding step; ours is compiled by XLA, not there.
     is_compileable = False
 
-    def __init__(self, config: BMojoConfig, layers: list[InferenceState], positions: torch.Tensor):
+    def __init__(
+        self, config: BMojoConfig, layers: list[InferenceState], positions: torch.Tensor, doc_start=None
+    ):
         self.config = config
         self.layers = layers
         self.positions = positions
+        self.doc_start = doc_start
 
     @classmethod
     def empty(cls, config: BMojoConfig, batch_size: int, device=None, dtype=torch.float32) -> "BMojoCache":
@@ -58,7 +63,8 @@ class BMojoCache:
         layers = [
             MIXERS[t].allocate_inference_state(config, batch_size, device, dtype) for t in config.layers_block_type
         ]
-        return cls(config, layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return cls(config, layers, zeros, zeros.clone() if config.memory_reset_at_document else None)
 
     @property
     def batch_size(self) -> int:
@@ -72,6 +78,7 @@ class BMojoCache:
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
         tensors = [t for layer in self.layers for t in layer.tensors().values()] + [self.positions]
+        tensors += [] if self.doc_start is None else [self.doc_start]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> "BMojoCache":
@@ -79,13 +86,17 @@ class BMojoCache:
         for layer in self.layers:
             layer.map_(lambda t: t.index_select(0, beam_idx.to(t.device)))
         self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+        if self.doc_start is not None:
+            self.doc_start = self.doc_start.index_select(0, beam_idx.to(self.doc_start.device))
         return self
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.positions.max()) if self.positions.numel() else 0
 
     @classmethod
-    def from_tensors(cls, config: BMojoConfig, layers: list[dict[str, torch.Tensor]], positions) -> "BMojoCache":
+    def from_tensors(
+        cls, config: BMojoConfig, layers: list[dict[str, torch.Tensor]], positions, doc_start=None
+    ) -> "BMojoCache":
         """A cache holding the given tensors (used as they are), each layer's named as by ``layer.tensors()``."""
         states = [MIXERS[t].state_type.from_tensors(named) for t, named in zip(config.layers_block_type, layers)]
-        return cls(config, states, positions)
+        return cls(config, states, positions, doc_start)

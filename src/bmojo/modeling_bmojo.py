@@ -19,6 +19,7 @@ positions). Outputs are rolled back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -248,7 +249,8 @@ class BMojoModel(BMojoPreTrainedModel):
         if use_cache and lengths is None:
             lengths = torch.full((bsz,), length, dtype=torch.long, device=input_ids.device)
         positions = torch.arange(length, device=input_ids.device)[None, :]
-        info = SequenceInfo(positions, self._rope(positions), valid, lengths, bool(use_cache))
+        doc_start = self._document_starts(input_ids)
+        info = SequenceInfo(positions, self._rope(positions), valid, lengths, bool(use_cache), doc_start)
         x = self.embed_tokens(input_ids)
         hidden_states = [] if output_hidden_states else None
         aux_losses = []
@@ -266,10 +268,30 @@ class BMojoModel(BMojoPreTrainedModel):
             hidden_states = [_roll_rows(t, -shift) if shift is not None else t for t in hidden_states]
         if shift is not None:
             x = _roll_rows(x, -shift)
-        new_cache = BMojoCache(self.config, states, lengths.clone()) if use_cache else None
+        new_cache = None
+        if use_cache:
+            next_doc = None
+            if doc_start is not None:  # the document start of each row's next token
+                last = (lengths - 1)[:, None]
+                ended = torch.gather(input_ids, 1, last)[:, 0] == self.config.eos_token_id
+                next_doc = torch.where(ended, lengths, torch.gather(doc_start, 1, last)[:, 0])
+            new_cache = BMojoCache(self.config, states, lengths.clone(), next_doc)
         innovation = torch.stack(aux_losses).mean() if aux_losses else None
         out = BMojoModelOutput(x, new_cache, tuple(hidden_states) if hidden_states else None, innovation)
         return out if return_dict else out.to_tuple()
+
+    @property
+    def _resets_at_documents(self) -> bool:
+        cfg = self.config
+        return bool(cfg.memory_reset_at_document and cfg.eidetic and "bmojo" in cfg.layers_block_type)
+
+    def _document_starts(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[B, L]`` long, the first position of each token's document (``memory_reset_at_document``), else None."""
+        if not self._resets_at_documents:
+            return None
+        if self.config.eos_token_id is None:
+            raise ValueError("memory_reset_at_document needs eos_token_id (the end-of-document token)")
+        return document_starts(input_ids, self.config.eos_token_id)
 
     def _decode(self, input_ids, cache: BMojoCache, output_hidden_states) -> BMojoModelOutput:
         if input_ids.shape[0] != cache.batch_size:
@@ -291,11 +313,18 @@ class BMojoModel(BMojoPreTrainedModel):
         """
         positions = cache.positions[:, None]  # [B, 1]: the shape of a parallel forward's [1, L]
         rope = self._rope(positions)
+        doc_start = None
+        if self._resets_at_documents:
+            if cache.doc_start is None:
+                raise ValueError("memory_reset_at_document is on but the cache has no doc_start")
+            doc_start = cache.doc_start  # this token's document start
         x = self.embed_tokens(token)
         for layer, state in zip(self.layers, cache.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer.step(x, state, positions, rope)
+            x = layer.step(x, state, positions, rope, doc_start=doc_start)
+        if doc_start is not None:  # after an end-of-document token the next document starts
+            cache.doc_start = torch.where(token == self.config.eos_token_id, cache.positions + 1, doc_start)
         cache.positions = cache.positions + 1
         x = self.norm(x)
         if hidden_states is not None:
@@ -309,6 +338,27 @@ def _refuse_unsupported_outputs(kwargs: dict) -> None:
             "output_attentions is not supported: a B'MOJO layer attends under one softmax over window, fading and "
             "eidetic keys, which has no per-token attention map"
         )
+
+
+def document_starts(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``input_ids [B, L]`` of packed documents, each ending with ``eos_token_id`` -> ``[B, L]`` long: the first
+    position of each token's document (0, or the position right after the latest end-of-document token before it).
+
+    A prefix maximum of ``j + 1`` over earlier end tokens ``j``, with static shapes and no scan: a masked maximum
+    within blocks of ``S ~ sqrt(L)`` positions, then over the blocks before (``O(B L sqrt(L))`` work)."""
+    bsz, length = input_ids.shape
+    device = input_ids.device
+    pos = torch.arange(length, device=device)
+    # after[i] = i when token i - 1 ends a document, else 0; the answer is the maximum of after[0..i].
+    after = F.pad(torch.where(input_ids == eos_token_id, pos + 1, 0), [1, 0])[:, :length]
+    block = max(1, math.isqrt(length - 1) + 1)
+    blocks = -(-length // block)
+    after = F.pad(after, [0, blocks * block - length]).view(bsz, blocks, block)
+    lane = torch.arange(block, device=device)
+    within = torch.where(lane[None, :] <= lane[:, None], after[:, :, None, :], 0).amax(-1)  # [B, nb, S]
+    ahead = torch.arange(blocks, device=device)
+    carry = torch.where(ahead[None, :] < ahead[:, None], within[:, None, :, -1], 0).amax(-1)  # [B, nb]
+    return torch.maximum(within, carry[..., None]).flatten(1)[:, :length]
 
 
 def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -90,10 +90,15 @@ class SlidingWindowAttention(nn.Module):
         q = self.q_proj(h).view(*h.shape[:-1], self.num_heads, self.head_dim)
         return (q, *self._kv(h))
 
-    def _attend(self, q_rot, k_rot, v, info: SequenceInfo, k_fade=None, v_fade=None, q_eid=None, memory=None):
-        """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``."""
+    def _attend(
+        self, q_rot, k_rot, v, info: SequenceInfo, k_fade=None, v_fade=None, q_eid=None, memory=None, doc_start=None
+    ):
+        """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``. ``doc_start [B, L]``: hide
+        eidetic slots from earlier documents (``memory_reset_at_document``); passed only when given."""
+        extra = {} if doc_start is None else {"doc_start": doc_start}
         out = dispatch("attention")(
-            q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid
+            q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid,
+            **extra,
         )
         return self.o_proj(out.flatten(-2))
 
@@ -132,15 +137,21 @@ class SlidingWindowAttention(nn.Module):
     def _put(buffer: torch.Tensor, write: torch.Tensor, value: torch.Tensor) -> None:
         buffer.copy_(torch.where(write[..., None, None], value[:, None].to(buffer.dtype), buffer))
 
-    def _attend_step(self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None):
+    def _attend_step(
+        self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None, doc_start=None
+    ):
+        extra = {} if doc_start is None else {"doc_start": doc_start}
         out = dispatch("attention_step")(
             q_rot, positions[:, 0], state.ring_k, state.ring_v, state.ring_pos, self.window,
-            state.ring_kf, state.ring_vf, q_eid, memory,
+            state.ring_kf, state.ring_vf, q_eid, memory, **extra,
         )
         return self.o_proj(out.flatten(-2))
 
-    def step(self, h: torch.Tensor, state: AttentionState, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place."""
+    def step(
+        self, h: torch.Tensor, state: AttentionState, positions: torch.Tensor, rope: Rope, doc_start=None
+    ) -> torch.Tensor:
+        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place
+        (``doc_start``: unused, no eidetic memory here)."""
         q, k, v = self._qkv(h[:, None])
         q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
         self._write_ring(state, positions, k_rot, v[:, 0])

@@ -38,6 +38,9 @@ class BMojoBlock(nn.Module):
         out, aux, state = self.mixer(self.input_norm(x), info)
         return self._mlp(x + out), aux, state
 
-    def step(self, x: torch.Tensor, state: InferenceState, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """One token ``x [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place."""
-        return self._mlp(x + self.mixer.step(self.input_norm(x), state, positions, rope))
+    def step(
+        self, x: torch.Tensor, state: InferenceState, positions: torch.Tensor, rope: Rope, doc_start=None
+    ) -> torch.Tensor:
+        """One token ``x [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place. ``doc_start
+        [B]``: the token's document start (``memory_reset_at_document``), else ``None``."""
+        return self._mlp(x + self.mixer.step(self.input_norm(x), state, positions, rope, doc_start=doc_start))

@@ -55,6 +55,9 @@ class BMojoMixer(SlidingWindowAttention):
             self.innovation_predictor = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim)
             self.innovation_sum = PartialSum()  # the score's sum over key features; split over TP ranks
             self.key_features = config.num_key_value_heads * self.head_dim  # global: the score's denominator
+            # Retention options (ops/selection/chunk.py); the defaults are decay 1, delay 0, no document reset.
+            self.retention = dict(decay=config.memory_score_decay, delay=EideticState.admission_delay(config))
+            self.reset_at_document = config.memory_reset_at_document
 
     @property
     def sum_over_shards(self):
@@ -88,26 +91,32 @@ class BMojoMixer(SlidingWindowAttention):
         if self.use_fading:
             kf, v_fade = self._kv(f)  # the fading path shares the key/value weights
             k_fade = apply_rope(kf, rope.cos, rope.sin)
-        aux = q_eid = memory = eidetic = None
+        aux = q_eid = memory = eidetic = doc_start = None
         if self.use_eidetic:
             f_prev = F.pad(f, [0, 0, 1, 0])[:, :length]  # f_{t-1}; zeros before the first token
             err = self._innovation(f_prev, k)
             aux = innovation_loss(err, info.valid)
             scores = selection_scores(err, info.valid)
-            picks, memory = select(scores, k, v, self.chunk_size, self.selections, self.memory_size)
+            doc_start = info.doc_start if self.reset_at_document else None
+            retention = {**self.retention, **({} if doc_start is None else {"doc_start": doc_start})}
+            picks, memory = select(scores, k, v, self.chunk_size, self.selections, self.memory_size, **retention)
             # Eidetic scores use the unrotated query against the key rotated to position -2W: a fixed distance.
             q_eid = apply_rope(q, rope.eid_cos, rope.eid_sin)
             if info.collect_state:
-                eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size)
-        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory)
+                delay = self.retention["delay"]
+                eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size, delay)
+        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, doc_start=doc_start)
         state = None
         if info.collect_state:
             ring = self.ring_from_prefill(k_rot, v, info, k_fade, v_fade)
             state = BMojoState(ssm_state, ring, eidetic)
         return MixerOutput(out, aux, state)
 
-    def step(self, h: torch.Tensor, state: BMojoState, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place."""
+    def step(
+        self, h: torch.Tensor, state: BMojoState, positions: torch.Tensor, rope: Rope, doc_start=None
+    ) -> torch.Tensor:
+        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place.
+        ``doc_start [B]`` (long): the token's document start (``memory_reset_at_document``), else ``None``."""
         q, k, v = self._qkv(h[:, None])
         q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
@@ -118,8 +127,12 @@ class BMojoMixer(SlidingWindowAttention):
             self._put(state.attention.ring_kf, write, apply_rope(kf, rope.cos, rope.sin)[:, 0])
             self._put(state.attention.ring_vf, write, vf[:, 0])
         q_eid = memory = None
+        doc_start = doc_start if self.use_eidetic and self.reset_at_document else None
         if self.use_eidetic:
             score = self._innovation(state.eidetic.prev_f, k).float()
-            memory = state.eidetic.step(k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size)
+            memory = state.eidetic.step(
+                k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size,
+                **self.retention, doc_start=doc_start,
+            )  # fmt: skip
             q_eid = apply_rope(q[:, None], rope.eid_cos, rope.eid_sin)[:, 0]
-        return self._attend_step(q_rot, positions, state.attention, q_eid, memory)
+        return self._attend_step(q_rot, positions, state.attention, q_eid, memory, doc_start=doc_start)

@@ -38,6 +38,8 @@ class SequenceInfo:
     valid: torch.Tensor | None  # [B, L] bool, None when nothing is padded
     lengths: torch.Tensor | None  # [B] long; set when the decoding state must be collected
     collect_state: bool
+    # [B, L] long: first position of each token's document (memory_reset_at_document), else None
+    doc_start: torch.Tensor | None = None
 
 
 class MixerOutput(NamedTuple):

@@ -65,19 +65,32 @@ def selection_scores(err: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
     return scores if valid is None else scores.masked_fill(~valid, INVALID_SCORE)
 
 
-def select(scores, k, v, chunk_size: int, selections: int, capacity: int) -> tuple[EideticMemory, EideticMemory]:
+def select(
+    scores, k, v, chunk_size: int, selections: int, capacity: int, **retention
+) -> tuple[EideticMemory, EideticMemory]:
     """Per-chunk selection and retention over a sequence (``k, v [B, L, Hkv, D]``): ``(picks, seen)`` as in
-    ``ops.selection.select_per_chunk``, with ``seen``'s keys and values in heads ``[B, nC, M, Hkv, D]``."""
+    ``ops.selection.select_per_chunk`` (``retention``: its ``decay``, ``delay``, ``doc_start``), with ``seen``'s keys
+    and values in heads ``[B, nC, M, Hkv, D]``."""
     heads = k.shape[-2:]
-    picks, seen = dispatch("eidetic_selection")(scores, k.flatten(-2), v.flatten(-2), chunk_size, selections, capacity)
+    flat_k, flat_v = k.flatten(-2), v.flatten(-2)
+    picks, seen = dispatch("eidetic_selection")(scores, flat_k, flat_v, chunk_size, selections, capacity, **retention)
     return picks, seen._replace(k=seen.k.unflatten(-1, heads), v=seen.v.unflatten(-1, heads))
+
+
+def _map_slots(fn, *memories: EideticMemory) -> EideticMemory:
+    """``fn`` applied field by field across ``memories`` (fields that are ``None`` in the first stay ``None``)."""
+    return EideticMemory(*(None if fs[0] is None else fn(*fs) for fs in zip(*memories)))
 
 
 @dataclass
 class EideticState(InferenceState):
     """The memory's decoding state: ``mem_* [B, M, ...]`` the memory (keys, values, positions, scores),
     ``run_* [B, k_sel, ...]`` the current chunk's best candidates so far, ``prev_f [B, d]`` the last fading token
-    (input of the innovation predictor). Keys and values are flattened over heads (``F = Hkv * D``)."""
+    (input of the innovation predictor). Keys and values are flattened over heads (``F = Hkv * D``).
+
+    With ``memory_admission="window_exit"`` (a delay of ``D = W / C`` chunks), ``wait_* [B, D * k_sel, ...]`` holds
+    the picks of the last ``D`` finished chunks, oldest first, that have not joined the memory yet; otherwise
+    those fields are ``None``."""
 
     mem_k: torch.Tensor | None = None
     mem_v: torch.Tensor | None = None
@@ -88,18 +101,35 @@ class EideticState(InferenceState):
     run_pos: torch.Tensor | None = None
     run_score: torch.Tensor | None = None
     prev_f: torch.Tensor | None = None
+    wait_k: torch.Tensor | None = None
+    wait_v: torch.Tensor | None = None
+    wait_pos: torch.Tensor | None = None
+    wait_score: torch.Tensor | None = None
+
+    def _slots(self, prefix: str) -> EideticMemory:
+        return EideticMemory(*(getattr(self, f"{prefix}_{name}") for name in ("k", "v", "pos", "score")))
 
     @property
     def memory(self) -> EideticMemory:
-        return EideticMemory(self.mem_k, self.mem_v, self.mem_pos, self.mem_score)
+        return self._slots("mem")
 
     @property
     def running(self) -> EideticMemory:
-        return EideticMemory(self.run_k, self.run_v, self.run_pos, self.run_score)
+        return self._slots("run")
+
+    @property
+    def waiting(self) -> EideticMemory:
+        return self._slots("wait")
 
     def _store(self, prefix: str, slots: EideticMemory) -> None:
         for name, t in zip(EideticMemory._fields, slots):
-            getattr(self, f"{prefix}_{name}").copy_(t)
+            if t is not None:
+                getattr(self, f"{prefix}_{name}").copy_(t)
+
+    @staticmethod
+    def admission_delay(config) -> int:
+        """Chunks a pick waits beyond its own before joining the memory: ``W / C`` for ``"window_exit"``, else 0."""
+        return config.window_size // config.chunk_size if config.memory_admission == "window_exit" else 0
 
     @classmethod
     def allocate(cls, config, batch_size: int, device=None, dtype=torch.float32) -> "EideticState":
@@ -107,34 +137,77 @@ class EideticState(InferenceState):
         mem = empty_slots(batch_size, config.memory_size, features, device=device, dtype=dtype)
         run = empty_slots(batch_size, config.selections_per_chunk, features, device=device, dtype=dtype)
         prev_f = torch.zeros(batch_size, config.hidden_size, device=device, dtype=dtype)
-        return cls(*mem, *run, prev_f)
+        state = cls(*mem[:4], *run[:4], prev_f)
+        delay = cls.admission_delay(config)
+        if delay:
+            wait = empty_slots(batch_size, delay * config.selections_per_chunk, features, device=device, dtype=dtype)
+            state.wait_k, state.wait_v, state.wait_pos, state.wait_score = wait[:4]
+        return state
 
     @classmethod
-    def from_prefill(cls, picks: EideticMemory, seen: EideticMemory, f, lengths, chunk_size: int) -> "EideticState":
-        """The state after each row's last token (``lengths [B]``): the memory and picks of that token's chunk."""
+    def from_prefill(
+        cls, picks: EideticMemory, seen: EideticMemory, f, lengths, chunk_size: int, delay: int = 0
+    ) -> "EideticState":
+        """The state after each row's last token (``lengths [B]``): the memory and picks of that token's chunk (and,
+        with ``delay``, the picks of the ``delay`` chunks before it, which have not joined the memory yet)."""
         current = ((lengths - 1) // chunk_size)[:, None]  # chunk of each row's last token
 
-        def at_chunk(field):
+        def at_chunk(field, offset=0):
             field = field.flatten(3) if field.dim() > 4 else field  # keys/values in heads -> features
-            idx = current.view(-1, *([1] * (field.dim() - 1))).expand(-1, 1, *field.shape[2:])
+            idx = (current + offset).view(-1, *([1] * (field.dim() - 1))).expand(-1, 1, *field.shape[2:])
             return torch.gather(field, 1, idx)[:, 0]
 
         idx = (lengths - 1)[:, None, None].expand(-1, 1, f.shape[-1])
         prev_f = torch.gather(f, 1, idx)[:, 0].clone()
-        return cls(*map(at_chunk, seen), *map(at_chunk, picks), prev_f)
+        four = ("k", "v", "pos", "score")
+        state = cls(
+            *(at_chunk(getattr(seen, n)) for n in four), *(at_chunk(getattr(picks, n)) for n in four), prev_f
+        )
+        if delay:
+            # Chunks current - delay .. current - 1, oldest first; chunks before 0 are empty.
+            bsz, _, sel = picks.pos.shape
+            empty = empty_slots(bsz, delay * sel, picks.k.shape[-1], device=picks.k.device, dtype=picks.k.dtype)
+            padded = [torch.cat([getattr(empty, n).view(bsz, delay, sel, *getattr(picks, n).shape[3:]),
+                                 getattr(picks, n)], dim=1) for n in four]
+            waits = [torch.cat([at_chunk(p, j) for j in range(delay)], dim=1) for p in padded]
+            state.wait_k, state.wait_v, state.wait_pos, state.wait_score = waits
+        return state
 
-    def step(self, k, v, score, f, positions, chunk_size: int, selections: int, capacity: int) -> EideticMemory:
+    def step(
+        self,
+        k,
+        v,
+        score,
+        f,
+        positions,
+        chunk_size: int,
+        selections: int,
+        capacity: int,
+        *,
+        decay: float = 1.0,
+        delay: int = 0,
+        doc_start: torch.Tensor | None = None,
+    ) -> EideticMemory:
         """Token at ``positions [B, 1]`` with key/value ``k, v [B, Hkv, D]``, innovation ``score [B]`` and fading
         token ``f [B, d]``: updates the state in place and returns the memory its query sees (``[B, M, Hkv, D]``).
 
-        At a chunk boundary the finished chunk's picks join the memory first; then the token competes for the
-        current chunk's picks."""
+        At a chunk boundary the finished chunk's picks join the memory first (with ``delay``, they queue and the
+        picks of the chunk ``delay`` before it join), slots age by ``decay`` and, given ``doc_start [B]`` (the
+        token's document start), slots from earlier documents leave; then the token competes for the current
+        chunk's picks."""
         boundary = (torch.remainder(positions, chunk_size) == 0) & (positions > 0)  # [B, 1]
         mem, run = self.memory, self.running
-        merged = merge_slots(mem, run, capacity)
+        joining = run
+        if delay:
+            wait = self.waiting
+            joining = _map_slots(lambda t: t[:, :selections], wait)  # the oldest waiting chunk (views)
+            queued = _map_slots(lambda t, r: torch.cat([t[:, selections:], r], dim=1), wait, run)
+        merged = merge_slots(mem, joining, capacity, chunk_size=chunk_size, decay=decay, doc_start=doc_start)
+        if delay:  # after the merge: storing overwrites the tensors ``joining`` views
+            self._store("wait", _map_slots(lambda a, b: where_rows(boundary, a, b), queued, wait))
         fresh = empty_slots(k.shape[0], selections, run.k.shape[-1], device=k.device, dtype=run.k.dtype)
-        self._store("mem", EideticMemory(*(where_rows(boundary, a, b) for a, b in zip(merged, mem))))
-        run = EideticMemory(*(where_rows(boundary, a, b) for a, b in zip(fresh, run)))
+        self._store("mem", _map_slots(lambda a, b: where_rows(boundary, a, b), merged, mem))
+        run = _map_slots(lambda a, b: where_rows(boundary, a, b), fresh, run)
         new = EideticMemory(k.flatten(-2)[:, None], v.flatten(-2)[:, None], positions, score[:, None])
         self._store("run", merge_slots(run, new, selections))
         self.prev_f.copy_(f)

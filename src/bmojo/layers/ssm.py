@@ -117,9 +117,11 @@ class Mamba2Mixer(nn.Module):
             state = SSMState(conv=conv_state_from_inputs(conv_in, info.lengths, self.conv_kernel), ssm=final)
         return MixerOutput(self.out_proj(y), None, state)
 
-    def step(self, h: torch.Tensor, state: SSMState, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``positions``, ``rope`` unused: the
-        recurrence carries the order)."""
+    def step(
+        self, h: torch.Tensor, state: SSMState, positions: torch.Tensor, rope: Rope, doc_start=None
+    ) -> torch.Tensor:
+        """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``positions``, ``rope``, ``doc_start``
+        unused: the recurrence carries the order)."""
         z, xbc, dt = self._split(self.in_proj(h))
         xbc, conv = dispatch("causal_conv1d_step")(state.conv, xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias)
         state.conv.copy_(conv)

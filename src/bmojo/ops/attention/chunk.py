@@ -57,6 +57,7 @@ def bmojo_attention_chunked(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     sdpa: bool = True,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked B'MOJO attention; same result as :func:`bmojo_attention_ref`.
 
@@ -70,6 +71,8 @@ def bmojo_attention_chunked(
         key_mask: ``[B, L]`` bool, ``False`` at padding keys.
         sdpa: one ``scaled_dot_product_attention`` call over the concatenated key sets (default), or a softmax over
             separately scored sets (``joint_softmax``); equal up to rounding.
+        doc_start: ``[B, L]`` long, the first position of each query's document, or ``None``: slot ``m`` is then
+            also hidden from query ``i`` when ``pos < doc_start[i]`` (``memory_reset_at_document``).
 
     Returns:
         ``[B, L, H, D]`` in ``q.dtype``.
@@ -128,6 +131,9 @@ def bmojo_attention_chunked(
     if memory is not None:
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
+        if doc_start is not None:
+            starts = F.pad(doc_start, [0, padded - length]).view(bsz, num_chunks, chunk)
+            eid_mask = eid_mask & (mem_pos[:, :, None, :] >= starts[..., None])
         masks.append(eid_mask)
 
     if sdpa:

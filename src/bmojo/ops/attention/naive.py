@@ -5,7 +5,7 @@ Query ``i`` attends three key sets under one joint softmax:
 * in-context: tokens ``j`` in ``[i-W+1, i]`` (keys ``k``, values ``v``);
 * fading: the SSM's fading tokens ``j`` in ``[i-2W+1, i-W]`` (keys ``k_fade``, values ``v_fade``);
 * eidetic: the valid slots ``m`` of the memory seen by query ``i``'s chunk with ``pos <= i - W``
-  (scores ``q_eid . memory.k``, values ``memory.v``).
+  (and ``pos >= doc_start[i]`` when documents reset the memory; scores ``q_eid . memory.k``, values ``memory.v``).
 
 Cost and memory are O(L^2); use it for tests only.
 """
@@ -31,6 +31,7 @@ def bmojo_attention_ref(
     memory: EideticMemory | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense B'MOJO attention; the signature of ``bmojo_attention_chunked``.
 
@@ -45,6 +46,8 @@ def bmojo_attention_ref(
         memory: ``EideticMemory`` with ``k, v [B, nC, M, Hkv, D]``, ``pos, score [B, nC, M]``, or ``None``.
         key_mask: ``[B, L]`` bool, ``False`` at padding keys. A query always sees itself, so no row is empty.
         scale: softmax scale, default ``D ** -0.5``.
+        doc_start: ``[B, L]`` long, the first position of each query's document, or ``None``: eidetic slots from
+            earlier documents (``pos < doc_start[i]``) are hidden from query ``i`` (``memory_reset_at_document``).
 
     Returns:
         ``[B, L, H, D]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs).
@@ -77,6 +80,8 @@ def bmojo_attention_ref(
         seen = torch.arange(length, device=q.device) // chunk_size  # query i sees memory[:, i // C]
         mem_k, mem_v = memory.k[:, seen], memory.v[:, seen]  # [B, L, M, Hkv, D]
         em = memory.valid[:, seen] & (memory.pos[:, seen] <= i - window)  # [B, L, M]
+        if doc_start is not None:
+            em = em & (memory.pos[:, seen] >= doc_start[:, :, None])
         blocks.append(torch.einsum("bihd,bimhd->bhim", q_eid.to(ctype), up(mem_k)) * scale)
         weigh.append(lambda p: torch.einsum("bhim,bimhd->bihd", p, up(mem_v)))
         masks.append(em)

@@ -22,6 +22,7 @@ def bmojo_attention_step(
     q_eid: torch.Tensor | None = None,
     memory: EideticMemory | None = None,
     scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step of B'MOJO attention over a fixed-size state.
 
@@ -32,6 +33,8 @@ def bmojo_attention_step(
         ring_k_fade, ring_v_fade: ``[B, R, Hkv, D]`` fading keys/values in the same ring, or ``None``.
         q_eid: ``[B, H, D]``; memory: ``EideticMemory`` with ``k, v [B, M, Hkv, D]``, ``pos, score [B, M]``
             (the same type as the chunked form's, for one position).
+        doc_start: ``[B]`` long, the first position of the query's document, or ``None``: slots before it are
+            hidden (``memory_reset_at_document``).
 
     Returns:
         ``[B, H, D]`` in ``q.dtype``.
@@ -60,7 +63,10 @@ def bmojo_attention_step(
     if memory is not None:
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         scores.append(score(q_eid, mem_k))
-        masks.append((mem_valid & (mem_pos <= positions[:, None] - window))[:, None, None])
+        visible = mem_valid & (mem_pos <= positions[:, None] - window)
+        if doc_start is not None:
+            visible = visible & (mem_pos >= doc_start[:, None])
+        masks.append(visible[:, None, None])
         values.append(weighted(mem_v))
     out = joint_softmax(scores, masks, values, q.dtype)
     return out.reshape(bsz, num_heads, head_dim)

@@ -18,6 +18,7 @@ class EideticMemory(NamedTuple):
     v: torch.Tensor
     pos: torch.Tensor
     score: torch.Tensor
+    bias: torch.Tensor | None = None  # [..., S] float32 logit bias per slot (learned_selection), or None
 
     @property
     def valid(self) -> torch.Tensor:

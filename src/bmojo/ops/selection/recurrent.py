@@ -1,30 +1,71 @@
 """Retention of the eidetic memory, one update at a time: keep the best ``capacity`` of two slot sets.
 
 Used by decoding (a token joins its chunk's picks; a finished chunk's picks join the memory) and, once per chunk,
-by the chunked form (``chunk.memory_per_chunk``). Ranking is by pairwise comparison and entries move by a one-hot
-matmul: no sort, static shapes.
+by the chunked form's scan (``chunk.memory_per_chunk_scan``). Ranking is by pairwise comparison and entries move by
+a one-hot matmul: no sort, static shapes.
+
+Score decay (``memory_score_decay = d < 1``): at every chunk boundary each memory slot's score is multiplied by
+``d``, so at chunk ``c`` a token picked in chunk ``c_p`` competes with ``s * d^(c - c_p)``. Comparing two such
+values does not depend on ``c``: ranking by ``log s - c_p log d`` (``retention_key``) is the same order at every
+boundary, and it is what every form (scan, closed form, decoding) compares, so they agree exactly. Slots keep the
+token's own (undecayed) score.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .common import EideticMemory
+from .common import INVALID_SCORE, EideticMemory
 
 
-def merge_slots(a: EideticMemory, b: EideticMemory, capacity: int) -> EideticMemory:
+def retention_key(score: torch.Tensor, pos: torch.Tensor, chunk_size: int | None, decay: float) -> torch.Tensor:
+    """What retention ranks entries by (higher first), ``score, pos [...]`` -> ``[...]``.
+
+    ``decay == 1``: the score itself. ``decay < 1``: ``log(score) - (pos // chunk_size) * log(decay)`` in the
+    score's dtype (the order of ``score * decay^(c - pos // chunk_size)`` at any chunk ``c``); a zero score ranks
+    below every positive one and above empty slots (``score < 0``), as ``0 * decay^n`` would. float32 keys resolve
+    relative score differences down to about ``1e-7 * (1 + |chunk * log(decay)|)``.
+    """
+    if decay == 1.0:
+        return score
+    if chunk_size is None:
+        raise ValueError("chunk_size is needed to age the scores (memory_score_decay < 1)")
+    born = torch.div(pos, chunk_size, rounding_mode="floor").to(score.dtype)
+    age_bonus = born * torch.tensor(-math.log(decay), dtype=score.dtype, device=score.device)
+    positive = torch.log(torch.where(score > 0, score, torch.ones_like(score))) + age_bonus
+    lowest = torch.tensor(torch.finfo(score.dtype).min, dtype=score.dtype, device=score.device)
+    floor = torch.where(score == 0, lowest, torch.tensor(-math.inf, dtype=score.dtype, device=score.device))
+    return torch.where(score > 0, positive, floor)
+
+
+def merge_slots(
+    a: EideticMemory,
+    b: EideticMemory,
+    capacity: int,
+    *,
+    chunk_size: int | None = None,
+    decay: float = 1.0,
+    doc_start: torch.Tensor | None = None,
+) -> EideticMemory:
     """Keep the ``capacity`` best entries of ``a`` and ``b`` (``[B, S_a, ...]``, ``[B, S_b, ...]``).
 
-    Order: higher score first, then earlier position, then earlier entry; slots come out in that order.
-    Requires ``S_a + S_b >= capacity``.
+    Order: higher ``retention_key`` first (the score itself unless ``decay < 1``; ``chunk_size`` ages scores by
+    ``pos // chunk_size``), then earlier position, then earlier entry; slots come out in that order. With
+    ``doc_start [B]`` (long), entries whose position lies before it are dropped first (become empty: the score is
+    set to ``INVALID_SCORE``). Requires ``S_a + S_b >= capacity``.
     """
     k = torch.cat([a.k, b.k], dim=1)
     v = torch.cat([a.v, b.v], dim=1)
     pos = torch.cat([a.pos, b.pos], dim=1)
     score = torch.cat([a.score, b.score], dim=1)
+    if doc_start is not None:  # memory_reset_at_document: slots of finished documents leave at this merge
+        score = torch.where(pos >= doc_start[:, None], score, torch.full_like(score, INVALID_SCORE))
     n = score.shape[1]
     entry = torch.arange(n, device=score.device)
-    s_i, s_j = score[:, :, None], score[:, None, :]
+    key = retention_key(score, pos, chunk_size, decay)
+    s_i, s_j = key[:, :, None], key[:, None, :]
     p_i, p_j = pos[:, :, None], pos[:, None, :]
     # beats[b, i, j]: entry j ranks before entry i
     beats = (s_j > s_i) | ((s_j == s_i) & ((p_j < p_i) | ((p_j == p_i) & (entry[None, :] < entry[:, None]))))
