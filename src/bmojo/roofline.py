@@ -227,6 +227,13 @@ def selection_op(batch: int, length: int, features: int, chunk: int, picks: int,
     seen = 2 * batch * n_chunks * capacity * (features * s + 12)  # k, v (+ pos int64, score fp32)
     kv = 2 * tokens * features * s
     compare = batch * n_chunks * (6 * n * n) + picks * tokens * 3  # pairwise ranking; argmax rounds
+    count = n_chunks * picks
+    if count <= 2048:  # ops/selection/chunk.py CLOSED_FORM_MAX_PICKS: the closed form, ranks by one matmul
+        rank = 2.0 * batch * count * count * (n_chunks + 1)
+        parts = {"take picks (one-hot)": 2 * take, "rank picks (closed form)": rank}
+        fwd = Cost(take + rank, tokens * 4 + kv + seen, 0.0, batch * count * count * 4 + compare)
+        bwd = Cost(take, seen + kv, 0.0, 0.0)
+        return Op("eidetic selection + memory", "selection", fwd, bwd, "", parts)
     fwd = Cost(take + merge * n_chunks, tokens * 4 + kv + seen, 0.0, compare)
     bwd = Cost(take + merge * (n_chunks - 1), seen + kv, 0.0, 0.0)
     return Op("eidetic selection + merge", "selection", fwd, bwd, "", parts)
