@@ -7,7 +7,6 @@ import torch
 from test_attention import _inputs, _memory, _memory_ref
 
 from bmojo import BMojoCache
-from bmojo.layers.bmojo import SWA_EQUIVALENT_KEY_SET_BIAS
 from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref, bmojo_attention_step
 from bmojo.ops.selection import EideticMemory
 from support import tiny_model, tokens
@@ -147,27 +146,124 @@ def test_key_set_bias_parameters_per_head():
     assert not any("bias" in n for n, _ in tiny_model().model.layers[0].mixer.named_parameters(recurse=False))
 
 
-def test_very_negative_key_set_bias_is_sliding_window_attention():
-    """At ``SWA_EQUIVALENT_KEY_SET_BIAS`` a B'MOJO model (fading keys and eidetic memory on) computes, in float32,
-    what the sliding-window attention model with the same q/k/v/o weights computes: the start ``bmojo convert``
-    relies on. Parallel forward and decoding, on inputs long enough for both memories to be visible."""
-    bm = tiny_model(dtype=torch.float32, key_set_bias=True, key_set_bias_init=SWA_EQUIVALENT_KEY_SET_BIAS)
-    with torch.no_grad():  # scores far larger than at init (std 0.02): here a bias of -20 would miss 1e-5, -30 not
-        for layer in bm.model.layers:
-            layer.mixer.q_proj.weight.mul_(15)
-            layer.mixer.k_proj.weight.mul_(15)
-    swa = tiny_model(dtype=torch.float32, layers_block_type=["attention", "attention"])
-    missing, unexpected = swa.load_state_dict(bm.state_dict(), strict=False)
-    assert not missing and all(".ssm." in n or "bias" in n or "innovation" in n for n in unexpected), unexpected
-    x = tokens(2, 48)
+
+
+# --- self fading key: the op ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("length,window,chunk,fading,eidetic,padded", [
+    (37, 8, 4, True, True, True), (23, 8, 4, False, False, False), (10, 64, 16, False, False, False),
+])  # fmt: skip
+def test_self_fading_key_chunked_matches_reference(sdpa, length, window, chunk, fading, eidetic, padded):
+    """The self key (query i's own fading token) in both chunked paths == the reference: outputs and gradients
+    (the self key and value, the self bias). Also without other key sets and with a window covering everything."""
+    t, common, memory, memory_ref, options = _op_case(length, window, chunk, fading=fading, eidetic=eidetic,
+                                                      padded=padded)
+    options["self_bias"] = _head_biases()["self_bias"]
+    k_self, v_self = (x.detach().flip(1).requires_grad_() for x in (t["k_fade"], t["v_fade"]))
+    options.update(k_self=k_self, v_self=v_self)
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    names = ["q", "k", "v"] + list(options)
+    inputs = [t[n] for n in names[:3]] + list(options.values())
+    weight = torch.randn_like(ref)
+    grads_ref = _grads(ref, inputs, weight)
+    for name, a, b in zip(names, _grads(out, inputs, weight), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+    assert grads_ref[names.index("v_self")].abs().amin(dim=(2, 3)).min() > 0  # every query reads its own value
+
+
+def test_self_fading_key_is_each_querys_own_token_at_distance_zero():
+    """Changing the self value of position j moves query j's output only; the self score does not depend on where
+    the pair sits (both rotated at i: distance 0)."""
+    from bmojo.ops.rope import apply_rope, rope_cos_sin
+
+    length, j = 20, 9
+    t, common, _, _, _ = _op_case(length, 8, 4, fading=False, eidetic=False, biases=False)
+    common = dict(window=8, chunk_size=4)
+    base = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, k_self=t["k_fade"], v_self=t["v_fade"])
+    v_self = t["v_fade"].detach().clone()
+    v_self[:, j] += 1.0
+    moved = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, k_self=t["k_fade"], v_self=v_self)
+    changed = (moved - base).abs().amax(dim=(0, 2, 3)) > 0
+    assert torch.equal(changed, torch.arange(length) == j)
+    # One query/self-key pair, rotated at position 0 or 13: the same score, so the same attention weight.
+    q, ks = t["q"][:1, :1].detach(), t["k_fade"][:1, :1].detach()
+    k0 = torch.zeros(1, 1, KV_HEADS, DIM, dtype=torch.float64)
+    outs = []
+    for pos in (0, 13):
+        cos, sin = rope_cos_sin(torch.tensor([[pos]]), DIM, 10000.0, torch.float64)
+        rot = lambda x: apply_rope(x, cos, sin)  # noqa: E731
+        outs.append(bmojo_attention_ref(rot(q), rot(k0), k0, 8, k_self=rot(ks), v_self=t["v_fade"][:1, :1]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+def test_self_fading_key_step_matches_reference():
+    t, common, memory, memory_ref, options = _op_case(45, 8, 4)
+    common.pop("key_mask")
+    options["self_bias"] = _head_biases()["self_bias"]
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options,
+                              k_self=t["k_fade"], v_self=t["v_fade"])
     with torch.no_grad():
-        out, expect = bm(x).logits, swa(x).logits
-        torch.testing.assert_close(out, expect, rtol=0, atol=1e-5)
-        cache = BMojoCache.empty(bm.config, 2, dtype=torch.float32)
-        stepped = torch.cat([bm(x[:, t : t + 1], cache=cache).logits for t in range(x.shape[1])], dim=1)
-        torch.testing.assert_close(stepped, expect, rtol=0, atol=1e-5)
-        # Not by accident: at bias 0 the same weights compute something else.
-        for layer in bm.model.layers:
-            for name in ("fading_bias", "eidetic_bias"):
-                getattr(layer.mixer, name).zero_()
-        assert (bm(x).logits - expect).abs().max() > 1e-3
+        out = _ring_decode(t, 8, 4, memory, True, options, self_key=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+# --- self fading key: the layer (the Mamba-2 special case is in tests/test_model.py) -------------------------------
+def test_self_fading_key_without_fading_keys_still_runs_the_ssm():
+    model = tiny_model(use_fading=False, memory_size=0, fading_self_key=True)
+    assert model.model.layers[0].mixer.ssm is not None
+    plain = tiny_model(use_fading=False, memory_size=0)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x = tokens(1, 30)
+    with torch.no_grad():
+        assert (model(x).logits - plain(x).logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("options", [
+    dict(fading_self_key=True),
+    dict(fading_self_key=True, key_set_bias=True, key_set_bias_init=-1.0),
+    dict(fading_self_key=True, use_fading=False, memory_size=0),
+])  # fmt: skip
+def test_decoding_equals_parallel_forward_with_the_attention_options(options):
+    """fp64, across chunk boundaries and memory eviction (as tests/test_model.py's decoding test), and a prefill
+    split in the middle of a chunk."""
+    model = tiny_model(**options)
+    if options.get("key_set_bias"):
+        with torch.no_grad():  # distinct per-head values, so the step form's head layout is checked too
+            for name, param in model.named_parameters():
+                if name.endswith(("fading_bias", "eidetic_bias")):
+                    param.add_(torch.linspace(-1, 1, param.shape[0], dtype=param.dtype))
+    cfg = model.config
+    length = 2 * cfg.window_size + 6 * cfg.chunk_size + 3
+    x = tokens(2, length)
+    with torch.no_grad():
+        parallel = model(x).logits
+        cache = BMojoCache.empty(cfg, 2, dtype=torch.float64)
+        stepped = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(length)], 1)
+        torch.testing.assert_close(stepped, parallel, rtol=1e-12, atol=1e-12)
+        prefill = model(x[:, :13], use_cache=True)
+        rest = model(x[:, 13:], cache=prefill.cache).logits
+        torch.testing.assert_close(torch.cat([prefill.logits, rest], 1), parallel, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_model_equals_reference_model_with_the_attention_options():
+    """The whole model with every attention option on: chunked ops == references, outputs and parameter
+    gradients (the key-set biases included)."""
+    from bmojo.ops import use_backend
+
+    model = tiny_model(fading_self_key=True, key_set_bias=True, key_set_bias_init=-0.5)
+    x = tokens(2, 38)
+    out = model(x, labels=x)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+    with use_backend("reference"):
+        ref = model(x, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, list(params.values()), allow_unused=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(params, grads, ref_grads):
+        if a is None and b is None:
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+    for name in ("fading_bias", "self_fading_bias", "eidetic_bias"):
+        assert grads[list(params).index(f"model.layers.0.mixer.{name}")].abs().min() > 0, name

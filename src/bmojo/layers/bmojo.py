@@ -59,6 +59,7 @@ class BMojoMixer(SlidingWindowAttention):
         super().__init__(config)
         self.use_fading = config.use_fading
         self.use_eidetic = config.eidetic
+        self.fading_self_key = config.fading_self_key
         self.ssm = Mamba2Mixer(config) if config.layer_has_ssm("bmojo") else None
         if self.use_eidetic:
             self.memory_size = config.memory_size
@@ -112,9 +113,14 @@ class BMojoMixer(SlidingWindowAttention):
         if self.ssm is not None:  # its output is the fading tokens
             f, _, ssm_state = self.ssm(h, info)
         k_fade = v_fade = None
-        if self.use_fading:
-            kf, v_fade = self._kv(f)  # the fading path shares the key/value weights
-            k_fade = apply_rope(kf, rope.cos, rope.sin)
+        options = self._key_set_biases()
+        if self.use_fading or self.fading_self_key:
+            kf, vf = self._kv(f)  # the fading path shares the key/value weights
+            kf = apply_rope(kf, rope.cos, rope.sin)
+            if self.use_fading:
+                k_fade, v_fade = kf, vf
+            if self.fading_self_key:  # query i's own fading token f_i, rotated at i: distance 0
+                options.update(k_self=kf, v_self=vf)
         aux = q_eid = memory = eidetic = None
         if self.use_eidetic:
             f_prev = F.pad(f, [0, 0, 1, 0])[:, :length]  # f_{t-1}; zeros before the first token
@@ -126,7 +132,7 @@ class BMojoMixer(SlidingWindowAttention):
             q_eid = apply_rope(q, rope.eid_cos, rope.eid_sin)
             if info.collect_state:
                 eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size)
-        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **self._key_set_biases())
+        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **options)
         state = None
         if info.collect_state:
             ring = self.ring_from_prefill(k_rot, v, info, k_fade, v_fade)
@@ -140,13 +146,18 @@ class BMojoMixer(SlidingWindowAttention):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         write = self._write_ring(state.attention, positions, k_rot, v)
         f = self.ssm.step(h, state.ssm, positions, rope) if self.ssm is not None else None
-        if self.use_fading:
+        options = self._key_set_biases()
+        if self.use_fading or self.fading_self_key:
             kf, vf = self._kv(f[:, None])
-            self._put(state.attention.ring_kf, write, apply_rope(kf, rope.cos, rope.sin)[:, 0])
-            self._put(state.attention.ring_vf, write, vf[:, 0])
+            kf, vf = apply_rope(kf, rope.cos, rope.sin)[:, 0], vf[:, 0]
+            if self.use_fading:
+                self._put(state.attention.ring_kf, write, kf)
+                self._put(state.attention.ring_vf, write, vf)
+            if self.fading_self_key:
+                options.update(k_self=kf, v_self=vf)
         q_eid = memory = None
         if self.use_eidetic:
             score = self._innovation(state.eidetic.prev_f, k).float()
             memory = state.eidetic.step(k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size)
             q_eid = apply_rope(q[:, None], rope.eid_cos, rope.eid_sin)[:, 0]
-        return self._attend_step(q_rot, positions, state.attention, q_eid, memory, **self._key_set_biases())
+        return self._attend_step(q_rot, positions, state.attention, q_eid, memory, **options)
