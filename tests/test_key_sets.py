@@ -224,6 +224,8 @@ def test_self_fading_key_without_fading_keys_still_runs_the_ssm():
     dict(fading_self_key=True),
     dict(fading_self_key=True, key_set_bias=True, key_set_bias_init=-1.0),
     dict(fading_self_key=True, use_fading=False, memory_size=0),
+    dict(eidetic_key_distance="zero"),
+    dict(eidetic_key_distance="zero", fading_self_key=True, key_set_bias=True, key_set_bias_init=-1.0),
 ])  # fmt: skip
 def test_decoding_equals_parallel_forward_with_the_attention_options(options):
     """fp64, across chunk boundaries and memory eviction (as tests/test_model.py's decoding test), and a prefill
@@ -252,7 +254,7 @@ def test_chunked_model_equals_reference_model_with_the_attention_options():
     gradients (the key-set biases included)."""
     from bmojo.ops import use_backend
 
-    model = tiny_model(fading_self_key=True, key_set_bias=True, key_set_bias_init=-0.5)
+    model = tiny_model(fading_self_key=True, key_set_bias=True, key_set_bias_init=-0.5, eidetic_key_distance="zero")
     x = tokens(2, 38)
     out = model(x, labels=x)
     params = dict(model.named_parameters())
@@ -267,3 +269,57 @@ def test_chunked_model_equals_reference_model_with_the_attention_options():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
     for name in ("fading_bias", "self_fading_bias", "eidetic_bias"):
         assert grads[list(params).index(f"model.layers.0.mixer.{name}")].abs().min() > 0, name
+
+
+# --- eidetic key distance -------------------------------------------------------------------------------------------
+def _eidetic_scores_of_matches(distance, monkeypatch):
+    """One layer with ``q_proj = k_proj`` (so a token's query equals its key) over a 3-token alphabet: the eidetic
+    score ``q_eid . k_mem`` of every visible slot holding the query's own token, by head, and ``|k|^2`` of it."""
+    import bmojo.layers.attention as attention_layer
+
+    model = tiny_model(layers_block_type=["bmojo"], num_hidden_layers=1, num_key_value_heads=4,
+                       eidetic_key_distance=distance)
+    mixer = model.model.layers[0].mixer
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(mixer.k_proj.weight)
+    seen = {}
+    real = attention_layer.dispatch
+
+    def capture(op):
+        fn = real(op)
+
+        def run(q, k, v, window, chunk, k_fade, v_fade, q_eid, memory, **kw):
+            seen.update(q_eid=q_eid, memory=memory, k=k)
+            return fn(q, k, v, window, chunk, k_fade, v_fade, q_eid, memory, **kw)
+
+        return run
+
+    monkeypatch.setattr(attention_layer, "dispatch", capture)
+    x = tokens(1, 60, vocab=6)
+    with torch.no_grad():
+        model(x)
+    cfg = model.config
+    q_eid, mem = seen["q_eid"][0], seen["memory"]
+    scores, norms, which = [], [], []
+    for i in range(x.shape[1]):
+        c = i // cfg.chunk_size
+        for m in range(cfg.memory_size):
+            pos = int(mem.pos[0, c, m])
+            if bool(mem.valid[0, c, m]) and pos <= i - cfg.window_size and x[0, pos] == x[0, i]:
+                scores.append((q_eid[i] * mem.k[0, c, m]).sum(-1))  # [H] (Hkv = H)
+                norms.append(seen["k"][0, pos].pow(2).sum(-1))
+                which.append(int(x[0, i]))
+    assert len({int(x[0, int(p)]) for p in mem.pos[0].flatten()}) > 1 and len(scores) > 10  # several tokens, pairs
+    return torch.stack(scores), torch.stack(norms), torch.tensor(which)
+
+
+def test_zero_eidetic_key_distance_scores_an_exact_content_match_the_same_everywhere(monkeypatch):
+    """``"zero"``: an eidetic slot holding the query's own token scores exactly ``|k|^2`` (unrotated query against
+    unrotated key), the same for every pair of positions; ``"window"`` scores the same pair rotated by ``2W``."""
+    zero, norms, which = _eidetic_scores_of_matches("zero", monkeypatch)
+    torch.testing.assert_close(zero, norms, rtol=1e-12, atol=1e-12)
+    for token in which.unique():  # one score per token, whichever positions the query and the slot hold
+        same = zero[which == token]
+        torch.testing.assert_close(same, same[:1].expand_as(same), rtol=1e-12, atol=1e-12)
+    window, _, _ = _eidetic_scores_of_matches("window", monkeypatch)
+    assert (window - norms).abs().max() > 1e-6  # the 2W rotation: not the content match

@@ -7,7 +7,9 @@ The layer's Mamba-2 SSM (``layers/ssm.py``) reads the input and emits one *fadin
 attention (``layers/attention.py``) then covers three key sets: the in-context window ``[i-W+1, i]``, the fading
 tokens of the span that just left the window ``[i-2W+1, i-W]`` (projected by the same key/value weights), and the
 eidetic memory (``layers/eidetic.py``) of tokens the SSM found hard to predict. Eidetic keys are scored as if they
-sat exactly ``2W`` before the query, so the distances a model sees on long inputs never exceed those of training.
+sat exactly ``2W`` before the query, so the distances a model sees on long inputs never exceed those of training
+(or, with ``eidetic_key_distance="zero"``, at distance 0: unrotated query against unrotated key). With
+``fading_self_key`` query ``i`` also attends its own fading token ``f_i`` (distance 0).
 
 With ``key_set_bias`` each key set but the window gets a learned logit bias per query head (``fading_bias``,
 ``self_fading_bias``, ``eidetic_bias``); at ``SWA_EQUIVALENT_KEY_SET_BIAS`` the layer computes sliding-window
@@ -60,6 +62,7 @@ class BMojoMixer(SlidingWindowAttention):
         self.use_fading = config.use_fading
         self.use_eidetic = config.eidetic
         self.fading_self_key = config.fading_self_key
+        self.eidetic_key_distance = config.eidetic_key_distance
         self.ssm = Mamba2Mixer(config) if config.layer_has_ssm("bmojo") else None
         if self.use_eidetic:
             self.memory_size = config.memory_size
@@ -78,6 +81,12 @@ class BMojoMixer(SlidingWindowAttention):
     def initial_key_set_bias(config) -> torch.Tensor:
         """``[num_attention_heads]`` filled with ``key_set_bias_init`` (float32)."""
         return torch.full((config.num_attention_heads,), float(config.key_set_bias_init))
+
+    def _eidetic_query(self, q: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """The query ``q [B, L, H, D]`` (unrotated) that scores the unrotated eidetic keys: rotated by ``2W``
+        (``eidetic_key_distance="window"``: every slot sits exactly ``2W`` before the query), or as it is
+        (``"zero"``: distance 0, a pure content match)."""
+        return q if self.eidetic_key_distance == "zero" else apply_rope(q, rope.eid_cos, rope.eid_sin)
 
     def _key_set_biases(self) -> dict[str, torch.Tensor]:
         """The attention op's bias keywords for the biases this layer holds (none without ``key_set_bias``)."""
@@ -128,8 +137,7 @@ class BMojoMixer(SlidingWindowAttention):
             aux = innovation_loss(err, info.valid)
             scores = selection_scores(err, info.valid)
             picks, memory = select(scores, k, v, self.chunk_size, self.selections, self.memory_size)
-            # Eidetic scores use the unrotated query against the key rotated to position -2W: a fixed distance.
-            q_eid = apply_rope(q, rope.eid_cos, rope.eid_sin)
+            q_eid = self._eidetic_query(q, rope)
             if info.collect_state:
                 eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size)
         out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **options)
@@ -159,5 +167,5 @@ class BMojoMixer(SlidingWindowAttention):
         if self.use_eidetic:
             score = self._innovation(state.eidetic.prev_f, k).float()
             memory = state.eidetic.step(k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size)
-            q_eid = apply_rope(q[:, None], rope.eid_cos, rope.eid_sin)[:, 0]
+            q_eid = self._eidetic_query(q[:, None], rope)[:, 0]
         return self._attend_step(q_rot, positions, state.attention, q_eid, memory, **options)
