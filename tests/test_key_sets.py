@@ -323,3 +323,40 @@ def test_zero_eidetic_key_distance_scores_an_exact_content_match_the_same_everyw
         torch.testing.assert_close(same, same[:1].expand_as(same), rtol=1e-12, atol=1e-12)
     window, _, _ = _eidetic_scores_of_matches("window", monkeypatch)
     assert (window - norms).abs().max() > 1e-6  # the 2W rotation: not the content match
+
+
+# --- the memory's per-slot bias (EideticMemory.bias) ----------------------------------------------------------------
+def _with_slot_bias(memory, table):
+    """``memory`` whose slots carry ``bias = table[b, pos]`` (the same bias per token, whatever slot it sits in)."""
+    flat = memory.pos.flatten(1)
+    return memory._replace(bias=torch.gather(table, 1, flat).view_as(memory.pos))
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("head_biases", [False, True])
+def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
+    """``memory.bias`` adds to each slot's logit in every form: outputs and gradients (the bias included) equal the
+    reference's; the step form too. With and without the per-head eidetic bias."""
+    length, window, chunk = 45, 8, 4
+    t, common, memory, memory_ref, options = _op_case(length, window, chunk, padded=True, biases=head_biases)
+    table = (3 * torch.randn(2, length, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    table.requires_grad_()
+    memory, memory_ref = _with_slot_bias(memory, table), _with_slot_bias(memory_ref, table)
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    names = ["q", "k_eid", "v", "table"] + list(options)
+    inputs = [t["q"], t["k_eid"], t["v"], table] + list(options.values())
+    weight = torch.randn_like(ref)
+    grads_ref = _grads(ref, inputs, weight)
+    for name, a, b in zip(names, _grads(out, inputs, weight), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+    assert (grads_ref[3] != 0).sum() >= 4  # the slot bias is trained through the slots that were seen
+    plain = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref._replace(bias=None), **common, **options)
+    assert (plain - ref).abs().max() > 1e-3  # and it matters
+    if sdpa:
+        common.pop("key_mask")
+        ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
+        with torch.no_grad():
+            stepped = _ring_decode(t, window, chunk, memory, True, options)
+        torch.testing.assert_close(stepped, ref, rtol=1e-10, atol=1e-10)
