@@ -360,3 +360,48 @@ def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
         with torch.no_grad():
             stepped = _ring_decode(t, window, chunk, memory, True, options)
         torch.testing.assert_close(stepped, ref, rtol=1e-10, atol=1e-10)
+
+
+# --- the nki backend declines the new options ----------------------------------------------------------------------
+def test_nki_backend_declines_each_new_option_and_logs_the_fallback(monkeypatch, caplog):
+    """With the kernels available (the stand-in), a call the kernels support runs them; the same call with a
+    key-set bias, the self fading key or a slot bias runs the chunked form, the reason logged once."""
+    import logging
+
+    from bmojo.ops import dispatch, registry, use_backend
+    from bmojo.ops.attention import nki_backend
+
+    monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
+    calls = []
+    apply = nki_backend.AttentionNKI.apply
+    monkeypatch.setattr(nki_backend.AttentionNKI, "apply", lambda *a: calls.append(1) or apply(*a))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    length, window, chunk = 256, 128, 128
+    q, k, v, kf, vf, qe = r(1, length, 2, 16), r(1, length, 1, 16), r(1, length, 1, 16), r(1, length, 1, 16), \
+        r(1, length, 1, 16), r(1, length, 2, 16)
+    memory = EideticMemory(r(1, 2, 4, 1, 16), r(1, 2, 4, 1, 16), torch.zeros(1, 2, 4, dtype=torch.long),
+                           torch.ones(1, 2, 4))
+    head = torch.full((2,), -1.0)
+    cases = [
+        (dict(fading_bias=head), memory, "fading_bias"),
+        (dict(self_bias=head, k_self=kf, v_self=vf), memory, "self_bias, k_self"),
+        (dict(eidetic_bias=head), memory, "eidetic_bias"),
+        ({}, memory._replace(bias=torch.zeros(1, 2, 4)), "memory.bias"),
+    ]
+    args = (q, k, v, window, chunk, kf, vf, qe)
+    with use_backend("nki"), caplog.at_level(logging.WARNING, logger=registry.__name__):
+        monkeypatch.setattr(registry, "_warned", set())
+        dispatch("attention")(*args, memory)
+        assert calls == [1] and not caplog.records  # supported: the kernels ran
+        for options, mem, used in cases:
+            caplog.clear()
+            monkeypatch.setattr(registry, "_warned", set())
+            for _ in range(2):
+                out = dispatch("attention")(*args, mem, **options)
+            assert calls == [1], used  # the chunked form ran
+            torch.testing.assert_close(out, bmojo_attention_chunked(*args, mem, **options), rtol=0, atol=0)
+            why = f"{used}: the kernels take no key-set bias, self fading key or slot bias"
+            assert [rec.message for rec in caplog.records] == [
+                f"backend 'nki' does not support these inputs ({why}) for op 'attention'; running the 'chunked' form"
+            ]
