@@ -405,3 +405,15 @@ def test_nki_backend_declines_each_new_option_and_logs_the_fallback(monkeypatch,
             assert [rec.message for rec in caplog.records] == [
                 f"backend 'nki' does not support these inputs ({why}) for op 'attention'; running the 'chunked' form"
             ]
+
+
+def test_a_checkpoint_without_the_biases_loads_them_at_their_initial_value(tmp_path):
+    """A model saved without ``key_set_bias`` (e.g. before it existed) loads into one with it: the new biases start
+    at ``key_set_bias_init`` (transformers initialises what the checkpoint lacks), the rest is the checkpoint's."""
+    from bmojo import BMojoForCausalLM
+
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path)
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path, key_set_bias=True, key_set_bias_init=-30.0)
+    mixer = loaded.model.layers[1].mixer
+    assert bool((mixer.fading_bias == -30.0).all()) and bool((mixer.eidetic_bias == -30.0).all())
+    assert torch.equal(mixer.q_proj.weight, tiny_model(dtype=torch.float32).model.layers[1].mixer.q_proj.weight)

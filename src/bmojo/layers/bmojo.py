@@ -32,10 +32,10 @@ from .ssm import Mamba2Mixer, SSMState
 
 # key_set_bias_init at which a B'MOJO layer equals sliding-window attention with the same q/k/v/o weights (to float32
 # rounding): every fading / eidetic logit is lowered by 30, so their joint weight is at most N * exp(gap - 30) for N
-# such keys whose scores exceed the window's by at most ``gap`` (e.g. 4096 keys, gap 10: 8e-6). Exact in bfloat16
-# (-30 = -1.875 * 2^4), and far above the dtype minimum that marks masked entries. The price: the
-# gradient of these biases is proportional to that weight (~1e-13 per key), so training that should open the
-# memories must raise the biases first (e.g. to about -8) rather than wait for the gradient to do it.
+# such keys whose scores exceed the window's best by at most ``gap`` (e.g. 4096 keys, gap 10: 8e-6; at -20 the same
+# keys would weigh 0.2). Exact in bfloat16 (-30 = -1.875 * 2^4), and far above the dtype minimum that marks masked
+# entries. The price: these biases' gradients are proportional to that weight (~1e-13 per key), below AdamW's eps,
+# so a run that should open the memories has to raise the biases itself rather than wait for the gradient.
 SWA_EQUIVALENT_KEY_SET_BIAS = -30.0
 
 
