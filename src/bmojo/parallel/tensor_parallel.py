@@ -53,12 +53,13 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # Sharding a model in place, by the plan
 # ---------------------------------------------------------------------------------------------------------------
-def _mark_sharded(param: torch.Tensor, dim: int) -> None:
+def _mark_sharded(param: torch.Tensor, dim: int, size: int) -> None:
     # The attribute names neuronx-distributed (and Megatron) read, e.g. to count a sharded parameter once per
-    # rank in the gradient norm.
+    # rank in the gradient norm; NxD's move to the device (preserve_parallel_attributes) reads all four.
     param.tensor_model_parallel = True
     param.partition_dim = dim
     param.partition_stride = 1
+    param.num_partitions = size
 
 
 def _parallel_linear(owner: nn.Linear, name: str, rules, rank: int, size: int, backend) -> nn.Module:
@@ -71,9 +72,9 @@ def _parallel_linear(owner: nn.Linear, name: str, rules, rank: int, size: int, b
         layer = backend.column_linear(weight, bias, *sizes)
     else:  # row-parallel: the bias is added after the sum, replicated
         layer = backend.row_linear(weight, bias, *sizes)
-    _mark_sharded(layer.weight, split.dim)
+    _mark_sharded(layer.weight, split.dim, size)
     if split.dim == 0 and layer.bias is not None:
-        _mark_sharded(layer.bias, 0)
+        _mark_sharded(layer.bias, 0, size)
     return layer
 
 
@@ -83,7 +84,7 @@ def _slice_parameters(owner: nn.Module, name: str, rules, rank: int, size: int) 
     for pname, param in owner.named_parameters(recurse=False):
         split = rules[f"{name}.{pname}"]
         local[pname] = nn.Parameter(split.local(param.detach(), rank, size), param.requires_grad)
-        _mark_sharded(local[pname], split.dim)
+        _mark_sharded(local[pname], split.dim, size)
     if isinstance(owner, nn.Conv1d):
         channels = local["weight"].shape[0]
         owner = nn.Conv1d(channels, channels, owner.kernel_size, groups=channels, bias=owner.bias is not None,
