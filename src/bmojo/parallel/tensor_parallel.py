@@ -156,7 +156,8 @@ def setup_tensor_parallel(model: BMojoForCausalLM, tp_size: int, backend="torch"
     must call this (group creation is collective). A training loop then averages gradients over ``dp_group``
     (e.g. ``DistributedDataParallel(model, process_group=ctx.dp_group)``), clips with ``clip_grad_norm_`` below
     and may shard the optimizer state with ``zero1_optimizer``. On trn1 use
-    ``bmojo.parallel.neuron.initialize_neuron_training`` instead, which lets neuronx-distributed build the groups.
+    ``bmojo.parallel.neuron.NeuronTraining`` instead, which lets neuronx-distributed build the groups (groups made
+    here with ``new_group`` would carry no replica-group mesh on the ``xla`` backend).
     """
     if not dist.is_initialized():
         raise BMojoError("setup_tensor_parallel needs torch.distributed.init_process_group() first")
