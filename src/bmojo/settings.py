@@ -133,6 +133,11 @@ class TrainConfig:
         except ValueError as exc:
             raise BMojoError(f"--tp {self.tp}: the model's {exc}") from None
         launch = "launch with torchrun --nproc_per_node=<a multiple of the tensor-parallel degree>"
+        if (self.tp > 1 or self.zero1) and world_size == 1:
+            what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
+            raise BMojoError(f"{what} needs a process group and this is a single process: {launch}")
+        if world_size % self.tp:
+            raise BMojoError(f"--tp {self.tp} must divide the number of processes ({world_size}): {launch}")
         if (self.tp > 1 or self.zero1) and self.device == "xla":
             # trn1: through neuronx-distributed (bmojo.parallel.neuron); one line now if it (or torch-xla) is missing.
             from .devices import _torch_xla
@@ -140,11 +145,6 @@ class TrainConfig:
 
             _torch_xla()
             import_nxd()
-        if (self.tp > 1 or self.zero1) and world_size == 1:
-            what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
-            raise BMojoError(f"{what} needs a process group and this is a single process: {launch}")
-        if world_size % self.tp:
-            raise BMojoError(f"--tp {self.tp} must divide the number of processes ({world_size}): {launch}")
 
 
 def _coerce(name: str, value, default):
