@@ -147,7 +147,8 @@ validate_passthrough() {
     done
 }
 
-# --tp: an integer that divides the processes of one node, so that a tensor-parallel group (adjacent ranks) never
+# --tp: an integer that divides the processes of one node, so that a tensor-parallel group (neuronx-distributed forms
+# it inside a node: adjacent ranks, or ranks strided across the node for tp 4 on trn1) never
 # spans two nodes (its all-reduces run every layer; bmojo train checks the model's sizes against it).
 validate_parallel() {
     local nproc=$1
@@ -168,7 +169,8 @@ build_torchrun() {
     if ((BF16)); then
         TRAIN+=(--bf16)
     fi
-    # Tensor parallelism and ZeRO-1 through neuronx-distributed (bmojo.parallel.neuron; neuron/README.md, 4.).
+    # Tensor parallelism and ZeRO-1 through neuronx-distributed (bmojo.parallel.neuron.NeuronTraining; neuron/README.md,
+    # "Tensor parallelism and ZeRO-1"). Run only on the CPU stand-ins so far, never on trn1.
     if ((TP > 1)); then
         TRAIN+=(--tp "$TP")
     fi

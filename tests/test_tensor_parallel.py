@@ -23,7 +23,7 @@ from bmojo.parallel import (
     zero1_optimizer,
 )
 from bmojo.parallel import convert
-from bmojo.parallel.neuron import NeuronBackend, initialize_neuron_training, neuron_available
+from bmojo.parallel.neuron import NeuronBackend, NeuronTraining, neuron_available
 from bmojo.parallel.tensor_parallel import resolve_backend
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
@@ -277,8 +277,8 @@ def test_neuron_backend_requested_without_neuronx_distributed_is_a_clear_error()
     with pytest.raises(BMojoError, match="neuronx_distributed"):
         shard_model(model, 0, 2, backend="neuron")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
-    with pytest.raises(BMojoError, match="neuronx_distributed"):
-        initialize_neuron_training(_config(), tensor_parallel_size=2)
+    with pytest.raises(BMojoError, match="trains through neuronx-distributed, which does not import here"):
+        NeuronTraining(2, zero1=True, max_grad_norm=1.0)
     with pytest.raises(BMojoError, match="init_process_group"):
         resolve_backend("auto")  # no NxD here -> torch.distributed, which is not initialised in this process
     with pytest.raises(ValueError, match="unknown tensor-parallel backend"):

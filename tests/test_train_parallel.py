@@ -195,8 +195,8 @@ def test_sigkill_then_resume_at_tp2_repeats_the_uninterrupted_run(runs, corpus, 
          "--nproc_per_node=<a multiple of the tensor-parallel degree>"),
         (["--zero1"], "1", "--zero1 needs a process group and this is a single process"),
         (["--tp", "2"], "3", "--tp 2 must divide the number of processes (3)"),
-        (["--tp", "2", "--device", "xla", "--set", "train.dtype=float32"], "2",
-         "--tp 2 runs on --device cpu (gloo) only so far"),
+        (["--tp", "2", "--device", "xla", "--set", "train.dtype=float32"], "3",
+         "--tp 2 must divide the number of processes (3)"),  # xla is checked the same way, before NxD is imported
         (["--tp", "2", "--batch-size", "6"], "4", "train.batch_size must be a multiple of data-parallel groups "
          "(4 processes / tp 2) x grad_accum (2 x 2), got 6"),
     ],

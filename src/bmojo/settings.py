@@ -122,7 +122,8 @@ class TrainConfig:
 
     def _check_parallel(self, model_config: BMojoConfig, world_size: int) -> None:
         """``tp`` against the model (it divides every sharded size) and the processes (it divides their number;
-        more than one needs torchrun); ``zero1`` needs torchrun."""
+        more than one needs torchrun); ``zero1`` needs torchrun; on ``xla`` both need torch-xla and
+        neuronx-distributed."""
         from .parallel.plan import check_tp_size  # imports torch
 
         if self.tp < 1:
@@ -132,17 +133,18 @@ class TrainConfig:
         except ValueError as exc:
             raise BMojoError(f"--tp {self.tp}: the model's {exc}") from None
         launch = "launch with torchrun --nproc_per_node=<a multiple of the tensor-parallel degree>"
-        if (self.tp > 1 or self.zero1) and self.device != "cpu":
-            what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
-            raise BMojoError(
-                f"{what} runs on --device cpu (gloo) only so far: on trn1 the neuronx-distributed path "
-                "(bmojo.parallel.neuron.initialize_neuron_training) is not wired into bmojo train yet"
-            )
         if (self.tp > 1 or self.zero1) and world_size == 1:
             what = f"--tp {self.tp}" if self.tp > 1 else "--zero1"
             raise BMojoError(f"{what} needs a process group and this is a single process: {launch}")
         if world_size % self.tp:
             raise BMojoError(f"--tp {self.tp} must divide the number of processes ({world_size}): {launch}")
+        if (self.tp > 1 or self.zero1) and self.device == "xla":
+            # trn1: through neuronx-distributed (bmojo.parallel.neuron); one line now if it (or torch-xla) is missing.
+            from .devices import _torch_xla
+            from .parallel.neuron import import_nxd
+
+            _torch_xla()
+            import_nxd()
 
 
 def _coerce(name: str, value, default):

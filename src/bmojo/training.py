@@ -136,14 +136,17 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, cfg: TrainConfig, ctx=None) -> torch.optim.Optimizer:
-    """AdamW; with ``cfg.zero1`` its state sharded over ``ctx``'s data-parallel group (ZeRO-1)."""
+def make_optimizer(model, cfg: TrainConfig, ctx=None, nxd=None) -> torch.optim.Optimizer:
+    """AdamW; with ``cfg.zero1`` its state sharded over ``ctx``'s data-parallel group (ZeRO-1); through
+    neuronx-distributed when ``nxd`` (a ``bmojo.parallel.neuron.NeuronTraining``) is given."""
     # Weight decay on matrices and embeddings only; norms, biases and the SSM's A/D/dt are left alone.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if nxd is not None:
+        return nxd.build_optimizer(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return ptrain.build_optimizer(groups, ctx, cfg.zero1, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -270,7 +273,10 @@ class Trainer:
     ``run``: the loop reads top to bottom there; the step, the evaluation and the save are methods below it.
 
     With ``--tp`` (``bmojo.parallel.training``) the model is this rank's shard, and data, losses and evaluation
-    go over the data-parallel processes (``data_procs``)."""
+    go over the data-parallel processes (``data_procs``). On ``--device xla`` with ``--tp``/``--zero1`` the groups,
+    the model's placement and the optimizer come from neuronx-distributed (``self.nxd``,
+    ``bmojo.parallel.neuron.NeuronTraining``), whose optimizer step also averages the gradients over the
+    data-parallel group and clips them; everything else is the same loop."""
 
     def __init__(self, procs: Processes, plan: RunPlan, corpus: Corpus):
         cfg = plan.cfg
@@ -280,18 +286,25 @@ class Trainer:
         if procs.world_size > 1:
             device.init_process_group(procs.world_size)
         torch.set_num_threads(cfg.threads or default_threads(procs.local_world_size))
-        self.ctx = ctx = parallel_context(cfg.tp)
+        self.nxd = None
+        if device.is_xla and (cfg.tp > 1 or cfg.zero1):
+            from .parallel.neuron import NeuronTraining
+
+            self.nxd = NeuronTraining(cfg.tp, cfg.zero1, cfg.grad_clip or math.inf)
+        self.ctx = ctx = self.nxd.ctx if self.nxd is not None else parallel_context(cfg.tp)
         self.data_procs = Processes(ctx.dp_rank, ctx.dp_size, procs.local_world_size, ctx.dp_group)
         checkpoint = plan.checkpoint
         resuming_parallel = checkpoint is not None and is_parallel_checkpoint(checkpoint)
         self.parallel = cfg.tp > 1 or cfg.zero1 or cfg.dtype != "float32" or resuming_parallel
-        if self.parallel:
+        if self.nxd is not None:
+            self.model = self.nxd.build_model(plan.model_config, cfg.seed, cfg.dtype, checkpoint)
+        elif self.parallel:
             self.model = ptrain.build_model(plan.model_config, ctx, cfg.seed, cfg.dtype, checkpoint)
         else:
             torch.manual_seed(cfg.seed)
             self.model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(plan.model_config)
         device.place_model(self.model).train()
-        self.optimizer = make_optimizer(self.model, cfg, ctx)
+        self.optimizer = make_optimizer(self.model, cfg, ctx, self.nxd)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.start, self.start_tokens = self._restore_or_start()
         # On the CPU, DDP averages the gradients during backward; on XLA, Device.reduce_gradients does after it.
@@ -406,9 +419,18 @@ class Trainer:
             has_innovation = output.innovation_loss is not None
             innovation = output.innovation_loss if has_innovation else torch.zeros_like(output.loss)
             losses += torch.stack([output.loss, output.lm_loss, innovation]).detach().to(losses.dtype)
-        self.device.reduce_gradients(optimizer, self.procs.world_size)
         # The global batch's loss: all sequences have seq_len tokens, so it is the mean of the micro-batch means.
         losses = all_sum(losses, self.data_procs) / (cfg.grad_accum * self.data_procs.world_size)
+        if self.nxd is not None:
+            # NxD's step: gradients averaged over the data-parallel group (ZeRO-1: reduce-scattered), the global
+            # norm over the sharded parameters, clipping, the update. Its values are read after the step's graph.
+            optimizer.step()
+            self.device.after_step(
+                self.check_and_record, step, lr, losses, self.nxd.grad_norm(optimizer), has_innovation
+            )
+            optimizer.zero_grad(set_to_none=True)
+            return
+        self.device.reduce_gradients(optimizer, self.procs.world_size)
         if cfg.tp > 1:  # the full model's gradient norm: sharded squares summed over the group, replicated once
             grad_norm = parallel_clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf, self.ctx)
         else:

@@ -4,7 +4,8 @@
   ``split_state_dict`` / ``merge_state_dicts``;
 * ``backends``: the torch.distributed stand-in (gloo on CPU) and the neuronx-distributed layers (import-guarded);
 * ``tensor_parallel``: ``shard_model`` (applies the plan) and ``setup_tensor_parallel`` for torchrun jobs;
-* ``neuron``: trn1 training on neuronx-distributed, with NxD ZeRO-1 (not run here).
+* ``neuron``: trn1 training on neuronx-distributed (``bmojo train --device xla --tp N [--zero1]``; run only on
+  the CPU stand-ins of tests/neuron_standin).
 * ``convert``: ``python -m bmojo.parallel.convert --in DIR --out DIR --tp N``.
 """
 

@@ -53,12 +53,13 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # Sharding a model in place, by the plan
 # ---------------------------------------------------------------------------------------------------------------
-def _mark_sharded(param: torch.Tensor, dim: int) -> None:
+def _mark_sharded(param: torch.Tensor, dim: int, size: int) -> None:
     # The attribute names neuronx-distributed (and Megatron) read, e.g. to count a sharded parameter once per
-    # rank in the gradient norm.
+    # rank in the gradient norm; NxD's move to the device (preserve_parallel_attributes) reads all four.
     param.tensor_model_parallel = True
     param.partition_dim = dim
     param.partition_stride = 1
+    param.num_partitions = size
 
 
 def _parallel_linear(owner: nn.Linear, name: str, rules, rank: int, size: int, backend) -> nn.Module:
@@ -71,9 +72,9 @@ def _parallel_linear(owner: nn.Linear, name: str, rules, rank: int, size: int, b
         layer = backend.column_linear(weight, bias, *sizes)
     else:  # row-parallel: the bias is added after the sum, replicated
         layer = backend.row_linear(weight, bias, *sizes)
-    _mark_sharded(layer.weight, split.dim)
+    _mark_sharded(layer.weight, split.dim, size)
     if split.dim == 0 and layer.bias is not None:
-        _mark_sharded(layer.bias, 0)
+        _mark_sharded(layer.bias, 0, size)
     return layer
 
 
@@ -83,7 +84,7 @@ def _slice_parameters(owner: nn.Module, name: str, rules, rank: int, size: int) 
     for pname, param in owner.named_parameters(recurse=False):
         split = rules[f"{name}.{pname}"]
         local[pname] = nn.Parameter(split.local(param.detach(), rank, size), param.requires_grad)
-        _mark_sharded(local[pname], split.dim)
+        _mark_sharded(local[pname], split.dim, size)
     if isinstance(owner, nn.Conv1d):
         channels = local["weight"].shape[0]
         owner = nn.Conv1d(channels, channels, owner.kernel_size, groups=channels, bias=owner.bias is not None,
@@ -155,7 +156,8 @@ def setup_tensor_parallel(model: BMojoForCausalLM, tp_size: int, backend="torch"
     must call this (group creation is collective). A training loop then averages gradients over ``dp_group``
     (e.g. ``DistributedDataParallel(model, process_group=ctx.dp_group)``), clips with ``clip_grad_norm_`` below
     and may shard the optimizer state with ``zero1_optimizer``. On trn1 use
-    ``bmojo.parallel.neuron.initialize_neuron_training`` instead, which lets neuronx-distributed build the groups.
+    ``bmojo.parallel.neuron.NeuronTraining`` instead, which lets neuronx-distributed build the groups (groups made
+    here with ``new_group`` would carry no replica-group mesh on the ``xla`` backend).
     """
     if not dist.is_initialized():
         raise BMojoError("setup_tensor_parallel needs torch.distributed.init_process_group() first")

@@ -56,6 +56,12 @@ def is_parallel_checkpoint(checkpoint: Path) -> bool:
     return any(_RANK_STATE.fullmatch(p.name) for p in checkpoint.iterdir())
 
 
+def _pad_rows(tensor: torch.Tensor, parts: int) -> torch.Tensor:
+    """``tensor`` with zero rows appended along dim 0 up to a multiple of ``parts`` (ZeRO-1's padding)."""
+    extra = -tensor.size(0) % parts
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra else tensor
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -93,8 +99,52 @@ def build_optimizer(groups: list[dict], ctx: ParallelContext, zero1: bool, lr: f
 
 
 def _local(optimizer):
-    """The optimizer that holds this rank's state (ZeRO's local AdamW, or the AdamW itself)."""
-    return getattr(optimizer, "optim", optimizer)
+    """The optimizer that holds this rank's state (ZeRO's local AdamW, NxD's wrapped AdamW, or the AdamW itself)."""
+    return getattr(optimizer, "optim", getattr(optimizer, "optimizer", optimizer))
+
+
+def _row_shards(optimizer):
+    """NxD's ZeRO-1 (``NeuronZero1Optimizer``, a torch-xla ``ZeroRedundancyOptimizer``) keeps, for every parameter,
+    chunk ``local_rank`` of it padded along dim 0 to a multiple of ``local_world_size``, with its AdamW state, in
+    ``base_optimizer``. Returns ``(zero, [(parameter, shard), ...])``, or ``None`` for any other optimizer."""
+    zero = _local(optimizer)
+    if not hasattr(zero, "base_optimizer"):
+        return None
+    pairs = [
+        (p, s)
+        for group, sharded in zip(zero.param_groups, zero.base_optimizer.param_groups, strict=True)
+        for p, s in zip(group["params"], sharded["params"], strict=True)
+    ]
+    return zero, pairs
+
+
+def _chunk_rows(rows: int, parts: int, index: int) -> int:
+    """How many of a dim-0 chunk's rows are real (not padding): chunk ``index`` of ``rows`` padded to ``parts``."""
+    size = -(-rows // parts)
+    return max(0, min(rows, (index + 1) * size) - index * size)
+
+
+def _optimizer_tensors(optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """This rank's AdamW state under the full model's parameter names: ``optimizer.<name>.<kind>`` (the state of the
+    rank's whole tensor-parallel shard), or for NxD's ZeRO-1 ``zero1.<name>.<kind>`` (its real rows of dim-0 chunk
+    ``layout.dp_rank``; scalars such as ``step`` stay ``optimizer.``)."""
+    rows = _row_shards(optimizer)
+    if rows is None:
+        return {
+            f"optimizer.{names[id(p)]}.{key}": value.detach().cpu()
+            for p, s in _local(optimizer).state.items()
+            for key, value in s.items()
+        }
+    zero, pairs = rows
+    tensors = {"layout.dp_rank": torch.tensor(zero.local_rank)}
+    for p, shard in pairs:
+        for key, value in zero.base_optimizer.state.get(shard, {}).items():
+            if value.dim() == 0:
+                tensors[f"optimizer.{names[id(p)]}.{key}"] = value.detach().cpu()
+            else:
+                real = _chunk_rows(p.size(0), zero.local_world_size, zero.local_rank)
+                tensors[f"zero1.{names[id(p)]}.{key}"] = value.detach()[:real].cpu().contiguous()
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,11 +167,7 @@ def save(out: Path, step: int, model, optimizer, ctx: ParallelContext, state: di
             weights = _storable({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
             name = FULL if ctx.tp_size == 1 else shard_file(ctx.tp_rank, ctx.tp_size)
             save_file(weights, tmp / name, metadata={"format": "pt"})
-        tensors = {
-            f"optimizer.{names[id(p)]}.{key}": value.detach().cpu()
-            for p, s in _local(optimizer).state.items()
-            for key, value in s.items()
-        }
+        tensors = _optimizer_tensors(optimizer, names)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["layout.tp_rank"] = torch.tensor(ctx.tp_rank)  # groups need not be tp-major (NxD's are strided)
         save_file(tensors, tmp / rank_state_file(rank, world))
@@ -186,12 +232,20 @@ def load_training_state(checkpoint: Path, model, optimizer, ctx: ParallelContext
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise BMojoError(f"cannot read the training state in {checkpoint}: {exc!r}") from None
     # Each old tensor-parallel rank's state: the union over its data-parallel ranks (ZeRO-1 splits it among them).
+    # NxD's ZeRO-1 files hold dim-0 chunks instead: concatenated in data-parallel order.
     per_tp: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(old_tp)]
+    chunks: list[dict[tuple[str, str], list]] = [{} for _ in range(old_tp)]
     for tp_rank, tensors in zip(tp_ranks, files, strict=True):
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 pname, kind = key[len("optimizer.") :].rsplit(".", 1)
                 per_tp[tp_rank].setdefault(kind, {}).setdefault(pname, value)
+            elif key.startswith("zero1."):
+                pname, kind = key[len("zero1.") :].rsplit(".", 1)
+                chunks[tp_rank].setdefault((pname, kind), []).append((int(tensors["layout.dp_rank"]), value))
+    for tp_rank, found in enumerate(chunks):
+        for (pname, kind), parts in found.items():
+            per_tp[tp_rank].setdefault(kind, {})[pname] = torch.cat([v for _, v in sorted(parts, key=lambda x: x[0])])
     config = model.config
     mine: dict[str, dict[str, torch.Tensor]] = {}
     try:
@@ -204,16 +258,20 @@ def load_training_state(checkpoint: Path, model, optimizer, ctx: ParallelContext
     except (KeyError, ValueError) as exc:
         raise BMojoError(f"the optimizer state in {checkpoint} does not fit the model: {exc}") from exc
     names = {id(p): n for n, p in model.named_parameters()}
-    local = _local(optimizer)
-    for group in local.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            if any(name not in values for values in mine.values()):
-                raise BMojoError(f"the optimizer state in {checkpoint} has nothing for {name}")
-            local.state[p] = {
-                kind: values[name].clone() if kind == "step" else values[name].to(p.device, p.dtype).clone()
-                for kind, values in mine.items()
-            }
+    local, rows = _local(optimizer), _row_shards(optimizer)
+    pairs = rows[1] if rows else [(p, p) for group in local.param_groups for p in group["params"]]
+    for p, holder in pairs:  # holder: the parameter, or NxD ZeRO-1's dim-0 shard of it
+        name = names[id(p)]
+        if any(name not in values for values in mine.values()):
+            raise BMojoError(f"the optimizer state in {checkpoint} has nothing for {name}")
+        adam = {}
+        for kind, values in mine.items():
+            value = values[name]
+            if value.dim() > 0 and rows is not None:
+                zero = rows[0]
+                value = _pad_rows(value, zero.local_world_size).chunk(zero.local_world_size)[zero.local_rank]
+            adam[kind] = value.clone() if kind == "step" else value.to(holder.device, holder.dtype).clone()
+        (rows[0].base_optimizer if rows else local).state[holder] = adam
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.set_rng_state(files[rank if rank < old_world else 0]["rng.torch"])
     return state
