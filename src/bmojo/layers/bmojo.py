@@ -12,6 +12,7 @@ sat exactly ``2W`` before the query, so the distances a model sees on long input
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,19 @@ import torch.nn.functional as F
 from ..ops.rope import apply_rope
 from .attention import AttentionState, SlidingWindowAttention
 from .common import InferenceState, MixerOutput, Rope, SequenceInfo, state_field
-from .eidetic import EideticState, PartialSum, innovation_error, innovation_loss, select, selection_scores
+from .eidetic import (
+    EideticState,
+    PartialSum,
+    SelectionBias,
+    innovation_error,
+    innovation_loss,
+    next_input_error,
+    random_score,
+    recency_score,
+    select,
+    selection_bias_logit,
+    selection_scores,
+)
 from .ssm import Mamba2Mixer, SSMState
 
 
@@ -37,24 +50,39 @@ class BMojoState(InferenceState):
 class BMojoMixer(SlidingWindowAttention):
     """Mixer of ``"bmojo"`` layers: sliding-window attention (the parent's projections) plus fading tokens from
     its own ``ssm`` (``use_fading``) and, with ``memory_size > 0``, the eidetic memory. Without either it computes
-    exactly what ``SlidingWindowAttention`` computes (and holds the same parameters)."""
+    exactly what ``SlidingWindowAttention`` computes (and holds the same parameters).
+
+    What ranks tokens for the memory (``selection_score``): ``"key_prediction"`` (``innovation_predictor``, sharded
+    by key heads under tensor parallelism), ``"next_input"`` (``input_predictor``, ``d -> d``, replicated), or the
+    baselines ``"random"`` and ``"recency"``, which hold no predictor and give no auxiliary loss (their layers have
+    ``d * Hkv * D + Hkv * D`` parameters fewer than ``"key_prediction"``'s). ``learned_selection`` adds
+    ``selection_bias``; ``memory_per_kv_head`` runs selection, memory and attention with the key/value heads folded
+    into the batch (row ``b * Hkv + a`` is head ``a`` of row ``b``), so each head keeps its own memory."""
 
     state_type = BMojoState
     use_fading = True
     use_eidetic = True
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
         self.use_fading = config.use_fading
         self.use_eidetic = config.eidetic
+        self.per_head = self.use_eidetic and config.memory_per_kv_head
         self.ssm = Mamba2Mixer(config) if config.layer_has_ssm("bmojo") else None
         if self.use_eidetic:
             self.memory_size = config.memory_size
             self.selections = config.selections_per_chunk
-            # Predicts token t's key from the fading token f_{t-1}; its error is the innovation score.
-            self.innovation_predictor = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim)
-            self.innovation_sum = PartialSum()  # the score's sum over key features; split over TP ranks
-            self.key_features = config.num_key_value_heads * self.head_dim  # global: the score's denominator
+            self.selection_score = config.selection_score
+            if self.selection_score == "key_prediction":
+                # Predicts token t's key from the fading token f_{t-1}; its error is the innovation score.
+                self.innovation_predictor = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim)
+                self.innovation_sum = PartialSum()  # the score's sum over key features; split over TP ranks
+                self.key_features = config.num_key_value_heads * self.head_dim  # global: the score's denominator
+            elif self.selection_score == "next_input":
+                # Predicts the layer input h_t from f_{t-1} (the paper's innovation test).
+                self.input_predictor = nn.Linear(config.hidden_size, config.hidden_size)
+            if config.learned_selection:
+                self.selection_bias = SelectionBias(config.hidden_size)
 
     @property
     def sum_over_shards(self):
@@ -75,6 +103,43 @@ class BMojoMixer(SlidingWindowAttention):
         """Innovation score of keys ``k [..., Hkv, D]`` given the previous fading tokens ``f_prev [..., d]``."""
         return innovation_error(self.innovation_predictor, self.innovation_sum, f_prev, k, self.key_features)
 
+    def _scores(self, h, f_prev, k, positions) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What selection ranks by, before padding and ``learned_selection``: ``(err, score)`` for tokens ``h [...,
+        d]`` with keys ``k [..., Hkv, D]``, previous fading tokens ``f_prev [..., d]`` and ``positions``
+        (broadcastable to ``[...]``). ``err [...]``: the auxiliary loss's terms (``None`` without a predictor);
+        ``score``: ``[...]``, per head ``[..., Hkv]`` (the key-prediction error of each head's own features; the
+        other kinds give every head the token's score)."""
+        lead = k.shape[:-2]
+        if self.selection_score == "key_prediction":
+            if self.per_head:
+                return innovation_error(
+                    self.innovation_predictor, self.innovation_sum, f_prev, k, self.key_features, per_head=True
+                )
+            err = self._innovation(f_prev, k)
+            return err, err
+        if self.selection_score == "next_input":
+            err = score = next_input_error(self.input_predictor, f_prev, h)
+        elif self.selection_score == "random":
+            err, score = None, random_score(self.layer_idx, positions).expand(lead)
+        else:  # "recency"
+            err, score = None, recency_score(positions).expand(lead)
+        return err, score[..., None].expand(*lead, self.num_kv) if self.per_head else score
+
+    def _ranking(self, h, score, valid) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(ranking scores, u)``: ``selection_scores`` of ``score`` with ``learned_selection``'s ``u [...]`` (the
+        logit bias of ``h [..., d]``; ``None`` without it)."""
+        u = selection_bias_logit(self.selection_bias, h) if hasattr(self, "selection_bias") else None
+        per_token = None if u is None else (u[..., None] if self.per_head else u)
+        return selection_scores(score, valid, per_token), u
+
+    def _fold(self, *xs):
+        """``_fold_heads`` of each of ``xs`` (``None`` stays ``None``)."""
+        return [None if x is None else _fold_heads(x, self.num_kv) for x in xs]
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        return super()._project_out(_unfold_heads(out, self.num_kv) if self.per_head else out)
+
+    # Long on purpose: the layer's parallel forward in order (SSM, fading keys, scores, selection, attention, state).
     def forward(self, h: torch.Tensor, info: SequenceInfo) -> MixerOutput:
         """``h [B, L, d]`` -> ``MixerOutput(out [B, L, d], innovation loss or None, BMojoState or None)``."""
         length = h.shape[1]
@@ -91,19 +156,28 @@ class BMojoMixer(SlidingWindowAttention):
         aux = q_eid = memory = eidetic = None
         if self.use_eidetic:
             f_prev = F.pad(f, [0, 0, 1, 0])[:, :length]  # f_{t-1}; zeros before the first token
-            err = self._innovation(f_prev, k)
-            aux = innovation_loss(err, info.valid)
-            scores = selection_scores(err, info.valid)
-            picks, memory = select(scores, k, v, self.chunk_size, self.selections, self.memory_size)
+            err, score = self._scores(h, f_prev, k, info.positions)
+            aux = None if err is None else innovation_loss(err, info.valid)
+            scores, u = self._ranking(h, score, info.valid)
+            k_sel, v_sel = k, v
+            if self.per_head:  # [B, L, Hkv] scores, [B, L, Hkv, D] keys -> rows of one head each
+                scores, (k_sel, v_sel) = scores.movedim(-1, 1).flatten(0, 1), self._fold(k, v)
+                u = None if u is None else u.repeat_interleave(self.num_kv, 0)
+            picks, memory = select(scores, k_sel, v_sel, self.chunk_size, self.selections, self.memory_size, bias=u)
             # Eidetic scores use the unrotated query against the key rotated to position -2W: a fixed distance.
             q_eid = apply_rope(q, rope.eid_cos, rope.eid_sin)
             if info.collect_state:
-                eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size)
-        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory)
+                heads = self.num_kv if self.per_head else None
+                eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size, heads)
         state = None
         if info.collect_state:
             ring = self.ring_from_prefill(k_rot, v, info, k_fade, v_fade)
             state = BMojoState(ssm_state, ring, eidetic)
+        if self.per_head:
+            fold = self._fold(q_rot, k_rot, v, k_fade, v_fade, q_eid)
+            out = self._attend(*fold[:3], _fold_info(info, self.num_kv), *fold[3:], memory)
+        else:
+            out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory)
         return MixerOutput(out, aux, state)
 
     def step(self, h: torch.Tensor, state: BMojoState, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -119,7 +193,47 @@ class BMojoMixer(SlidingWindowAttention):
             self._put(state.attention.ring_vf, write, vf[:, 0])
         q_eid = memory = None
         if self.use_eidetic:
-            score = self._innovation(state.eidetic.prev_f, k).float()
-            memory = state.eidetic.step(k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size)
+            _, score = self._scores(h, state.eidetic.prev_f, k, positions[:, 0])
+            score, u = self._ranking(h, score, None)
+            memory = state.eidetic.step(
+                k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size, bias=u
+            )
             q_eid = apply_rope(q[:, None], rope.eid_cos, rope.eid_sin)[:, 0]
+        if self.per_head:
+            ring = AttentionState(
+                *(None if t is None else _fold_ring(t, self.num_kv) for t in _fields(state.attention))
+            )
+            q_rot, q_eid = self._fold(q_rot, q_eid)
+            return self._attend_step(q_rot, positions.repeat_interleave(self.num_kv, 0), ring, q_eid, memory)
         return self._attend_step(q_rot, positions, state.attention, q_eid, memory)
+
+
+# Head folding (memory_per_kv_head): key/value head ``a`` of row ``b`` becomes row ``b * Hkv + a``, with the
+# ``G = H / Hkv`` query heads that read it; the attention op then sees one memory per row.
+def _fold_heads(x: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """``[B, ..., Hkv * G, D]`` -> ``[B * Hkv, ..., G, D]``."""
+    return x.unflatten(-2, (num_kv, -1)).movedim(-3, 1).flatten(0, 1)
+
+
+def _unfold_heads(x: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """``[B * Hkv, ..., G, D]`` -> ``[B, ..., Hkv * G, D]`` (the inverse of ``_fold_heads``)."""
+    return x.unflatten(0, (-1, num_kv)).movedim(1, -3).flatten(-3, -2)
+
+
+def _fold_info(info: SequenceInfo, num_kv: int) -> SequenceInfo:
+    """``info`` with every per-row tensor (``[B, ...]``) repeated for each key/value head."""
+    rows = {
+        f.name: getattr(info, f.name).repeat_interleave(num_kv, 0)
+        for f in dataclasses.fields(info)
+        if f.name in ("valid", "lengths", "doc_start") and getattr(info, f.name) is not None
+    }
+    return dataclasses.replace(info, **rows)
+
+
+def _fold_ring(t: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """A ring buffer field for head-folded rows: keys/values ``[B, R, Hkv, D]`` are folded, positions repeated."""
+    return _fold_heads(t, num_kv) if t.dim() == 4 else t.repeat_interleave(num_kv, 0)
+
+
+def _fields(state) -> list:
+    return [getattr(state, f.name) for f in dataclasses.fields(state)]

@@ -12,8 +12,13 @@ Retention policy (the same in the parallel forward, in decoding and in the refer
    (``pos <= i - W``); the attention applies that mask.
 
 No sort, no ``nonzero``, no variable-length gather: top-k is ``k`` rounds of ``argmax``, taking the selected
-rows is a one-hot matmul (so gradients reach the selected keys and values), and the merge ranks entries by
-pairwise comparison and moves them with a one-hot matmul.
+rows is a fixed-shape ``torch.gather`` (gradients reach the selected keys and values, and only those), and the
+merge ranks entries by pairwise comparison and moves them with a fixed-shape gather. Gathers, unlike one-hot
+matmuls, never read the rows they do not move: a non-finite key or value of a token that is not selected cannot
+spread into the picks or the memory. Empty picks and slots (score ``< 0``) hold zeros.
+
+``learned_selection``: the scores are then already ``score * exp(u)``; each pick carries its token's ``bias = u``
+(``EideticMemory.bias``) into the memory.
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ def topk_per_chunk(scores: torch.Tensor, chunk_size: int, k: int) -> tuple[torch
 
 
 def take_selected(onehot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Rows picked by ``onehot [B, nC, k, C]`` from ``x [B, L, F]`` -> ``[B, nC, k, F]`` (a matmul, not a gather)."""
+    """Rows picked by ``onehot [B, nC, k, C]`` from ``x [B, L, F]`` -> ``[B, nC, k, F]``: a fixed-shape gather at
+    each pick's lane (the ``argmax`` of its one-hot row), so unpicked rows are never read."""
     bsz, num_chunks, _, chunk = onehot.shape
     x = F.pad(x, [0, 0, 0, num_chunks * chunk - x.shape[1]]).view(bsz, num_chunks, chunk, -1)
-    return torch.einsum("bnkc,bncf->bnkf", onehot.to(x.dtype), x)
+    lane = onehot.argmax(dim=-1)  # [B, nC, k]
+    return torch.gather(x, 2, lane[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
 def memory_per_chunk(candidates: EideticMemory, capacity: int) -> tuple[EideticMemory, EideticMemory]:
@@ -73,28 +80,46 @@ def memory_per_chunk(candidates: EideticMemory, capacity: int) -> tuple[EideticM
         ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it (picks of
         chunks ``< c``); ``final`` (``[B, M, ...]``) also holds the last chunk's picks.
     """
-    bsz, _, _, features = candidates.k.shape
-    memory = empty_slots(bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype)
+    bsz, num_chunks, _, features = candidates.k.shape
+    bias_dtype = None if candidates.bias is None else candidates.bias.dtype
+    memory = empty_slots(
+        bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype, bias_dtype=bias_dtype
+    )
     seen = []
     # A recurrence over chunks (trip count fixed by the shape), over unbind(1) views: indexing ``field[:, c]``
     # would make each step's backward materialise a zero tensor of the whole input (quadratic in L).
-    for chunk_picks in zip(*(field.unbind(1) for field in candidates)):
+    per_chunk = [[None] * num_chunks if field is None else field.unbind(1) for field in candidates]
+    for chunk_picks in zip(*per_chunk):
         seen.append(memory)
         memory = merge_slots(memory, EideticMemory(*chunk_picks), capacity)
-    stacked = EideticMemory(*(torch.stack(fields, dim=1) for fields in zip(*seen)))
+    stacked = EideticMemory(*(None if f[0] is None else torch.stack(f, dim=1) for f in zip(*seen)))
     return stacked, memory
 
 
 def select_per_chunk(
-    scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, selections: int, capacity: int
+    scores: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    selections: int,
+    capacity: int,
+    bias: torch.Tensor | None = None,
 ) -> tuple[EideticMemory, EideticMemory]:
-    """The whole policy over a sequence: ``scores [B, L]`` (``INVALID_SCORE`` at padding), ``k, v [B, L, F]``.
+    """The whole policy over a sequence: ``scores [B, L]`` (``INVALID_SCORE`` at padding), ``k, v [B, L, F]``,
+    ``bias [B, L]`` (``learned_selection``: each token's logit bias, carried by its slot) or ``None``.
 
     Returns ``(picks, seen)``: ``picks`` (``[B, nC, selections, ...]``) are every chunk's selections, ``seen``
     (``[B, nC, capacity, ...]``) the memory as chunk ``c`` sees it (picks of chunks ``< c``). The reference
     ``naive.select_per_chunk_ref`` has the same signature and result.
     """
     onehot, pick_score, pick_pos = topk_per_chunk(scores, chunk_size, selections)
-    picks = EideticMemory(take_selected(onehot, k), take_selected(onehot, v), pick_pos, pick_score)
+    picked = (pick_score >= 0)[..., None]
+
+    def take(x):  # empty picks (exhausted chunks) hold zeros, whatever the row they point at holds
+        rows = take_selected(onehot, x)
+        return torch.where(picked, rows, torch.zeros_like(rows))
+
+    pick_bias = None if bias is None else take(bias[..., None])[..., 0]
+    picks = EideticMemory(take(k), take(v), pick_pos, pick_score, pick_bias)
     seen, _ = memory_per_chunk(picks, capacity)
     return picks, seen

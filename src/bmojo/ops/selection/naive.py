@@ -28,11 +28,17 @@ def eidetic_mask_ref(scores: torch.Tensor, chunk_size: int, k: int, capacity: in
 
 
 def select_per_chunk_ref(
-    scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, selections: int, capacity: int
+    scores: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    selections: int,
+    capacity: int,
+    bias: torch.Tensor | None = None,
 ) -> tuple[EideticMemory, EideticMemory]:
     """Plain-loop reference of ``chunk.select_per_chunk`` (same signature and result; Python sorting, for tests and
     the reference backend). Slots are filled best first; keys and values are indexed rows of ``k, v``, so
-    gradients reach the selected tokens as in the chunked form."""
+    gradients reach the selected tokens as in the chunked form; so are the slots' ``bias`` (``bias [B, L]``)."""
     bsz, length = scores.shape
     order = lambda s: lambda j: (-s[j], j)  # noqa: E731  higher score first, then the earlier position
 
@@ -42,7 +48,7 @@ def select_per_chunk_ref(
         take = lambda x: torch.stack([x[b, j] for j in rows] + [torch.zeros_like(x[b, 0])] * pad)  # noqa: E731
         pos = torch.tensor(rows + [0] * pad, dtype=torch.long, device=scores.device)
         score = torch.tensor([s[j] for j in rows] + [INVALID_SCORE] * pad, dtype=torch.float32, device=scores.device)
-        return take(k), take(v), pos, score
+        return take(k), take(v), pos, score, None if bias is None else take(bias)
 
     picks, seen = [], []
     for b in range(bsz):
@@ -55,7 +61,7 @@ def select_per_chunk_ref(
             chosen = sorted(chunk, key=order(s))[:selections]
             row_picks.append(slots(b, s, chosen, selections))
             memory = sorted(memory + chosen, key=order(s))[:capacity]
-        picks.append([torch.stack(f) for f in zip(*row_picks)])
-        seen.append([torch.stack(f) for f in zip(*row_seen)])
-    stack = lambda rows: EideticMemory(*(torch.stack(f) for f in zip(*rows)))  # noqa: E731
+        picks.append([None if f[0] is None else torch.stack(f) for f in zip(*row_picks)])
+        seen.append([None if f[0] is None else torch.stack(f) for f in zip(*row_seen)])
+    stack = lambda rows: EideticMemory(*(None if f[0] is None else torch.stack(f) for f in zip(*rows)))  # noqa: E731
     return stack(picks), stack(seen)
