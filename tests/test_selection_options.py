@@ -8,7 +8,7 @@ import torch
 from bmojo import BMojoCache
 from bmojo.layers.eidetic import random_score
 from bmojo.ops import use_backend
-from bmojo.ops.selection import select_per_chunk_ref
+from bmojo.ops.selection import INVALID_SCORE, Slots, merge_slots, select_per_chunk, select_per_chunk_ref
 from support import tiny_model, tokens
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
@@ -175,3 +175,154 @@ def test_random_scores_are_reproducible_roughly_uniform_and_ignore_the_input():
         two = model(tokens(1, 41, seed=2), use_cache=True).cache
     assert _memories(one) == _memories(two)
     assert _memories(one)[0] != _memories(one)[1]  # but every layer has its own draw
+
+
+# --- non-finite safety and float32 scores ---------------------------------------------------------------------------
+def test_picks_and_merges_never_read_rows_they_do_not_move():
+    """A non-finite key in a row that is not picked / not kept leaves the picks and the memory untouched (a one-hot
+    matmul would give ``0 * inf = nan`` in every pick)."""
+    scores = torch.rand(1, 16, generator=torch.Generator().manual_seed(0))
+    k = torch.randn(1, 16, 3, dtype=torch.float64)
+    loser = int(scores[0, :8].argmin())  # never among the top 2 of its chunk
+    for bad in (float("inf"), float("nan")):
+        dirty = k.clone()
+        dirty[0, loser] = bad
+        clean_picks, clean_seen = select_per_chunk(scores, k, k, 8, 2, 3)
+        picks, seen = select_per_chunk(scores, dirty, dirty, 8, 2, 3)
+        for a, b in zip((*picks, *seen), (*clean_picks, *clean_seen)):
+            if a is not None:
+                assert torch.equal(a, b)
+        # merge: an entry that is dropped cannot reach the kept slots
+        a_slots = Slots(dirty[:, :2], dirty[:, :2], torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.0]]))
+        b_slots = Slots(k[:, 2:4], k[:, 2:4], torch.tensor([[2, 3]]), torch.tensor([[0.9, 0.7]]))
+        merged = merge_slots(a_slots, b_slots, 2)
+        assert merged.pos.tolist() == [[2, 3]] and torch.equal(merged.k, k[:, 2:4])
+
+
+@pytest.mark.parametrize("chunk,k,capacity", [(4, 2, 3), (8, 3, 5)])
+def test_selection_gradients_reach_the_selected_rows_as_in_the_reference(chunk, k, capacity):
+    g = torch.Generator().manual_seed(chunk)
+    scores = torch.rand(2, 30, generator=g)
+    scores[1, -4:] = INVALID_SCORE  # padding
+    x = torch.randn(2, 30, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(2, 30, dtype=torch.float64, generator=g, requires_grad=True)
+    out = select_per_chunk(scores, x, 2 * x, chunk, k, capacity, bias=bias)
+    ref = select_per_chunk_ref(scores, x, 2 * x, chunk, k, capacity, bias=bias)
+    for got, want in zip(out, ref):
+        valid = want.score >= 0
+        assert torch.equal(got.score, want.score) and torch.equal(got.pos[valid], want.pos[valid])
+        for a, b in ((got.k, want.k), (got.v, want.v), (got.bias, want.bias)):
+            assert torch.equal(a, b)
+    cot = [torch.randn_like(t, generator=g) for part in ref for t in (part.k, part.v, part.bias)]
+    loss = lambda res: sum((t * c).sum() for t, c in zip((t for p in res for t in (p.k, p.v, p.bias)), cot))  # noqa: E731
+    grads = torch.autograd.grad(loss(out), (x, bias))
+    ref_grads = torch.autograd.grad(loss(ref), (x, bias))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (grads[1] != 0).sum() > 0
+
+
+def _corrupt_key(model, token, value, decoding):
+    """A hook setting the in-context key (the first ``k_proj`` call of each forward or step: the second maps the
+    fading tokens) of ``token`` to ``value``; in ``decoding`` it counts steps to know the position."""
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:
+            return output
+        output = output.clone()
+        if not decoding:
+            output[:, token] = value
+        elif (calls["n"] - 1) // 2 == token:
+            output[:, 0] = value
+        return output
+
+    return model.model.layers[0].mixer.k_proj.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("kind", ["key_prediction", "random"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_key_of_an_unselected_token_does_not_spread(kind, bad, monkeypatch):
+    """One layer; token ``t``'s key is made non-finite. With key prediction its score turns non-finite (so it is
+    never selected); with random scores it stays finite and ``t`` is a token its chunk does not pick. Either way
+    the memory of every chunk is the clean run's, and so are the outputs of every position that does not see ``t``
+    in its window: in decoding and in the reference forms. (The chunked attention's single SDPA call over a chunk's
+    keys adds its mask to the logits, ``nan + -inf = nan``: there, the queries of the chunks whose key windows hold
+    ``t`` are spread to as well; that is the attention op's, not selection's.)"""
+    import bmojo.layers.bmojo as layer_module
+
+    model = tiny_model(selection_score=kind, layers_block_type=["bmojo"], num_hidden_layers=1)
+    cfg = model.config
+    C, W, length = cfg.chunk_size, cfg.window_size, 45
+    x = tokens(1, length)
+    recorded = []
+    original = layer_module.select
+
+    def recording(scores, *args, **kwargs):
+        result = original(scores, *args, **kwargs)
+        recorded.append((scores, result))
+        return result
+
+    monkeypatch.setattr(layer_module, "select", recording)
+    with torch.no_grad():
+        clean = model(x).logits
+        clean_scores, (_, clean_seen) = recorded.pop()
+        start = 2 * C  # a chunk well inside the sequence, so later chunks' memories hold its picks
+        t = start + int(clean_scores[0, start : start + C].argmin())
+        handle = _corrupt_key(model, t, bad, decoding=False)
+        dirty = model(x).logits
+        dirty_scores, (_, dirty_seen) = recorded.pop()
+        with use_backend("reference"):
+            dirty_ref = model(x).logits
+            ref_seen = recorded.pop()[1][1]
+        handle.remove()
+        handle = _corrupt_key(model, t, bad, decoding=True)
+        cache = BMojoCache.empty(cfg, 1, dtype=torch.float64)
+        stepped = torch.cat([model(x[:, i : i + 1], cache=cache).logits for i in range(length)], 1)
+        handle.remove()
+    if kind == "key_prediction":
+        assert dirty_scores[0, t] == INVALID_SCORE  # the non-finite score became "never select"
+    else:
+        assert torch.equal(dirty_scores, clean_scores)
+    for a, b in zip(dirty_seen, clean_seen):
+        if a is not None:
+            assert torch.equal(a, b)
+    assert torch.equal(ref_seen.pos[ref_seen.valid], clean_seen.pos[clean_seen.valid])
+    assert t not in dirty_seen.pos[dirty_seen.valid].tolist()
+    position = torch.arange(length)
+    sees_t = (position >= t) & (position < t + W)
+    near_t = (position >= t // C * C) & (position < ((t + W) // C + 1) * C)  # chunks whose key window holds t
+    for logits, other in ((stepped, ~sees_t), (dirty_ref, ~sees_t), (dirty, ~near_t)):
+        assert torch.isfinite(logits[:, other]).all()
+        torch.testing.assert_close(logits[:, other], clean[:, other], rtol=1e-12, atol=1e-12)
+    assert not torch.isfinite(stepped[:, sees_t]).all()  # the corruption did happen
+    state = cache.layers[0].eidetic
+    assert t not in state.mem_pos[state.mem_score >= 0].tolist()
+    assert all(torch.isfinite(v).all() for v in state.tensors().values())
+
+
+def test_scores_of_a_bf16_model_are_computed_in_float32():
+    """The predictors' errors use float32 weights and inputs (a bf16 model's matmul rounding would otherwise decide
+    close rankings differently in decoding and in the parallel forward)."""
+    from bmojo.layers.eidetic import PartialSum, innovation_error, next_input_error
+
+    g = torch.Generator().manual_seed(0)
+    predictor = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    f_prev = torch.randn(2, 9, 32, generator=g).to(torch.bfloat16)
+    k = torch.randn(2, 9, 2, 8, generator=g).to(torch.bfloat16)
+    h = torch.randn(2, 9, 32, generator=g).to(torch.bfloat16)
+    w, b = predictor.weight.float(), predictor.bias.float()
+    pred = f_prev.float() @ w.T + b
+    want = (pred - k.float().flatten(-2)).pow(2).mean(-1)
+    got, per_head = innovation_error(predictor, PartialSum(), f_prev, k, 16, per_head=True)
+    assert got.dtype == per_head.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per_head.mean(-1), want, rtol=1e-6, atol=0)
+    in_bf16 = (predictor(f_prev) - k.flatten(-2)).pow(2).mean(-1).float()
+    assert not torch.equal(in_bf16, got)
+    wide = torch.nn.Linear(32, 32).to(torch.bfloat16)
+    want = (f_prev.float() @ wide.weight.float().T + wide.bias.float() - h.float()).pow(2).mean(-1)
+    torch.testing.assert_close(next_input_error(wide, f_prev, h), want, rtol=1e-6, atol=0)
+    model = tiny_model(dtype=torch.bfloat16)
+    assert model(tokens(1, 20)).innovation_loss.dtype == torch.float32
