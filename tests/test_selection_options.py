@@ -470,3 +470,111 @@ def test_tensor_parallel_rules_for_the_scoring_options():
     message = r"^learned_selection is not supported with tensor parallelism \(tp_size > 1\) yet$"
     with pytest.raises(ValueError, match=message):
         check_tp_size(preset_config("tiny", learned_selection=True, ssm_ngroups=2), 2)
+
+
+# --- memory_per_kv_head ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_head_memory_decoding_equals_parallel_forward(kind):
+    model = tiny_model(selection_score=kind, memory_per_kv_head=True, learned_selection=kind == "next_input")
+    if kind == "next_input":  # also carry a non-neutral learned bias per head
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mixer.selection_bias.weight.normal_(0, 3, generator=torch.Generator().manual_seed(3))
+    cache = _decode_equals_parallel(model, _long(model.config))
+    state = cache.layers[0].eidetic
+    cfg = model.config
+    assert state.mem_k.shape == (2, cfg.num_key_value_heads, cfg.memory_size, cfg.head_dim)
+    assert state.mem_pos.shape == (2, cfg.num_key_value_heads, cfg.memory_size)
+
+
+@pytest.mark.parametrize("kind", ["next_input", "random", "recency"])
+def test_per_head_memories_with_a_shared_score_compute_the_shared_memory(kind):
+    """Scores that are the same for every head make every head keep the same tokens: the head-folded attention
+    then computes exactly what the shared memory computes (an equality test of the folding)."""
+    shared = tiny_model(selection_score=kind)
+    per_head = tiny_model(selection_score=kind, memory_per_kv_head=True)
+    per_head.load_state_dict(shared.state_dict())
+    x = tokens(2, 41)
+    mask = torch.ones_like(x)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        a, b = shared(x, attention_mask=mask), per_head(x, attention_mask=mask)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-12, atol=1e-12)
+
+
+def test_per_head_memory_with_one_key_value_head_is_the_shared_memory():
+    shared = tiny_model(num_key_value_heads=1)
+    per_head = tiny_model(num_key_value_heads=1, memory_per_kv_head=True)
+    per_head.load_state_dict(shared.state_dict())
+    x = tokens(2, 41)
+    with torch.no_grad():
+        a, b = shared(x, use_cache=True), per_head(x, use_cache=True)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-12, atol=1e-12)
+    assert [mem[0] for mem, _ in _memories(b.cache)] == [mem for mem, _ in _memories(a.cache)]
+
+
+def test_each_head_keeps_the_top_tokens_of_its_own_key_prediction_error():
+    """Per-head key prediction: head ``a``'s memory is the reference policy under the error of its own ``D`` key
+    features; the heads keep different tokens."""
+    model = tiny_model(memory_per_kv_head=True, layers_block_type=["bmojo"], num_hidden_layers=1)
+    cfg = model.config
+    mixer = model.model.layers[0].mixer
+    seen = {}
+    hooks = [
+        mixer.register_forward_pre_hook(lambda mod, args: seen.__setitem__("h", args[0])),
+        mixer.ssm.register_forward_hook(lambda mod, args, out: seen.__setitem__("f", out[0])),
+    ]
+    x = tokens(2, 45)
+    with torch.no_grad():
+        cache = model(x, use_cache=True).cache
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        f_prev = torch.nn.functional.pad(seen["f"], [0, 0, 1, 0])[:, :-1]
+        k = mixer.k_proj(seen["h"]).unflatten(-1, (cfg.num_key_value_heads, cfg.head_dim))
+        pred = mixer.innovation_predictor(f_prev).unflatten(-1, (cfg.num_key_value_heads, cfg.head_dim))
+        err = (pred - k).pow(2).mean(-1).float()  # [B, L, Hkv]
+    last = (x.shape[1] - 1) // cfg.chunk_size
+    for row in range(2):
+        mems = _memories(cache, row)[0][0]
+        for head in range(cfg.num_key_value_heads):
+            _, ref = select_per_chunk_ref(err[:, :, head], k[:, :, head], k[:, :, head], cfg.chunk_size,
+                                          cfg.selections_per_chunk, cfg.memory_size)  # fmt: skip
+            want = sorted(p for p, s in zip(ref.pos[row, last].tolist(), ref.score[row, last].tolist()) if s >= 0)
+            assert list(mems[head]) == want
+        assert len(set(mems)) > 1  # the heads do not all keep the same tokens
+
+
+def test_per_head_memory_chunked_equals_reference():
+    model = tiny_model(memory_per_kv_head=True)
+    x = tokens(2, 38)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    out = model(x, attention_mask=mask, labels=x)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+    with use_backend("reference"):
+        ref = model(x, attention_mask=mask, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, params, allow_unused=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.innovation_loss, ref.innovation_loss, rtol=1e-12, atol=0)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [dict(memory_per_kv_head=True), dict(learned_selection=True)])
+def test_padded_prefill_then_decoding_equals_the_parallel_forward(overrides):
+    """A left-padded prefill's state (rows of different lengths) then decoding == each row's parallel forward."""
+    model = _learned() if overrides.get("learned_selection") else tiny_model(**overrides)
+    x = tokens(2, 44)
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        full = [model(x[0:1]).logits, model(x[1:2, 7:]).logits]
+        for split in (9, 26):
+            out = model(x[:, :split], attention_mask=mask[:, :split], use_cache=True)
+            rest = model(x[:, split:], cache=out.cache).logits
+            logits = torch.cat([out.logits, rest], 1)
+            torch.testing.assert_close(logits[0:1], full[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(logits[1:2, 7:], full[1], rtol=1e-12, atol=1e-12)
