@@ -578,3 +578,43 @@ def test_padded_prefill_then_decoding_equals_the_parallel_forward(overrides):
             logits = torch.cat([out.logits, rest], 1)
             torch.testing.assert_close(logits[0:1], full[0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(logits[1:2, 7:], full[1], rtol=1e-12, atol=1e-12)
+
+
+# --- bf16: decoding vs the parallel forward -------------------------------------------------------------------------
+def _slot_agreement(model, x, checkpoints):
+    """(memory slots the decoding state and a parallel prefill of the same prefix both hold, slots the prefill
+    holds), summed over rows, layers and ``checkpoints`` (prefix lengths)."""
+
+    def held(cache):
+        return [
+            {p for p, s in zip(e.mem_pos[row].tolist(), e.mem_score[row].tolist()) if s >= 0}
+            for e in (layer.eidetic for layer in cache.layers)
+            for row in range(x.shape[0])
+        ]
+
+    same = total = 0
+    cache = BMojoCache.empty(model.config, x.shape[0], dtype=torch.bfloat16)
+    for t in range(x.shape[1]):
+        model(x[:, t : t + 1], cache=cache)
+        if t + 1 in checkpoints:
+            parallel = held(model(x[:, : t + 1], use_cache=True).cache)
+            same += sum(len(a & b) for a, b in zip(parallel, held(cache)))
+            total += sum(len(a) for a in parallel)
+    return same, total
+
+
+def test_bf16_decoding_keeps_the_parallel_forwards_memory_at_the_measured_rate():
+    """bf16 (scores in float32): the fraction of memory slots that token-by-token decoding and the parallel forward
+    agree on, 8 rows x 256 tokens of the tiny preset with ``memory_size=8`` (eviction throughout), compared after
+    64, 128, 192 and 256 tokens. Measured (x86 CPU, torch 2.13): 507/512 = 0.990 for this seed; over seeds 0-9,
+    5100/5120 = 0.9961 (with the key predictor run in bf16, as before issue 11: 5099/5120 = 0.9959: the remaining
+    disagreement comes from bf16 keys and fading tokens, not from the error's arithmetic). Asserted: >= 0.98, a
+    margin of ~5 slots for other BLAS builds. Command: ``OMP_NUM_THREADS=1 python -m pytest -q -s
+    tests/test_selection_options.py -k bf16_decoding`` (prints the rate)."""
+    model = tiny_model(seed=0, dtype=torch.bfloat16, memory_size=8)
+    x = tokens(8, 256, seed=100)
+    with torch.no_grad():
+        same, total = _slot_agreement(model, x, (64, 128, 192, 256))
+    print(f"bf16 decode-vs-parallel memory agreement: {same}/{total} = {same / total:.4f}")
+    assert total == 4 * 8 * 2 * 8  # checkpoints x rows x layers x full memories
+    assert same / total >= 0.98
