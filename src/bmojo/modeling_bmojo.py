@@ -42,6 +42,7 @@ from .layers import (
     SequenceInfo,
     SlidingWindowAttention,
 )
+from .layers.eidetic import SelectionBias
 from .ops.common import at_least_fp32
 from .ops.rope import rope_cos_sin
 
@@ -90,7 +91,10 @@ class BMojoPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, SelectionBias):  # learned_selection starts neutral: u = 0
+            _init(module.weight, torch.nn.init.zeros_)
+            _init(module.bias, torch.nn.init.zeros_)
+        elif isinstance(module, nn.Linear):
             _init(module.weight, lambda t: t.normal_(0.0, std))
             if module.bias is not None:
                 _init(module.bias, torch.nn.init.zeros_)

@@ -39,6 +39,11 @@ FORBIDDEN_OPCODES = {
 GATHER_SCATTER_ORIGINS = {
     "aten__index_select @ torch/nn/functional.py": "the embedding lookup (F.embedding)",
     "aten__index_put @ backward (no Python frame)": "the embedding's backward: a scatter-add of token gradients",
+    # Issue 11: selection moves the picked / kept rows by fixed-shape gathers (index [B, S] from argmax / rank),
+    # not one-hot matmuls, so a non-finite key or value in a row that is not moved cannot spread (0 * inf = nan).
+    "aten__gather @ bmojo/ops/selection/recurrent.py": "eidetic memory merge: the kept entries' rows (merge_slots)",
+    "aten__gather @ bmojo/ops/selection/chunk.py": "eidetic selection: each chunk's picked rows (take_selected)",
+    "aten__scatter_add @ backward (no Python frame)": "the selection gathers' backward: gradients to the moved rows",
 }
 
 # Sizes used across the tier: every feature on (a "bmojo" layer with fading + eidetic memory, a sliding-window

@@ -42,9 +42,10 @@ class SlidingWindowAttention(nn.Module):
     use_fading = False
     use_eidetic = False
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.window = config.window_size
         self.chunk_size = config.chunk_size
@@ -98,6 +99,10 @@ class SlidingWindowAttention(nn.Module):
             q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid,
             **options,
         )
+        return self._project_out(out)
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention op's output ``[..., H, D]`` -> ``o_proj`` -> ``[..., d]``."""
         return self.o_proj(out.flatten(-2))
 
     def forward(self, h: torch.Tensor, info: SequenceInfo) -> MixerOutput:
@@ -141,7 +146,7 @@ class SlidingWindowAttention(nn.Module):
             q_rot, positions[:, 0], state.ring_k, state.ring_v, state.ring_pos, self.window,
             state.ring_kf, state.ring_vf, q_eid, memory, **options,
         )
-        return self.o_proj(out.flatten(-2))
+        return self._project_out(out)
 
     def step(
         self, h: torch.Tensor, state: AttentionState, positions: torch.Tensor, rope: Rope, doc_start=None

@@ -24,7 +24,7 @@ class BMojoBlock(nn.Module):
         self.layer_idx = layer_idx
         self.layer_type = config.layers_block_type[layer_idx]
         self.input_norm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mixer = MIXERS[self.layer_type](config)
+        self.mixer = MIXERS[self.layer_type](config, layer_idx=layer_idx)
         self.mlp = None
         if config.use_mlp:
             self.post_mixer_norm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import dispatch
-from ..ops.selection import INVALID_SCORE, EideticMemory, empty_slots, merge_slots
+from ..ops.common import compute_dtype
+from ..ops.selection import INVALID_SCORE, EideticMemory, empty_slots, map_slots, merge_slots
 from .common import InferenceState, where_rows
 
 
@@ -44,14 +46,66 @@ class PartialSum(nn.Module):
         return self.reduce(partial)
 
 
-def innovation_error(predictor: nn.Module, partial_sum: PartialSum, f_prev, k, key_features: int) -> torch.Tensor:
-    """Innovation score ``[...]``: mean squared error of predicting the key ``k [..., Hkv, D]`` from the previous
-    fading token ``f_prev [..., d]``, averaged over all ``key_features`` (global, also when sharded).
+def _prediction(predictor: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``predictor(x)`` in ``compute_dtype(x)`` (float32 for a bf16 model): a plain linear layer is applied to
+    upcast weights, so a bf16 model's scores do not depend on how its matmuls round (decoding and the parallel
+    forward then rank tokens alike); a sharded one (tensor parallelism) runs as it is and is upcast after."""
+    ctype = compute_dtype(x)
+    if isinstance(predictor, nn.Linear):
+        bias = None if predictor.bias is None else predictor.bias.to(ctype)
+        return F.linear(x.to(ctype), predictor.weight.to(ctype), bias)
+    return predictor(x).to(ctype)
+
+
+def innovation_error(
+    predictor: nn.Module, partial_sum: PartialSum, f_prev, k, key_features: int, per_head: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``selection_score="key_prediction"``: mean squared error ``[...]`` of predicting the key ``k [..., Hkv, D]``
+    from the previous fading token ``f_prev [..., d]``, averaged over all ``key_features`` (global, also when
+    sharded); float32 at least (float64 in a float64 model).
+
+    With ``per_head`` also each key head's own part, ``[..., Hkv]`` (mean over its ``D`` features; local to the
+    rank under tensor parallelism, which is what that rank's heads select by): returns ``(err, err_per_head)``.
 
     Inputs are detached: the auxiliary loss trains the predictor only, and no gradient flows through the (hard)
     selection."""
-    pred = predictor(f_prev.detach())
-    return partial_sum((pred - k.detach().flatten(-2)).pow(2).sum(-1)) / key_features
+    pred = _prediction(predictor, f_prev.detach())
+    sq = (pred - k.detach().flatten(-2).to(pred.dtype)).pow(2)
+    err = partial_sum(sq.sum(-1)) / key_features
+    if not per_head:
+        return err
+    return err, sq.unflatten(-1, k.shape[-2:]).mean(-1)
+
+
+def next_input_error(predictor: nn.Module, f_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``selection_score="next_input"`` (the paper's innovation test): mean squared error ``[...]`` of predicting
+    the layer input ``h [..., d]`` from the previous fading token ``f_prev [..., d]``, averaged over the ``d``
+    features; float32 at least. Inputs are detached as in ``innovation_error``. Under tensor parallelism ``h``,
+    ``f_prev`` and the predictor are replicated: no sum over shards."""
+    pred = _prediction(predictor, f_prev.detach())
+    return (pred - h.detach().to(pred.dtype)).pow(2).mean(-1)
+
+
+_MASK31 = 0x7FFFFFFF
+
+
+def random_score(layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+    """``selection_score="random"``: a fixed integer hash of ``(layer_idx, absolute position)`` mapped to ``[0, 1)``
+    (float32, ``positions``' shape): the same token gets the same score in the parallel forward and in decoding.
+
+    Every product and sum is cut to 31 bits before the next step, so int32 arithmetic (wrapping) and int64 give the
+    same bits (an accelerator may run ``long`` as int32); the top 24 bits are exact in float32."""
+    x = (positions.long() * 0x2545F491 + (layer_idx + 1) * 0x7F4A7C15) & _MASK31
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK31
+    x = x ^ (x >> 15)
+    return (x >> 7).float() / float(1 << 24)
+
+
+def recency_score(positions: torch.Tensor) -> torch.Tensor:
+    """``selection_score="recency"``: ``position + 1`` as float32 (newest wins its chunk, and the memory keeps the
+    newest picks). Exact up to position ``2**24 - 1``; beyond, neighbouring positions tie (the earlier wins)."""
+    return (positions + 1).float()
 
 
 def innovation_loss(err: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -59,27 +113,48 @@ def innovation_loss(err: torch.Tensor, valid: torch.Tensor | None) -> torch.Tens
     return err.mean() if valid is None else (err * valid).sum() / valid.sum().clamp_min(1)
 
 
-def selection_scores(err: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Scores the selection ranks by: ``err`` detached, float32, ``INVALID_SCORE`` at padding."""
+class SelectionBias(nn.Linear):
+    """``learned_selection``'s ``Linear(d, 1)`` giving ``u_t`` from the layer input ``h_t``; the model initialises
+    its weight and bias to zero (``BMojoPreTrainedModel._init_weights``), so a fresh layer ranks by the score alone
+    and adds nothing to the eidetic logits."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+
+def selection_bias_logit(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``learned_selection``: ``u = layer(h)`` ``[...]`` clamped to ``[-10, 10]``, float32 at least (the dtype of
+    the memory's ``bias``); not detached (the LM loss trains ``layer`` through the selected tokens' logits)."""
+    return _prediction(layer, h)[..., 0].clamp(-10.0, 10.0)
+
+
+def selection_scores(
+    err: torch.Tensor, valid: torch.Tensor | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scores the selection ranks by: ``err`` detached, float32, times ``exp(bias)`` when given (``bias`` broadcasts
+    against ``err``), ``INVALID_SCORE`` at padding and wherever it is not finite (a non-finite score never gets
+    selected)."""
     scores = err.detach().float()
-    return scores if valid is None else scores.masked_fill(~valid, INVALID_SCORE)
+    if bias is not None:
+        scores = scores * torch.exp(bias.detach().float())
+    invalid = ~torch.isfinite(scores)
+    if valid is not None:
+        invalid = invalid | ~valid.view(*valid.shape, *([1] * (scores.dim() - valid.dim())))
+    return scores.masked_fill(invalid, INVALID_SCORE)
 
 
 def select(
-    scores, k, v, chunk_size: int, selections: int, capacity: int, **retention
+    scores, k, v, chunk_size: int, selections: int, capacity: int, bias=None, **retention
 ) -> tuple[EideticMemory, EideticMemory]:
-    """Per-chunk selection and retention over a sequence (``k, v [B, L, Hkv, D]``): ``(picks, seen)`` as in
-    ``ops.selection.select_per_chunk`` (``retention``: its ``decay``, ``delay``, ``doc_start``), with ``seen``'s keys
-    and values in heads ``[B, nC, M, Hkv, D]``."""
+    """Per-chunk selection and retention over a sequence (``k, v [B, L, Hkv, D]``, ``bias [B, L]`` or ``None``):
+    ``(picks, seen)`` as in ``ops.selection.select_per_chunk`` (``retention``: its ``decay``, ``delay``,
+    ``doc_start``), with ``seen``'s keys and values in heads ``[B, nC, M, Hkv, D]``."""
     heads = k.shape[-2:]
     flat_k, flat_v = k.flatten(-2), v.flatten(-2)
-    picks, seen = dispatch("eidetic_selection")(scores, flat_k, flat_v, chunk_size, selections, capacity, **retention)
+    picks, seen = dispatch("eidetic_selection")(
+        scores, flat_k, flat_v, chunk_size, selections, capacity, bias=bias, **retention
+    )
     return picks, seen._replace(k=seen.k.unflatten(-1, heads), v=seen.v.unflatten(-1, heads))
-
-
-def _map_slots(fn, *memories: EideticMemory) -> EideticMemory:
-    """``fn`` applied field by field across ``memories`` (fields that are ``None`` in the first stay ``None``)."""
-    return EideticMemory(*(None if fs[0] is None else fn(*fs) for fs in zip(*memories)))
 
 
 @dataclass
@@ -89,8 +164,13 @@ class EideticState(InferenceState):
     (input of the innovation predictor). Keys and values are flattened over heads (``F = Hkv * D``).
 
     With ``memory_admission="window_exit"`` (a delay of ``D = W / C`` chunks), ``wait_* [B, D * k_sel, ...]`` holds
-    the picks of the last ``D`` finished chunks, oldest first, that have not joined the memory yet; otherwise
-    those fields are ``None``."""
+    the picks of the last ``D`` finished chunks, oldest first, that have not joined the memory yet (``wait_bias``
+    with ``learned_selection``); otherwise those fields are ``None``.
+
+    ``learned_selection``: ``mem_bias [B, M]`` and ``run_bias [B, k_sel]`` hold each slot's logit bias (float32,
+    float64 in a float64 model). ``memory_per_kv_head``: every key/value head has its own memory, so each field
+    but ``prev_f`` gains a head axis after the batch: ``mem_k [B, Hkv, M, D]``, ``mem_pos [B, Hkv, M]``, ...
+    (rows stay first, so beam search reorders them as any state)."""
 
     mem_k: torch.Tensor | None = None
     mem_v: torch.Tensor | None = None
@@ -101,13 +181,25 @@ class EideticState(InferenceState):
     run_pos: torch.Tensor | None = None
     run_score: torch.Tensor | None = None
     prev_f: torch.Tensor | None = None
+    mem_bias: torch.Tensor | None = None
+    run_bias: torch.Tensor | None = None
     wait_k: torch.Tensor | None = None
     wait_v: torch.Tensor | None = None
     wait_pos: torch.Tensor | None = None
     wait_score: torch.Tensor | None = None
+    wait_bias: torch.Tensor | None = None
+
+    @property
+    def per_head(self) -> bool:
+        return self.mem_pos.dim() == 3
 
     def _slots(self, prefix: str) -> EideticMemory:
-        return EideticMemory(*(getattr(self, f"{prefix}_{name}") for name in ("k", "v", "pos", "score")))
+        """The ``mem``/``run``/``wait`` fields as one ``EideticMemory`` of ``[rows, S, ...]`` views (``rows = B``,
+        or ``B * Hkv`` per head): updates through them land in the state."""
+        fields = [getattr(self, f"{prefix}_{name}") for name in EideticMemory._fields]
+        if self.per_head:
+            fields = [None if t is None else t.view(-1, *t.shape[2:]) for t in fields]
+        return EideticMemory(*fields)
 
     @property
     def memory(self) -> EideticMemory:
@@ -117,14 +209,16 @@ class EideticState(InferenceState):
     def running(self) -> EideticMemory:
         return self._slots("run")
 
+
     @property
     def waiting(self) -> EideticMemory:
         return self._slots("wait")
 
-    def _store(self, prefix: str, slots: EideticMemory) -> None:
-        for name, t in zip(EideticMemory._fields, slots):
+    @staticmethod
+    def _store(target: EideticMemory, slots: EideticMemory) -> None:
+        for t, new in zip(target, slots):
             if t is not None:
-                getattr(self, f"{prefix}_{name}").copy_(t)
+                t.copy_(new)
 
     @staticmethod
     def admission_delay(config) -> int:
@@ -133,46 +227,73 @@ class EideticState(InferenceState):
 
     @classmethod
     def allocate(cls, config, batch_size: int, device=None, dtype=torch.float32) -> "EideticState":
-        features = config.num_key_value_heads * config.head_dim
-        mem = empty_slots(batch_size, config.memory_size, features, device=device, dtype=dtype)
-        run = empty_slots(batch_size, config.selections_per_chunk, features, device=device, dtype=dtype)
+        heads = config.num_key_value_heads if config.memory_per_kv_head else 1
+        features = config.num_key_value_heads * config.head_dim // heads
+        bias_dtype = compute_dtype(dtype) if config.learned_selection else None
+
+        def slots(size):
+            made = empty_slots(batch_size * heads, size, features, device=device, dtype=dtype, bias_dtype=bias_dtype)
+            return made if heads == 1 else map_slots(lambda t: t.view(batch_size, heads, *t.shape[1:]), made)
+
+        mem, run = slots(config.memory_size), slots(config.selections_per_chunk)
         prev_f = torch.zeros(batch_size, config.hidden_size, device=device, dtype=dtype)
-        state = cls(*mem[:4], *run[:4], prev_f)
+        mem, run = slots(config.memory_size), slots(config.selections_per_chunk)
+        prev_f = torch.zeros(batch_size, config.hidden_size, device=device, dtype=dtype)
+        state = cls(*mem[:4], *run[:4], prev_f, mem.bias, run.bias)
         delay = cls.admission_delay(config)
         if delay:
-            wait = empty_slots(batch_size, delay * config.selections_per_chunk, features, device=device, dtype=dtype)
-            state.wait_k, state.wait_v, state.wait_pos, state.wait_score = wait[:4]
+            wait = slots(delay * config.selections_per_chunk)
+            state.wait_k, state.wait_v, state.wait_pos, state.wait_score, state.wait_bias = wait
         return state
 
     @classmethod
     def from_prefill(
-        cls, picks: EideticMemory, seen: EideticMemory, f, lengths, chunk_size: int, delay: int = 0
+        cls,
+        picks: EideticMemory,
+        seen: EideticMemory,
+        f,
+        lengths,
+        chunk_size: int,
+        delay: int = 0,
+        heads: int | None = None,
     ) -> "EideticState":
         """The state after each row's last token (``lengths [B]``): the memory and picks of that token's chunk (and,
-        with ``delay``, the picks of the ``delay`` chunks before it, which have not joined the memory yet)."""
-        current = ((lengths - 1) // chunk_size)[:, None]  # chunk of each row's last token
+        with ``delay``, the picks of the ``delay`` chunks before it, which have not joined the memory yet).
+        ``heads``: per-head memories (``memory_per_kv_head``), whose rows ``picks``/``seen`` hold as ``B * heads``
+        rows (row ``b * heads + a`` is head ``a`` of row ``b``)."""
+        bsz = lengths.shape[0]
+        rows = lengths if heads is None else lengths.repeat_interleave(heads)
+        current = ((rows - 1) // chunk_size)[:, None]  # chunk of each row's last token
 
-        def at_chunk(field, offset=0):
+        def at_chunk(field, offset=0):  # [rows, nC, S, ...] -> [rows, S, ...] at each row's chunk (+ offset)
             field = field.flatten(3) if field.dim() > 4 else field  # keys/values in heads -> features
             idx = (current + offset).view(-1, *([1] * (field.dim() - 1))).expand(-1, 1, *field.shape[2:])
             return torch.gather(field, 1, idx)[:, 0]
 
+        def per_row(t):  # [rows, S, ...] -> [B, S, ...], or [B, heads, S, ...]
+            return t if heads is None else t.view(bsz, heads, *t.shape[1:])
+
         idx = (lengths - 1)[:, None, None].expand(-1, 1, f.shape[-1])
         prev_f = torch.gather(f, 1, idx)[:, 0].clone()
-        four = ("k", "v", "pos", "score")
-        state = cls(
-            *(at_chunk(getattr(seen, n)) for n in four), *(at_chunk(getattr(picks, n)) for n in four), prev_f
-        )
+        mem = map_slots(lambda t: per_row(at_chunk(t)), seen)
+        run = map_slots(lambda t: per_row(at_chunk(t)), picks)
+        state = cls(*mem[:4], *run[:4], prev_f, mem.bias, run.bias)
         if delay:
             # Chunks current - delay .. current - 1, oldest first; chunks before 0 are empty.
-            bsz, _, sel = picks.pos.shape
-            empty = empty_slots(bsz, delay * sel, picks.k.shape[-1], device=picks.k.device, dtype=picks.k.dtype)
-            padded = [torch.cat([getattr(empty, n).view(bsz, delay, sel, *getattr(picks, n).shape[3:]),
-                                 getattr(picks, n)], dim=1) for n in four]
-            waits = [torch.cat([at_chunk(p, j) for j in range(delay)], dim=1) for p in padded]
-            state.wait_k, state.wait_v, state.wait_pos, state.wait_score = waits
+            num_rows, _, sel = picks.pos.shape
+            bias_dtype = None if picks.bias is None else picks.bias.dtype
+            empty = empty_slots(
+                num_rows, delay * sel, picks.k.shape[-1], device=picks.k.device, dtype=picks.k.dtype,
+                bias_dtype=bias_dtype,
+            )  # fmt: skip
+            padded = map_slots(
+                lambda e, p: torch.cat([e.view(num_rows, delay, sel, *p.shape[3:]), p], dim=1), empty, picks
+            )
+            wait = map_slots(lambda p: per_row(torch.cat([at_chunk(p, j) for j in range(delay)], dim=1)), padded)
+            state.wait_k, state.wait_v, state.wait_pos, state.wait_score, state.wait_bias = wait
         return state
 
+    # Long on purpose: one decoding step of the policy in order (boundary merge, then the token's candidacy).
     def step(
         self,
         k,
@@ -183,33 +304,51 @@ class EideticState(InferenceState):
         chunk_size: int,
         selections: int,
         capacity: int,
+        bias=None,
         *,
         decay: float = 1.0,
         delay: int = 0,
         doc_start: torch.Tensor | None = None,
     ) -> EideticMemory:
-        """Token at ``positions [B, 1]`` with key/value ``k, v [B, Hkv, D]``, innovation ``score [B]`` and fading
-        token ``f [B, d]``: updates the state in place and returns the memory its query sees (``[B, M, Hkv, D]``).
+        """Token at ``positions [B, 1]`` with key/value ``k, v [B, Hkv, D]``, selection score ``score [B]`` (per
+        head: ``[B, Hkv]``), fading token ``f [B, d]`` and (``learned_selection``) logit bias ``bias [B]``: updates
+        the state in place and returns the memory its query sees (``[B, M, Hkv, D]``; per head ``[B * Hkv, M, 1,
+        D]``, the rows of a head-folded attention).
 
         At a chunk boundary the finished chunk's picks join the memory first (with ``delay``, they queue and the
         picks of the chunk ``delay`` before it join), slots age by ``decay`` and, given ``doc_start [B]`` (the
         token's document start), slots from earlier documents leave; then the token competes for the current
         chunk's picks."""
-        boundary = (torch.remainder(positions, chunk_size) == 0) & (positions > 0)  # [B, 1]
+        heads = k.shape[-2:]
+        if self.per_head:  # every (row, head) is a row of its own
+            num_kv = k.shape[1]
+            k, v, score = k.flatten(0, 1)[:, None], v.flatten(0, 1)[:, None], score.flatten()
+            positions = positions.repeat_interleave(num_kv, 0)
+            bias = None if bias is None else bias.repeat_interleave(num_kv, 0)
+            doc_start = None if doc_start is None else doc_start.repeat_interleave(num_kv, 0)
+            heads = (1, k.shape[-1])
+        rows = k.shape[0]
+        boundary = (torch.remainder(positions, chunk_size) == 0) & (positions > 0)  # [rows, 1]
         mem, run = self.memory, self.running
         joining = run
         if delay:
             wait = self.waiting
-            joining = _map_slots(lambda t: t[:, :selections], wait)  # the oldest waiting chunk (views)
-            queued = _map_slots(lambda t, r: torch.cat([t[:, selections:], r], dim=1), wait, run)
+            joining = map_slots(lambda t: t[:, :selections], wait)  # the oldest waiting chunk (views)
+            queued = map_slots(lambda t, r: torch.cat([t[:, selections:], r], dim=1), wait, run)
         merged = merge_slots(mem, joining, capacity, chunk_size=chunk_size, decay=decay, doc_start=doc_start)
         if delay:  # after the merge: storing overwrites the tensors ``joining`` views
-            self._store("wait", _map_slots(lambda a, b: where_rows(boundary, a, b), queued, wait))
-        fresh = empty_slots(k.shape[0], selections, run.k.shape[-1], device=k.device, dtype=run.k.dtype)
-        self._store("mem", _map_slots(lambda a, b: where_rows(boundary, a, b), merged, mem))
-        run = _map_slots(lambda a, b: where_rows(boundary, a, b), fresh, run)
-        new = EideticMemory(k.flatten(-2)[:, None], v.flatten(-2)[:, None], positions, score[:, None])
-        self._store("run", merge_slots(run, new, selections))
+            self._store(wait, map_slots(lambda a, b: where_rows(boundary, a, b), queued, wait))
+        bias_dtype = None if run.bias is None else run.bias.dtype
+        fresh = empty_slots(
+            rows, selections, run.k.shape[-1], device=k.device, dtype=run.k.dtype, bias_dtype=bias_dtype
+        )
+        self._store(mem, map_slots(lambda a, b: where_rows(boundary, a, b), merged, mem))
+        run = map_slots(lambda a, b: where_rows(boundary, a, b), fresh, run)
+        new = EideticMemory(
+            k.flatten(-2)[:, None], v.flatten(-2)[:, None], positions, score[:, None],
+            None if run.bias is None else bias[:, None].to(run.bias.dtype),
+        )  # fmt: skip
+        self._store(self.running, merge_slots(run, new, selections))
         self.prev_f.copy_(f)
-        heads = k.shape[-2:]
-        return self.memory._replace(k=self.mem_k.unflatten(-1, heads), v=self.mem_v.unflatten(-1, heads))
+        memory = self.memory
+        return memory._replace(k=memory.k.unflatten(-1, heads), v=memory.v.unflatten(-1, heads))

@@ -37,8 +37,9 @@ class Mamba2Mixer(nn.Module):
 
     state_type = SSMState
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # the block's index (every mixer takes it; the SSM does not use it)
         self.hidden_size = config.hidden_size
         self.head_dim = config.ssm_head_dim
         self.state_size = config.ssm_state_size

@@ -27,6 +27,7 @@ else changes in a sharded model.
 | MLP | ``gate_proj``, ``up_proj`` ``.weight`` | rows (column-parallel) | ``intermediate_size/tp`` units |
 | MLP | ``down_proj.weight`` | columns (row-parallel) | the same units |
 | — | embeddings, LM head, RMSNorms | replicated | everything |
+| attention | ``input_predictor`` (``selection_score="next_input"``), ``selection_bias`` | replicated | everything |
 
 Heads, groups and key/value heads are contiguous blocks, so rank ``r``'s query heads read exactly its key/value
 heads (GQA) and its SSM heads read exactly its ``B``/``C`` groups. Column-parallel layers are the identity on
@@ -122,7 +123,9 @@ def attention_rules(config: BMojoConfig, layer_type: str) -> dict[str, Split]:
         "v_proj.weight": _column(kv),
         "o_proj.weight": _row(q),
     }
-    if layer_type == "bmojo" and config.eidetic:
+    # Only the key predictor is sharded (by key heads). selection_score="next_input"'s input_predictor maps the
+    # replicated fading token to the replicated layer input: it is replicated, its score needs no sum over ranks.
+    if layer_type == "bmojo" and config.eidetic and config.selection_score == "key_prediction":
         rules["innovation_predictor.weight"] = _column(kv)
         rules["innovation_predictor.bias"] = _column(kv)
     if layer_type == "bmojo" and config.key_set_bias:  # per query head, for the key sets the layer has
@@ -192,6 +195,10 @@ def check_tp_size(config: BMojoConfig, tp_size: int) -> None:
     for name, value in fields.items():
         if value % tp_size:
             raise ValueError(f"{name} ({value}) must be divisible by the tensor-parallel size ({tp_size})")
+    if tp_size > 1 and config.learned_selection and "bmojo" in config.layers_block_type and config.eidetic:
+        # selection_bias is replicated but its gradient comes from each rank's own heads' eidetic logits: it would
+        # need an all-reduce in the backward (Megatron's f) that the plan does not have yet.
+        raise ValueError("learned_selection is not supported with tensor parallelism (tp_size > 1) yet")
 
 
 # ---------------------------------------------------------------------------------------------------------------

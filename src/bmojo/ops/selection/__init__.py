@@ -7,7 +7,7 @@ signature.
 
 from ..registry import register
 from .chunk import memory_per_chunk, select_per_chunk, take_selected, topk_per_chunk
-from .common import INVALID_SCORE, EideticMemory, Slots, empty_slots
+from .common import INVALID_SCORE, EideticMemory, Slots, empty_slots, map_slots
 from .naive import eidetic_mask_ref, select_per_chunk_ref
 from .recurrent import merge_slots
 
@@ -20,6 +20,7 @@ __all__ = [
     "Slots",
     "eidetic_mask_ref",
     "empty_slots",
+    "map_slots",
     "memory_per_chunk",
     "merge_slots",
     "select_per_chunk",

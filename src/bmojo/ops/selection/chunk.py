@@ -19,8 +19,14 @@ each boundary, the slots from before the document of the next chunk's first toke
 before its own document's start, a mask in the attention).
 
 No sort, no ``nonzero``, no variable-length gather: top-k is ``k`` rounds of ``argmax``, taking the selected
-rows is a one-hot matmul (so gradients reach the selected keys and values), and the merge ranks entries by
-pairwise comparison and moves them with a one-hot matmul.
+rows is a fixed-shape ``torch.gather`` (gradients reach the selected keys and values, and only those), and the
+merge ranks entries by pairwise comparison and moves them with a fixed-shape gather (the closed-form memory
+fetches its slots by indexing, with the same property). Gathers, unlike one-hot
+matmuls, never read the rows they do not move: a non-finite key or value of a token that is not selected cannot
+spread into the picks or the memory. Empty picks and slots (score ``< 0``) hold zeros.
+
+``learned_selection``: the scores are then already ``score * exp(u)``; each pick carries its token's ``bias = u``
+(``EideticMemory.bias``) into the memory.
 """
 
 from __future__ import annotations
@@ -68,10 +74,12 @@ def topk_per_chunk(scores: torch.Tensor, chunk_size: int, k: int) -> tuple[torch
 
 
 def take_selected(onehot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Rows picked by ``onehot [B, nC, k, C]`` from ``x [B, L, F]`` -> ``[B, nC, k, F]`` (a matmul, not a gather)."""
+    """Rows picked by ``onehot [B, nC, k, C]`` from ``x [B, L, F]`` -> ``[B, nC, k, F]``: a fixed-shape gather at
+    each pick's lane (the ``argmax`` of its one-hot row), so unpicked rows are never read."""
     bsz, num_chunks, _, chunk = onehot.shape
     x = F.pad(x, [0, 0, 0, num_chunks * chunk - x.shape[1]]).view(bsz, num_chunks, chunk, -1)
-    return torch.einsum("bnkc,bncf->bnkf", onehot.to(x.dtype), x)
+    lane = onehot.argmax(dim=-1)  # [B, nC, k]
+    return torch.gather(x, 2, lane[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
 def chunk_fields(slots: EideticMemory) -> list[EideticMemory]:
@@ -101,7 +109,10 @@ def memory_per_chunk_scan(
     """The memory over the chunks, one merge per chunk boundary (the recurrent form; ``memory_per_chunk``'s
     arguments and result)."""
     bsz, num_chunks, _, features = candidates.k.shape
-    memory = empty_slots(bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype)
+    bias_dtype = None if candidates.bias is None else candidates.bias.dtype
+    memory = empty_slots(
+        bsz, capacity, features, device=candidates.k.device, dtype=candidates.k.dtype, bias_dtype=bias_dtype
+    )
     picks = chunk_fields(candidates)
     starts = [None] * num_chunks if chunk_doc_start is None else chunk_doc_start.unbind(1)
     options = dict(chunk_size=chunk_size, decay=decay)
@@ -201,7 +212,7 @@ def memory_per_chunk(
     Returns:
         ``(seen, final)``: ``seen`` has ``[B, nC, M, ...]`` fields, the memory as chunk ``c`` sees it (valid slots
         best first); ``final`` (``[B, M, ...]``) the memory a chunk after the last would see (no document drop
-        beyond the last chunk's). Empty slots: ``score = INVALID_SCORE``; their other fields are unspecified.
+        beyond the last chunk's). Empty slots: ``score = INVALID_SCORE``, zero ``k, v`` and ``bias``.
 
     Two forms give the same memory: ``memory_per_chunk_closed`` (no loop) and ``memory_per_chunk_scan`` (one merge
     per chunk, linear in ``L``); this runs the closed form up to ``CLOSED_FORM_MAX_PICKS`` picks, the scan beyond.
@@ -221,8 +232,10 @@ def select_per_chunk(
     decay: float = 1.0,
     delay: int = 0,
     doc_start: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[EideticMemory, EideticMemory]:
-    """The whole policy over a sequence: ``scores [B, L]`` (``INVALID_SCORE`` at padding), ``k, v [B, L, F]``.
+    """The whole policy over a sequence: ``scores [B, L]`` (``INVALID_SCORE`` at padding), ``k, v [B, L, F]``,
+    ``bias [B, L]`` (``learned_selection``: each token's logit bias, carried by its slot) or ``None``.
 
     Returns ``(picks, seen)``: ``picks`` (``[B, nC, selections, ...]``) are every chunk's selections, ``seen``
     (``[B, nC, capacity, ...]``) the memory as chunk ``c`` sees it. Retention options (``memory_per_chunk``):
@@ -230,7 +243,14 @@ def select_per_chunk(
     reference ``naive.select_per_chunk_ref`` has the same signature and result.
     """
     onehot, pick_score, pick_pos = topk_per_chunk(scores, chunk_size, selections)
-    picks = EideticMemory(take_selected(onehot, k), take_selected(onehot, v), pick_pos, pick_score)
+    picked = (pick_score >= 0)[..., None]
+
+    def take(x):  # empty picks (exhausted chunks) hold zeros, whatever the row they point at holds
+        rows = take_selected(onehot, x)
+        return torch.where(picked, rows, torch.zeros_like(rows))
+
+    pick_bias = None if bias is None else take(bias[..., None])[..., 0]
+    picks = EideticMemory(take(k), take(v), pick_pos, pick_score, pick_bias)
     starts = None if doc_start is None else doc_start[:, ::chunk_size]
     seen, _ = memory_per_chunk(
         picks, capacity, chunk_size=chunk_size, decay=decay, delay=delay, chunk_doc_start=starts

@@ -12,8 +12,9 @@ INVALID_SCORE = -1.0  # innovation scores are squared errors (>= 0); -1 marks an
 class EideticMemory(NamedTuple):
     """A fixed-size set of remembered tokens (the eidetic memory, or a chunk's picks): ``k, v [..., S, F]``
     (``F`` features, or ``Hkv, D`` heads for the attention ops), ``pos [..., S]`` (long), ``score [..., S]``
-    (float32; ``INVALID_SCORE`` marks an empty slot), ``bias [..., S]`` (float32) or ``None``: added to each slot's
-    eidetic logit. The memory argument of every attention form."""
+    (float32; ``INVALID_SCORE`` marks an empty slot), ``bias [..., S]`` the learned logit bias of each slot
+    (``learned_selection``; float32, float64 in a float64 model) or ``None``. The memory argument of every
+    attention form."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -26,15 +27,24 @@ class EideticMemory(NamedTuple):
         return self.score >= 0
 
 
-def empty_slots(batch: int, size: int, features: int, *, device=None, dtype=torch.float32) -> EideticMemory:
-    """``size`` empty slots per row."""
+def empty_slots(
+    batch: int, size: int, features: int, *, device=None, dtype=torch.float32, bias_dtype: torch.dtype | None = None
+) -> EideticMemory:
+    """``size`` empty slots per row; with ``bias_dtype`` they carry a zero ``bias [batch, size]`` of that dtype."""
     zeros = torch.zeros(batch, size, features, device=device, dtype=dtype)
     return EideticMemory(
         zeros,
         zeros.clone(),
         torch.zeros(batch, size, dtype=torch.long, device=device),
         torch.full((batch, size), INVALID_SCORE, device=device, dtype=torch.float32),
+        None if bias_dtype is None else torch.zeros(batch, size, device=device, dtype=bias_dtype),
     )
+
+
+def map_slots(fn, *memories: EideticMemory) -> EideticMemory:
+    """``EideticMemory`` whose every field is ``fn`` of the same field of ``memories`` (``None`` fields stay
+    ``None``: a memory without ``bias``)."""
+    return EideticMemory(*(None if fields[0] is None else fn(*fields) for fields in zip(*memories)))
 
 
 

@@ -80,10 +80,11 @@ def select_per_chunk_ref(
     decay: float = 1.0,
     delay: int = 0,
     doc_start: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[EideticMemory, EideticMemory]:
     """Plain-loop reference of ``chunk.select_per_chunk`` (same signature and result; Python sorting, for tests and
     the reference backend). Slots are filled best first; keys and values are indexed rows of ``k, v``, so
-    gradients reach the selected tokens as in the chunked form."""
+    gradients reach the selected tokens as in the chunked form; so are the slots' ``bias`` (``bias [B, L]``)."""
     bsz, length = scores.shape
 
     def slots(b, s, chosen, size):
@@ -92,7 +93,7 @@ def select_per_chunk_ref(
         take = lambda x: torch.stack([x[b, j] for j in rows] + [torch.zeros_like(x[b, 0])] * pad)  # noqa: E731
         pos = torch.tensor(rows + [0] * pad, dtype=torch.long, device=scores.device)
         score = torch.tensor([s[j] for j in rows] + [INVALID_SCORE] * pad, dtype=torch.float32, device=scores.device)
-        return take(k), take(v), pos, score
+        return take(k), take(v), pos, score, None if bias is None else take(bias)
 
     picks, seen = [], []
     for b in range(bsz):
@@ -101,7 +102,7 @@ def select_per_chunk_ref(
         policy = _policy_ref(s, length, chunk_size, selections, capacity, decay, delay, starts)
         row_picks = [slots(b, s, chosen, selections) for _, chosen in policy]
         row_seen = [slots(b, s, memory, capacity) for memory, _ in policy]
-        picks.append([torch.stack(f) for f in zip(*row_picks)])
-        seen.append([torch.stack(f) for f in zip(*row_seen)])
-    stack = lambda rows: EideticMemory(*(torch.stack(f) for f in zip(*rows)))  # noqa: E731
+        picks.append([None if f[0] is None else torch.stack(f) for f in zip(*row_picks)])
+        seen.append([None if f[0] is None else torch.stack(f) for f in zip(*row_seen)])
+    stack = lambda rows: EideticMemory(*(None if f[0] is None else torch.stack(f) for f in zip(*rows)))  # noqa: E731
     return stack(picks), stack(seen)

@@ -2,7 +2,9 @@
 
 Used by decoding (a token joins its chunk's picks; a finished chunk's picks join the memory) and, once per chunk,
 by the chunked form's scan (``chunk.memory_per_chunk_scan``). Ranking is by pairwise comparison and entries move by
-a one-hot matmul: no sort, static shapes.
+a fixed-shape ``torch.gather`` (the index of the entry of rank ``s`` is a masked sum): no sort, static shapes. A
+gather reads only the entries it moves, so a non-finite key or value in an entry that is not kept cannot reach the
+kept ones (a one-hot matmul would spread it: ``0 * inf = nan``); empty slots hold zeros.
 
 Score decay (``memory_score_decay = d < 1``): at every chunk boundary each memory slot's score is multiplied by
 ``d``, so at chunk ``c`` a token picked in chunk ``c_p`` competes with ``s * d^(c - c_p)``. Comparing two such
@@ -40,6 +42,12 @@ def retention_key(score: torch.Tensor, pos: torch.Tensor, chunk_size: int | None
     return torch.where(score > 0, positive, floor)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, n, ...]`` rows ``index [B, S]`` (long) -> ``[B, S, ...]``: a fixed-shape gather along dim 1, whose
+    gradient reaches exactly the gathered rows."""
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
 def merge_slots(
     a: EideticMemory,
     b: EideticMemory,
@@ -54,10 +62,9 @@ def merge_slots(
     Order: higher ``retention_key`` first (the score itself unless ``decay < 1``; ``chunk_size`` ages scores by
     ``pos // chunk_size``), then earlier position, then earlier entry; slots come out in that order. With
     ``doc_start [B]`` (long), entries whose position lies before it are dropped first (become empty: the score is
-    set to ``INVALID_SCORE``). Requires ``S_a + S_b >= capacity``.
+    set to ``INVALID_SCORE``). Slots that end up empty (score ``< 0``) hold zero keys, values and bias. ``bias`` is
+    carried when both hold one. Requires ``S_a + S_b >= capacity``.
     """
-    k = torch.cat([a.k, b.k], dim=1)
-    v = torch.cat([a.v, b.v], dim=1)
     pos = torch.cat([a.pos, b.pos], dim=1)
     score = torch.cat([a.score, b.score], dim=1)
     if doc_start is not None:  # memory_reset_at_document: slots of finished documents leave at this merge
@@ -71,10 +78,13 @@ def merge_slots(
     beats = (s_j > s_i) | ((s_j == s_i) & ((p_j < p_i) | ((p_j == p_i) & (entry[None, :] < entry[:, None]))))
     rank = beats.sum(dim=-1)  # [B, n], a permutation of 0..n-1
     place = rank[:, None, :] == torch.arange(capacity, device=score.device)[None, :, None]  # [B, capacity, n]
-    move = place.to(k.dtype)
-    return EideticMemory(
-        torch.einsum("bsn,bnf->bsf", move, k),
-        torch.einsum("bsn,bnf->bsf", move, v),
-        torch.where(place, pos[:, None, :], 0).sum(-1),
-        torch.where(place, score[:, None, :], 0).sum(-1),
-    )
+    index = torch.where(place, entry, 0).sum(-1)  # [B, capacity]: the entry of rank s (exactly one per slot)
+    kept_score = gather_rows(score, index)
+    kept = kept_score >= 0
+
+    def move(x, y):
+        rows = gather_rows(torch.cat([x, y], dim=1), index)
+        return torch.where(kept.view(*kept.shape, *([1] * (rows.dim() - 2))), rows, torch.zeros_like(rows))
+
+    bias = None if a.bias is None or b.bias is None else move(a.bias, b.bias)
+    return EideticMemory(move(a.k, b.k), move(a.v, b.v), gather_rows(pos, index), kept_score, bias)
