@@ -35,6 +35,7 @@ pytestmark = pytest.mark.core
         (dict(initializer_range=float("nan")), r"^initializer_range must be a finite number, got nan$"),
         (dict(initializer_range=-0.02), r"^initializer_range must be >= 0, got -0.02$"),
         (dict(rope_theta="10000"), r"^rope_theta must be a finite number, got '10000'$"),
+        (dict(memory_per_kv_head=True, key_set_bias=True), r"^memory_per_kv_head and key_set_bias cannot both be true"),
     ],
 )
 def test_invalid_values_name_field_and_rule(overrides, message):

@@ -445,18 +445,26 @@ def test_learned_selection_chunked_equals_reference_and_trains_selection_bias_th
     assert grad.abs().max() > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TODO(lead, issue 11): the attention forms add EideticMemory.bias to the eidetic logits on branch "
-    "i11-attention; once merged this passes: remove the xfail",
-)
 def test_lm_loss_trains_selection_bias_through_the_eidetic_logits():
+    """The slots carry ``u`` (not detached) into the eidetic logits, so the LM loss trains ``selection_bias``."""
     model = _learned()
     x = tokens(2, 41)
-    out = model(x, labels=x)
-    weight = model.model.layers[0].mixer.selection_bias.weight
-    (grad,) = torch.autograd.grad(out.lm_loss, [weight], allow_unused=True)
-    assert grad is not None and grad.abs().max() > 0
+    bias = model.model.layers[0].mixer.selection_bias
+    grad_w, grad_b = torch.autograd.grad(model(x, labels=x).lm_loss, [bias.weight, bias.bias])
+    assert grad_w.abs().max() > 0
+    # A constant shift of u multiplies every score by the same factor: the same tokens are picked and kept, only
+    # the slots' logits move. So the loss's derivative along the shift is exactly the gradient of bias.bias.
+    eps, losses = 1e-6, []
+    with torch.no_grad():
+        for shift in (eps, -2 * eps):
+            bias.bias.add_(shift)
+            losses.append(model(x, labels=x).lm_loss)
+        bias.bias.add_(eps)
+    torch.testing.assert_close(grad_b[0], (losses[0] - losses[1]) / (2 * eps), rtol=1e-5, atol=1e-9)
+    # No slot is visible before a token has left the window: then u gets no gradient at all.
+    short = x[:, : model.config.window_size]
+    grad_short = torch.autograd.grad(model(short, labels=short).lm_loss, [bias.weight])[0]
+    assert not grad_short.any()
 
 
 def test_tensor_parallel_rules_for_the_scoring_options():

@@ -74,7 +74,8 @@ class BMojoConfig(PretrainedConfig):
             has left the window, so no slot holds a token the query cannot see.
         memory_reset_at_document (`bool`): a query sees no memory slot from an earlier document (documents end
             with ``eos_token_id``), and slots of finished documents are dropped.
-        memory_per_kv_head (`bool`): each key/value head selects and keeps its own ``memory_size`` tokens.
+        memory_per_kv_head (`bool`): each key/value head selects and keeps its own ``memory_size`` tokens (not with
+            ``key_set_bias``: refused).
         eidetic_key_distance (`str`): relative position at which eidetic keys are scored: ``"window"`` (``2W``, so
             distances never exceed training's) or ``"zero"`` (query and key unrotated: pure content match).
         fading_self_key (`bool`): query ``i`` also attends its own fading token ``f_i`` (distance 0), so one
@@ -326,6 +327,10 @@ class BMojoConfig(PretrainedConfig):
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.memory_per_kv_head and self.key_set_bias:
+            # The per-head memories fold the key/value heads into the batch; the [H] key-set biases do not fit it.
+            raise ValueError("memory_per_kv_head and key_set_bias cannot both be true (per-head memories fold the "
+                             "key/value heads into the batch, where the per-query-head key-set biases do not apply)")
         for name in ("memory_score_decay", "key_set_bias_init"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
