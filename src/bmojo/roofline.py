@@ -13,7 +13,8 @@ Conventions (each one is a choice; the docs repeat them):
 * **FLOPs** are matmul FLOPs, ``2*m*n*k`` per product, and the depthwise convolution's ``2 * outputs * K``, as
   ``torch.utils.flop_counter`` counts them. The backward counts one product per operand that needs a gradient:
   ``2x`` the forward for a linear layer, ``1x`` for a product with a constant (the ones matrices of the SSD's prefix
-  sums, the one-hot selection matrices, the innovation predictor's detached input). The attention backward is
+  sums, the innovation predictor's detached input), none for a product of constants (the closed-form memory's
+  ranking; selection moves rows by gathers, no FLOPs). The attention backward is
   autograd's through SDPA's math form (the scores are saved, not recomputed): ``2 (2 E + 2 D)`` per score against
   ``2 (E + D)`` forward, ``E`` the query/key width, ``D`` the value width (a flash-style backward, as the NKI
   kernel's, recomputes ``Q K^T`` once more: ``+2 E``). Elementwise work is not a FLOP here.
@@ -214,28 +215,26 @@ def attention_op(
 
 def selection_op(batch: int, length: int, features: int, chunk: int, picks: int, capacity: int, s: int) -> Op:
     """Eidetic selection (``select_per_chunk``): ``picks`` rounds of argmax per chunk, the picked rows taken by a
-    one-hot matmul (``2 k C F`` per chunk, for keys and values), and one merge per chunk that ranks the
-    ``M + k`` entries by pairwise comparison and moves them by a one-hot matmul (``2 M (M+k) F``). Gradients reach
-    the keys and values through both products (one product each: the one-hot matrices are constants); the last
-    chunk's merge feeds only the final memory, which training does not use, so it has no backward."""
+    fixed-shape gather, and the memory: up to ``CLOSED_FORM_MAX_PICKS`` picks the closed form, which ranks the
+    ``P = nC k`` picks for every chunk by one matmul (``2 P^2 (nC + 1)``, on constants: no backward) and fetches
+    the slots by indexing; beyond, one merge per chunk that ranks the ``M + k`` entries by pairwise comparison and
+    moves them by a gather. Gathers and their backward (a scatter-add into the moved rows) are no FLOPs here."""
     n_chunks = -(-length // chunk)
     tokens = batch * length
     n = capacity + picks
-    take = 2.0 * 2 * batch * n_chunks * picks * chunk * features
-    merge = 2.0 * 2 * batch * capacity * n * features  # one chunk
-    parts = {"take picks (one-hot)": 2 * take, "merge into memory": merge * n_chunks + merge * (n_chunks - 1)}
     seen = 2 * batch * n_chunks * capacity * (features * s + 12)  # k, v (+ pos int64, score fp32)
     kv = 2 * tokens * features * s
     compare = batch * n_chunks * (6 * n * n) + picks * tokens * 3  # pairwise ranking; argmax rounds
     count = n_chunks * picks
     if count <= 2048:  # ops/selection/chunk.py CLOSED_FORM_MAX_PICKS: the closed form, ranks by one matmul
         rank = 2.0 * batch * count * count * (n_chunks + 1)
-        parts = {"take picks (one-hot)": 2 * take, "rank picks (closed form)": rank}
-        fwd = Cost(take + rank, tokens * 4 + kv + seen, 0.0, batch * count * count * 4 + compare)
-        bwd = Cost(take, seen + kv, 0.0, 0.0)
+        parts = {"take picks (gather)": 0.0, "rank picks (closed form)": rank}
+        fwd = Cost(rank, tokens * 4 + kv + seen, 0.0, batch * count * count * 4 + compare)
+        bwd = Cost(0.0, seen + kv, 0.0, 0.0)
         return Op("eidetic selection + memory", "selection", fwd, bwd, "", parts)
-    fwd = Cost(take + merge * n_chunks, tokens * 4 + kv + seen, 0.0, compare)
-    bwd = Cost(take + merge * (n_chunks - 1), seen + kv, 0.0, 0.0)
+    parts = {"take picks (gather)": 0.0, "merge into memory (gather)": 0.0}
+    fwd = Cost(0.0, tokens * 4 + kv + seen, 0.0, compare)
+    bwd = Cost(0.0, seen + kv, 0.0, 0.0)
     return Op("eidetic selection + merge", "selection", fwd, bwd, "", parts)
 
 
