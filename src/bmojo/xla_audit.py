@@ -44,6 +44,10 @@ GATHER_SCATTER_ORIGINS = {
     "aten__gather @ bmojo/ops/selection/recurrent.py": "eidetic memory merge: the kept entries' rows (merge_slots)",
     "aten__gather @ bmojo/ops/selection/chunk.py": "eidetic selection: each chunk's picked rows (take_selected)",
     "aten__scatter_add @ backward (no Python frame)": "the selection gathers' backward: gradients to the moved rows",
+    # The closed-form memory (memory_per_chunk_closed): a static [B, nC + 1, M + 1] bin table of pick indices, then
+    # the slots' rows fetched by those indices (backward: index_put, listed above with the embedding's).
+    "aten__scatter @ bmojo/ops/selection/chunk.py": "closed-form memory: each kept pick's index put in its slot's bin",
+    "aten__index @ bmojo/ops/selection/chunk.py": "closed-form memory: the slots' rows fetched by pick index",
 }
 
 # Sizes used across the tier: every feature on (a "bmojo" layer with fading + eidetic memory, a sliding-window
