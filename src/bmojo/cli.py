@@ -96,6 +96,20 @@ TRAIN_FLAGS = {
     "--bf16": dict(action="store_true", help="bfloat16 autocast"),
     "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
     "--zero1": dict(action="store_true", help="shard the AdamW state over the data-parallel processes (ZeRO-1)"),
+    "--init": dict(
+        metavar="DIR",
+        help="start from this B'MOJO directory's weights and configuration (`bmojo convert`'s output, a checkpoint "
+        "or a run), not a preset; its tokenizer unless --tokenizer",
+    ),
+    "--teacher": dict(
+        metavar="SRC", help="a transformers model directory: add KL(teacher || student) on the logits to the loss"
+    ),
+    "--distill-weight": dict(type=float, metavar="X", help="weight of the KL term (with --teacher)"),
+    "--trainable": dict(
+        metavar="GROUPS",
+        help="parameter groups that train, comma-separated: new (= ssm,memory), ssm, memory, attention, mlp, "
+        "norm, embeddings, all (bmojo.priming)",
+    ),
 }
 
 TRAIN_EXAMPLES = """examples:
@@ -106,6 +120,7 @@ TRAIN_EXAMPLES = """examples:
   bmojo train --config runs/notes/train_config.yaml --out runs/again   # the same run again
   torchrun --standalone --nproc_per_node=2 -m bmojo_cli train --out runs/ddp
   torchrun --standalone --nproc_per_node=4 -m bmojo_cli train --preset tiny --tp 2 --zero1 --out runs/tp
+  bmojo train --init bmojo-llama/ --teacher llama-dir/ --trainable new --data corpus/ --out runs/primed
 """
 
 
@@ -372,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for flag, options in TRAIN_FLAGS.items():
         default = getattr(defaults, flag[2:].replace("-", "_"))
-        shown = ", ".join(default) if isinstance(default, list) else default
+        shown = ", ".join(default) if isinstance(default, list) else (default if default != "" else "none")
         options = {**options, "help": f"{options['help']} (default: {shown})"}
         train.add_argument(flag, default=argparse.SUPPRESS, **options)
     train.add_argument(
