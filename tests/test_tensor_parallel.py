@@ -29,10 +29,11 @@ from bmojo.parallel.tensor_parallel import resolve_backend
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
 
-# Every feature on (fading, eidetic memory, MLP, GQA, tied embeddings, query/key/value biases) and every layer
-# type; two SSM groups so that TP=2 splits groups as well as heads.
+# Every feature on (fading, eidetic memory, per-head key-set biases, MLP, GQA, tied embeddings, query/key/value
+# biases) and every layer type; two SSM groups so that TP=2 splits groups as well as heads.
 MIXED = dict(
-    layers_block_type=["bmojo", "attention", "ssm"], num_hidden_layers=3, ssm_ngroups=2, attention_bias=True
+    layers_block_type=["bmojo", "attention", "ssm"], num_hidden_layers=3, ssm_ngroups=2, key_set_bias=True,
+    key_set_bias_init=-0.5, attention_bias=True,
 )
 MAX_NORM = 0.05  # below the gradient norm (checked): clipping is active
 
@@ -193,6 +194,7 @@ def test_split_then_merge_is_exact():
     config = _config()
     shards = split_state_dict(full, config, 2)
     assert shards[0]["model.layers.2.mixer.A_log"].shape == (2,)
+    assert shards[1]["model.layers.0.mixer.eidetic_bias"].shape == (2,)  # key-set biases: by query head
     merged = merge_state_dicts(shards, config)
     assert merged.keys() == full.keys()
     assert all(torch.equal(merged[k], full[k]) for k in full)

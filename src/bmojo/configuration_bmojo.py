@@ -77,7 +77,8 @@ class BMojoConfig(PretrainedConfig):
             ``bmojo`` layer can compute exactly what a Mamba-2 layer computes.
         key_set_bias (`bool`): a learned per-head bias added to the logits of the fading keys (and the self
             fading key) and of the eidetic keys; ``key_set_bias_init`` (`float`) is its initial value (very
-            negative: the layer starts as sliding-window attention, as ``bmojo convert`` needs).
+            negative: the layer starts as sliding-window attention, as ``bmojo convert`` needs; at
+            ``layers.bmojo.SWA_EQUIVALENT_KEY_SET_BIAS = -30`` it equals it to float32 rounding).
         ssm_state_size (`int`): SSD state size ``N``.
         ssm_expand (`int`): SSM inner width is ``ssm_expand * hidden_size``.
         ssm_head_dim (`int`): SSD head size ``P``.

@@ -53,14 +53,17 @@ from safetensors import SafetensorError, safe_open
 
 from .configuration_bmojo import BMojoConfig
 from .errors import BMojoError
+from .layers.bmojo import SWA_EQUIVALENT_KEY_SET_BIAS
 
 # model_type -> the class name the source declares.
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_LINE = "LlamaForCausalLM, MistralForCausalLM (with or without sliding_window) and Qwen2ForCausalLM"
 CONVERTIBLE_TYPES = ("bmojo", "attention")  # an "ssm" layer cannot compute what the source's attention computes
-# The initial key-set bias of converted bmojo layers (``key_set_bias_init``): the fading and eidetic logits start
-# this far below the window's, so the layer starts as sliding-window attention; see ``silencing_bias``.
-GATE_INIT = -20.0
+# The initial key-set bias of converted bmojo layers (``key_set_bias_init``): at -30 the fading and eidetic logits
+# sit so far below the window's that the layer is sliding-window attention to float32 rounding (the attention
+# helper's bound, ``layers.bmojo.SWA_EQUIVALENT_KEY_SET_BIAS``; tests/test_key_sets.py). Their gradient vanishes
+# there too, so priming raises them first (``bmojo train --key-set-bias``).
+GATE_INIT = SWA_EQUIVALENT_KEY_SET_BIAS
 DEFAULT_CHUNK = 128  # the Trainium partition width, as the 130m-1.4b presets
 # Files of the source directory that are not copied: the configuration (rewritten) and weights in any format.
 _NOT_COPIED = re.compile(r"config\.json|.*\.(safetensors|bin|pt|pth|h5|msgpack|gguf|ckpt)|.*\.safetensors\.index\.json")

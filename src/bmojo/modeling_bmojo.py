@@ -113,6 +113,10 @@ class BMojoPreTrainedModel(PreTrainedModel):
                 t.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
             _init(module.dt_bias, dt_bias)
+        elif isinstance(module, BMojoMixer):
+            for name in ("fading_bias", "self_fading_bias", "eidetic_bias"):
+                if hasattr(module, name):  # key_set_bias: the configured start (also for a checkpoint without them)
+                    _init(getattr(module, name), lambda t: t.fill_(self.config.key_set_bias_init))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,10 +91,13 @@ class SlidingWindowAttention(nn.Module):
         q = self.q_proj(h).view(*h.shape[:-1], self.num_heads, self.head_dim)
         return (q, *self._kv(h))
 
-    def _attend(self, q_rot, k_rot, v, info: SequenceInfo, k_fade=None, v_fade=None, q_eid=None, memory=None):
-        """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``."""
+    def _attend(self, q_rot, k_rot, v, info: SequenceInfo, k_fade=None, v_fade=None, q_eid=None, memory=None,
+                **options):
+        """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``; ``options``: the op's
+        keywords for the key-set biases and the self fading key (B'MOJO layers)."""
         out = dispatch("attention")(
-            q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid
+            q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid,
+            **options,
         )
         return self.o_proj(out.flatten(-2))
 
@@ -133,10 +136,11 @@ class SlidingWindowAttention(nn.Module):
     def _put(buffer: torch.Tensor, write: torch.Tensor, value: torch.Tensor) -> None:
         buffer.copy_(torch.where(write[..., None, None], value[:, None].to(buffer.dtype), buffer))
 
-    def _attend_step(self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None):
+    def _attend_step(self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None,
+                     **options):
         out = dispatch("attention_step")(
             q_rot, positions[:, 0], state.ring_k, state.ring_v, state.ring_pos, self.window,
-            state.ring_kf, state.ring_vf, q_eid, memory,
+            state.ring_kf, state.ring_vf, q_eid, memory, **options,
         )
         return self.o_proj(out.flatten(-2))
 

@@ -8,6 +8,10 @@ attention (``layers/attention.py``) then covers three key sets: the in-context w
 tokens of the span that just left the window ``[i-2W+1, i-W]`` (projected by the same key/value weights), and the
 eidetic memory (``layers/eidetic.py``) of tokens the SSM found hard to predict. Eidetic keys are scored as if they
 sat exactly ``2W`` before the query, so the distances a model sees on long inputs never exceed those of training.
+
+With ``key_set_bias`` each key set but the window gets a learned logit bias per query head (``fading_bias``,
+``self_fading_bias``, ``eidetic_bias``); at ``SWA_EQUIVALENT_KEY_SET_BIAS`` the layer computes sliding-window
+attention with the same projections (to float32 rounding), the function-preserving start of ``bmojo convert``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ from .attention import AttentionState, SlidingWindowAttention
 from .common import InferenceState, MixerOutput, Rope, SequenceInfo, state_field
 from .eidetic import EideticState, PartialSum, innovation_error, innovation_loss, select, selection_scores
 from .ssm import Mamba2Mixer, SSMState
+
+# key_set_bias_init at which a B'MOJO layer equals sliding-window attention with the same q/k/v/o weights (to float32
+# rounding): every fading / eidetic logit is lowered by 30, so their joint weight is at most N * exp(gap - 30) for N
+# such keys whose scores exceed the window's by at most ``gap`` (e.g. 4096 keys, gap 10: 8e-6). Exact in bfloat16
+# (-30 = -1.875 * 2^4), and far above the dtype minimum that marks masked entries. The price: the
+# gradient of these biases is proportional to that weight (~1e-13 per key), so training that should open the
+# memories must raise the biases first (e.g. to about -8) rather than wait for the gradient to do it.
+SWA_EQUIVALENT_KEY_SET_BIAS = -30.0
 
 
 @dataclass
@@ -55,6 +67,21 @@ class BMojoMixer(SlidingWindowAttention):
             self.innovation_predictor = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim)
             self.innovation_sum = PartialSum()  # the score's sum over key features; split over TP ranks
             self.key_features = config.num_key_value_heads * self.head_dim  # global: the score's denominator
+        if config.key_set_bias:  # one logit bias per query head and key set that exists; sharded with the heads
+            sets = {"fading_bias": self.use_fading, "self_fading_bias": config.fading_self_key,
+                    "eidetic_bias": self.use_eidetic}
+            for name in (n for n, present in sets.items() if present):
+                self.register_parameter(name, nn.Parameter(self.initial_key_set_bias(config)))
+
+    @staticmethod
+    def initial_key_set_bias(config) -> torch.Tensor:
+        """``[num_attention_heads]`` filled with ``key_set_bias_init`` (float32)."""
+        return torch.full((config.num_attention_heads,), float(config.key_set_bias_init))
+
+    def _key_set_biases(self) -> dict[str, torch.Tensor]:
+        """The attention op's bias keywords for the biases this layer holds (none without ``key_set_bias``)."""
+        names = {"fading_bias": "fading_bias", "self_bias": "self_fading_bias", "eidetic_bias": "eidetic_bias"}
+        return {kw: getattr(self, name) for kw, name in names.items() if hasattr(self, name)}
 
     @property
     def sum_over_shards(self):
@@ -99,7 +126,7 @@ class BMojoMixer(SlidingWindowAttention):
             q_eid = apply_rope(q, rope.eid_cos, rope.eid_sin)
             if info.collect_state:
                 eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size)
-        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory)
+        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **self._key_set_biases())
         state = None
         if info.collect_state:
             ring = self.ring_from_prefill(k_rot, v, info, k_fade, v_fade)
@@ -122,4 +149,4 @@ class BMojoMixer(SlidingWindowAttention):
             score = self._innovation(state.eidetic.prev_f, k).float()
             memory = state.eidetic.step(k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size)
             q_eid = apply_rope(q[:, None], rope.eid_cos, rope.eid_sin)[:, 0]
-        return self._attend_step(q_rot, positions, state.attention, q_eid, memory)
+        return self._attend_step(q_rot, positions, state.attention, q_eid, memory, **self._key_set_biases())

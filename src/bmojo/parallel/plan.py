@@ -19,6 +19,7 @@ else changes in a sharded model.
 | attention | ``q_proj``, ``k_proj``, ``v_proj`` ``.bias`` (``attention_bias``) | by output row | its heads' entries |
 | attention | ``innovation_predictor.weight/.bias`` | rows (column-parallel) | the same key heads |
 | attention | ``o_proj.weight`` | columns (row-parallel) | its query heads' inputs |
+| attention | ``fading_bias``, ``self_fading_bias``, ``eidetic_bias`` (``key_set_bias``) | by head | its query heads |
 | SSM | ``in_proj.weight`` | rows, per segment ``[z, x, B, C, dt]`` | its z, x parts; its groups' B, C; its heads' dt |
 | SSM | ``conv1d.weight/.bias`` | channels, per segment ``[x, B, C]`` | the channels matching ``in_proj`` |
 | SSM | ``A_log``, ``D``, ``dt_bias`` | by head | its SSM heads |
@@ -127,6 +128,10 @@ def attention_rules(config: BMojoConfig, layer_type: str) -> dict[str, Split]:
     if layer_type == "bmojo" and config.eidetic:
         rules["innovation_predictor.weight"] = _column(kv)
         rules["innovation_predictor.bias"] = _column(kv)
+    if layer_type == "bmojo" and config.key_set_bias:  # per query head, for the key sets the layer has
+        present = {"fading_bias": config.use_fading, "self_fading_bias": config.fading_self_key,
+                   "eidetic_bias": config.eidetic}
+        rules.update({name: _column(config.num_attention_heads) for name, on in present.items() if on})
     return rules
 
 

@@ -15,6 +15,11 @@ the cross-check). The eidetic keys are scored with other queries (``q_eid``, unr
 concatenated along the feature axis, ``[q_rot | q_eid]`` against ``[k | 0]`` for in-context and fading keys and
 ``[0 | k_mem]`` for eidetic ones, so every score is the right dot product. A full window (``W >= L``) without
 padding, fading or memory is plain causal attention: one ``is_causal`` call over the whole sequence.
+
+The self fading key (``k_self``: query ``i``'s own fading token) is one more block of ``C`` keys per chunk, the
+chunk's own self keys, under a diagonal mask. Logit biases (per head for a key set, per slot for the memory) turn
+the boolean mask into an additive float mask: ``bias`` where visible, the dtype's minimum where masked (exactly zero
+weight, since every row sees its own key). Without biases the boolean mask is kept.
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ def bmojo_attention_chunked(
     memory: EideticMemory | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    fading_bias: torch.Tensor | None = None,
+    self_bias: torch.Tensor | None = None,
+    eidetic_bias: torch.Tensor | None = None,
+    k_self: torch.Tensor | None = None,
+    v_self: torch.Tensor | None = None,
     sdpa: bool = True,
 ) -> torch.Tensor:
     """Chunked B'MOJO attention; same result as :func:`bmojo_attention_ref`.
@@ -68,6 +78,8 @@ def bmojo_attention_chunked(
             seen by each chunk (``nC = ceil(L / chunk_size)``). Slot ``m`` is visible to query ``i`` iff it is
             valid (``score >= 0``) and ``pos <= i - W``.
         key_mask: ``[B, L]`` bool, ``False`` at padding keys.
+        fading_bias, self_bias, eidetic_bias: ``[H]`` logit biases per query head, or ``None``; see the reference.
+        k_self, v_self: ``[B, L, Hkv, D]`` the self fading key and value of each query, or ``None``.
         sdpa: one ``scaled_dot_product_attention`` call over the concatenated key sets (default), or a softmax over
             separately scored sets (``joint_softmax``); equal up to rounding.
 
@@ -85,7 +97,7 @@ def bmojo_attention_chunked(
     scale = head_dim**-0.5 if scale is None else scale
     ctype = compute_dtype(q)
     device = q.device
-    if sdpa and k_fade is None and memory is None and key_mask is None and window >= padded:
+    if sdpa and k_fade is None and k_self is None and memory is None and key_mask is None and window >= padded:
         return _causal_sdpa(q, k, v, scale, ctype)
     if key_mask is None:
         key_mask = torch.ones(bsz, length, dtype=torch.bool, device=device)
@@ -93,6 +105,9 @@ def bmojo_attention_chunked(
     def chunk_queries(x):  # [B, L, H, D] -> [B, nC, C, Hkv, G, D]
         x = F.pad(x, [0, 0, 0, 0, 0, padded - length])
         return x.view(bsz, num_chunks, chunk, num_kv, groups, head_dim).to(ctype)
+
+    def head_bias(bias):  # [H] -> [1, 1, H, 1, 1]: a key set's bias in the [B, nC, H, C, K] layout
+        return None if bias is None else bias.to(ctype).view(1, 1, num_heads, 1, 1)
 
     def score(qc, kw):  # qc [B,nC,C,Hkv,G,D], kw [B,nC,K,Hkv,D] -> [B,nC,Hkv,G,C,K]
         return torch.einsum("bncagd,bnkad->bnagck", qc, kw.to(ctype)) * scale
@@ -114,6 +129,7 @@ def bmojo_attention_chunked(
     keys = [_chunk_windows(k, window, size, chunk, num_chunks)]
     vals = [_chunk_windows(v, window, size, chunk, num_chunks)]
     masks = [ctx_mask]
+    biases = [None]  # per key set: None or broadcastable to [B, nC, H, C, K]
 
     if k_fade is not None:
         # Fading keys: positions [cC - 2W, cC + C - W).
@@ -124,20 +140,36 @@ def bmojo_attention_chunked(
         keys.append(_chunk_windows(k_fade, 2 * window, size, chunk, num_chunks))
         vals.append(_chunk_windows(v_fade, 2 * window, size, chunk, num_chunks))
         masks.append(fade_mask)
+        biases.append(head_bias(fading_bias))
+
+    if k_self is not None:
+        # Self fading keys: the chunk's own C keys, query c*C+r seeing only key r (distance 0, always visible).
+        def chunk_keys(x):  # [B, L, Hkv, D] -> [B, nC, C, Hkv, D]
+            return F.pad(x, [0, 0, 0, 0, 0, padded - length]).view(bsz, num_chunks, chunk, num_kv, head_dim)
+
+        keys.append(chunk_keys(k_self))
+        vals.append(chunk_keys(v_self))
+        masks.append(torch.eye(chunk, dtype=torch.bool, device=device).expand(bsz, num_chunks, chunk, chunk))
+        biases.append(head_bias(self_bias))
 
     if memory is not None:
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
         masks.append(eid_mask)
+        biases.append(head_bias(eidetic_bias))
 
+    biased = any(b is not None for b in biases)
     if sdpa:
-        out = _chunk_sdpa(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, masks, scale)
+        mask = _additive_mask(masks, biases, ctype) if biased else torch.cat(masks, dim=-1)[:, :, None]
+        out = _chunk_sdpa(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, mask, scale)
         return out.to(q.dtype).reshape(bsz, padded, num_heads, head_dim)[:, :length]
     scores = [score(qc, kw) for kw in keys]
     values = [weighted(vw) for vw in vals]
     if memory is not None:
         scores.append(score(chunk_queries(q_eid), mem_k))
         values.append(weighted(mem_v))
+    if biased:  # [B, nC, H, C, K] -> the scores' [B, nC, Hkv, G, C, K]
+        scores = [sc if b is None else sc + _by_kv_head(b, num_kv, groups) for sc, b in zip(scores, biases)]
     out = joint_softmax(scores, [m[:, :, None, None] for m in masks], values, q.dtype)  # [B, nC, C, Hkv, G, D]
     return out.reshape(bsz, padded, num_heads, head_dim)[:, :length]
 
@@ -151,13 +183,29 @@ def _causal_sdpa(q, k, v, scale, ctype):
     return out.transpose(1, 2).to(q.dtype)
 
 
-def _chunk_sdpa(qc, qe, keys, vals, memory, masks, scale):
+def _by_kv_head(bias, num_kv, groups):
+    """A bias ``[B, nC, H or 1, C, K]`` in the grouped scores' layout ``[B, nC, Hkv or 1, G or 1, C, K]``."""
+    return bias.unflatten(2, (num_kv, groups)) if bias.shape[2] == num_kv * groups else bias.unsqueeze(2)
+
+
+def _additive_mask(masks, biases, ctype):
+    """Boolean masks ``[B, nC, C, K_n]`` and biases (``None`` or broadcastable to ``[B, nC, H, C, K_n]``) per key set
+    -> one float mask ``[B, nC, 1 or H, C, K]``: the bias where visible, the dtype's minimum where masked."""
+    # A tensor fill value in the mask's dtype: a Python float would enter an XLA graph as an f64 scalar.
+    neg = torch.tensor(torch.finfo(ctype).min, dtype=ctype, device=masks[0].device)
+    zero = torch.zeros((), dtype=ctype, device=masks[0].device)
+    parts = [torch.where(m[:, :, None], zero if b is None else b, neg) for m, b in zip(masks, biases)]
+    heads = max(p.shape[2] for p in parts)
+    return torch.cat([p.expand(*p.shape[:2], heads, *p.shape[3:]) for p in parts], dim=-1)
+
+
+def _chunk_sdpa(qc, qe, keys, vals, memory, mask, scale):
     """One softmax over all key sets of every chunk through ``scaled_dot_product_attention``.
 
     ``qc [B, nC, C, Hkv, G, D]`` (rotated queries), ``qe`` the same shape (eidetic queries) or ``None``; ``keys`` /
-    ``vals``: ``[B, nC, K_n, Hkv, D]`` per in-context / fading set; ``memory``: the eidetic slots (``k, v [B, nC, M,
-    Hkv, D]``) or ``None``; ``masks``: ``[B, nC, C, K_n]`` bool per set (the eidetic one last). Returns ``[B, nC, C,
-    Hkv, G, D]`` in ``qc.dtype``."""
+    ``vals``: ``[B, nC, K_n, Hkv, D]`` per in-context / fading / self set; ``memory``: the eidetic slots (``k, v [B,
+    nC, M, Hkv, D]``) or ``None``; ``mask``: ``[B, nC, 1 or H, C, K]``, bool or additive float, over every set (the
+    eidetic one last). Returns ``[B, nC, C, Hkv, G, D]`` in ``qc.dtype``."""
     bsz, num_chunks, chunk, num_kv, groups, head_dim = qc.shape
     k_all, v_all = torch.cat(keys, dim=2).to(qc.dtype), torch.cat(vals, dim=2).to(qc.dtype)
     if memory is not None:  # feature-concatenate: [q | q_eid] . [k | 0] and [0 | k_mem]
@@ -166,11 +214,10 @@ def _chunk_sdpa(qc, qe, keys, vals, memory, masks, scale):
         v_all = torch.cat([v_all, memory.v.to(qc.dtype)], dim=2)
     else:
         q_all = qc
-    mask = torch.cat(masks, dim=-1)  # [B, nC, C, K]
     width = q_all.shape[-1]
     n = bsz * num_chunks
     qh = q_all.reshape(n, chunk, num_kv * groups, width).transpose(1, 2)  # [n, H, C, E]
     kh = k_all.reshape(n, -1, num_kv, width).transpose(1, 2).repeat_interleave(groups, dim=1)  # [n, H, K, E]
     vh = v_all.reshape(n, -1, num_kv, head_dim).transpose(1, 2).repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.reshape(n, 1, chunk, -1), scale=scale)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.reshape(n, mask.shape[2], chunk, -1), scale=scale)
     return out.transpose(1, 2).reshape(bsz, num_chunks, chunk, num_kv, groups, head_dim)

@@ -5,7 +5,12 @@ Query ``i`` attends three key sets under one joint softmax:
 * in-context: tokens ``j`` in ``[i-W+1, i]`` (keys ``k``, values ``v``);
 * fading: the SSM's fading tokens ``j`` in ``[i-2W+1, i-W]`` (keys ``k_fade``, values ``v_fade``);
 * eidetic: the valid slots ``m`` of the memory seen by query ``i``'s chunk with ``pos <= i - W``
-  (scores ``q_eid . memory.k``, values ``memory.v``).
+  (scores ``q_eid . memory.k``, values ``memory.v``);
+* self fading (optional): query ``i``'s own fading token, key ``k_self[i]`` and value ``v_self[i]``.
+
+Optional logit biases (``key_set_bias``): per query head ``fading_bias`` on every fading key, ``self_bias`` on the
+self fading key, ``eidetic_bias`` on every eidetic slot, plus ``memory.bias`` per slot (learned selection). A bias is
+added to the scaled score (``q . k * scale + bias``); masked entries keep exactly zero weight.
 
 Cost and memory are O(L^2); use it for tests only.
 """
@@ -31,6 +36,11 @@ def bmojo_attention_ref(
     memory: EideticMemory | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    fading_bias: torch.Tensor | None = None,
+    self_bias: torch.Tensor | None = None,
+    eidetic_bias: torch.Tensor | None = None,
+    k_self: torch.Tensor | None = None,
+    v_self: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense B'MOJO attention; the signature of ``bmojo_attention_chunked``.
 
@@ -42,9 +52,14 @@ def bmojo_attention_ref(
             ``memory``.
         k_fade, v_fade: ``[B, L, Hkv, D]`` keys/values of the fading tokens, or ``None`` (no fading memory).
         q_eid: ``[B, L, H, D]`` queries used for eidetic scores.
-        memory: ``EideticMemory`` with ``k, v [B, nC, M, Hkv, D]``, ``pos, score [B, nC, M]``, or ``None``.
+        memory: ``EideticMemory`` with ``k, v [B, nC, M, Hkv, D]``, ``pos, score [B, nC, M]`` (and ``bias [B, nC,
+            M]`` or ``None``), or ``None``.
         key_mask: ``[B, L]`` bool, ``False`` at padding keys. A query always sees itself, so no row is empty.
         scale: softmax scale, default ``D ** -0.5``.
+        fading_bias, self_bias, eidetic_bias: ``[H]`` logit bias per query head of the fading keys, of the self
+            fading key and of the eidetic slots, or ``None`` (no bias). A bias of an absent key set is ignored.
+        k_self, v_self: ``[B, L, Hkv, D]`` the self fading key (rotary at position ``i``) and value of each query,
+            attended at distance 0 and always visible, or ``None``.
 
     Returns:
         ``[B, L, H, D]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs).
@@ -62,22 +77,30 @@ def bmojo_attention_ref(
         return expand_groups(x, num_heads).to(ctype)
 
     neg = torch.finfo(ctype).min
+
+    def biased(block, bias):  # block [B, H, L, K] + bias [H] per head
+        return block if bias is None else block + bias.to(ctype)[None, :, None, None]
+
     ctx_mask = (((j <= i) & (j > i - window))[None] & real) | (i == j)[None]
     blocks = [torch.einsum("bihd,bjhd->bhij", q.to(ctype), up(k)) * scale]
     weigh = [lambda p: torch.einsum("bhij,bjhd->bihd", p, up(v))]
     masks = [ctx_mask]
     if k_fade is not None:
         fade_mask = ((j <= i - window) & (j > i - 2 * window))[None] & real
-        blocks.append(torch.einsum("bihd,bjhd->bhij", q.to(ctype), up(k_fade)) * scale)
+        blocks.append(biased(torch.einsum("bihd,bjhd->bhij", q.to(ctype), up(k_fade)) * scale, fading_bias))
         weigh.append(lambda p: torch.einsum("bhij,bjhd->bihd", p, up(v_fade)))
         masks.append(fade_mask)
+    if k_self is not None:  # one key per query: its own fading token, at distance 0
+        blocks.append(biased(torch.einsum("bihd,bihd->bhi", q.to(ctype), up(k_self))[..., None] * scale, self_bias))
+        weigh.append(lambda p: torch.einsum("bhi,bihd->bihd", p[..., 0], up(v_self)))
+        masks.append(torch.ones(bsz, length, 1, dtype=torch.bool, device=q.device))
     if memory is not None:
         if chunk_size is None:
             raise ValueError("chunk_size is needed to tell which memory each query sees")
         seen = torch.arange(length, device=q.device) // chunk_size  # query i sees memory[:, i // C]
         mem_k, mem_v = memory.k[:, seen], memory.v[:, seen]  # [B, L, M, Hkv, D]
         em = memory.valid[:, seen] & (memory.pos[:, seen] <= i - window)  # [B, L, M]
-        blocks.append(torch.einsum("bihd,bimhd->bhim", q_eid.to(ctype), up(mem_k)) * scale)
+        blocks.append(biased(torch.einsum("bihd,bimhd->bhim", q_eid.to(ctype), up(mem_k)) * scale, eidetic_bias))
         weigh.append(lambda p: torch.einsum("bhim,bimhd->bihd", p, up(mem_v)))
         masks.append(em)
     s = torch.cat([b.masked_fill(~m[:, None], neg) for b, m in zip(blocks, masks)], dim=-1)
