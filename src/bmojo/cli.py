@@ -110,6 +110,12 @@ TRAIN_FLAGS = {
         help="parameter groups that train, comma-separated: new (= ssm,memory), ssm, memory, attention, mlp, "
         "norm, embeddings, all (bmojo.priming)",
     ),
+    "--key-set-bias-start": dict(
+        type=float,
+        metavar="B",
+        help="a new run sets every key-set bias to B first: a converted model's sit at -30 where their gradient "
+        "vanishes; about -4 lets the loss open the fading and eidetic memories",
+    ),
 }
 
 TRAIN_EXAMPLES = """examples:

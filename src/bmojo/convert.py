@@ -178,9 +178,10 @@ def check_source(cfg) -> None:
     """Refuse, in one line, what the B'MOJO layers do not compute."""
     theta, scaling = rope_of(cfg)
     if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
         raise BMojoError(
-            f"the source uses rotary scaling {scaling}; bmojo convert supports only plain rotary embeddings "
-            "(rope_type 'default')"
+            f"the source uses rotary scaling (rope_type {kind!r}: {dict(sorted(scaling.items()))}); bmojo convert "
+            "supports only plain rotary embeddings (rope_type 'default')"
         )
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise BMojoError(f"the source's hidden_act is {cfg.hidden_act!r}; B'MOJO's MLP is SwiGLU (silu)")

@@ -38,6 +38,7 @@ GROUPS = ("ssm", "memory", "attention", "mlp", "norm", "embeddings")
 ALIASES = {"new": ("ssm", "memory"), "all": GROUPS}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+KEY_SET_BIASES = ("fading_bias", "self_fading_bias", "eidetic_bias")
 
 
 def parse_trainable(spec: str) -> set[str]:
@@ -86,6 +87,22 @@ def set_trainable(model, spec: str) -> int:
     if count == 0:
         raise BMojoError(f"--trainable {spec!r} selects no parameter of this model (its groups are empty)")
     return count
+
+
+def set_key_set_biases(model, value: float) -> None:
+    """Set every key-set bias (``fading_bias``, ``self_fading_bias``, ``eidetic_bias`` of the ``bmojo`` layers) to
+    ``value``; ``BMojoError`` when the model has none (``key_set_bias`` off, or no ``bmojo`` layer)."""
+    found = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in KEY_SET_BIASES]
+    if not found:
+        raise BMojoError("--key-set-bias-start: the model has no key-set biases (model.key_set_bias is off)")
+    with torch.no_grad():
+        for param in found:
+            param.fill_(value)
+
+
+def key_set_bias_values(model) -> dict[str, torch.Tensor]:
+    """Every key-set bias by parameter name (detached copies), to watch the gates open."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in KEY_SET_BIASES}
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

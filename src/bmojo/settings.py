@@ -58,6 +58,9 @@ class TrainConfig:
     teacher: str = ""
     distill_weight: float = 1.0  # weight of KL(teacher || student) added to the loss (with a teacher)
     trainable: str = "all"
+    # A new run sets every key-set bias (fading / eidetic logits) to this value before its first step; None: as
+    # loaded. A converted model's sit at -30, where their gradient vanishes (bmojo.convert.GATE_INIT).
+    key_set_bias_start: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -117,6 +120,10 @@ class TrainConfig:
             f"at least model.chunk_size ({model_config.chunk_size}): a sequence must hold a whole chunk",
         )
         check(self.dtype in ("float32", "float64"), "dtype", "float32 or float64")
+        if self.key_set_bias_start is not None:
+            value = self.key_set_bias_start
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            check(number and math.isfinite(value), "key_set_bias_start", "a finite number")
         from .priming import parse_trainable
 
         try:

@@ -55,7 +55,7 @@ from .parallel.tensor_parallel import clip_grad_norm_ as parallel_clip_grad_norm
 from .parallel.tensor_parallel import parallel_context
 from .parallel.training import is_parallel_checkpoint
 from .plotting import plot_loss_curve
-from .priming import distill_loss, load_teacher, set_trainable
+from .priming import distill_loss, load_teacher, set_key_set_biases, set_trainable
 from .processes import Processes, all_sum, default_threads
 from .run_directory import (
     Interrupted,
@@ -337,6 +337,8 @@ class Trainer:
             self.model = BMojoForCausalLM(plan.model_config)
             if plan.init is not None:
                 load_init(self.model, plan.init)
+        if checkpoint is None and cfg.key_set_bias_start is not None:  # a new run (a resumed one has its own)
+            set_key_set_biases(self.model, cfg.key_set_bias_start)
         self.trainable = set_trainable(self.model, cfg.trainable)  # before the optimizer: it takes these only
         device.place_model(self.model).train()
         self.teacher = None
