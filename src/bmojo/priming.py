@@ -110,9 +110,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     and averaged over positions: ``mean_t sum_v p_t(v) (log p_t(v) - log q_t(v))``; logits ``[B, L, V]``,
     computed in float32 (float64 stays float64). The teacher's side carries no gradient."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits.to(dtype), dim=-1).flatten(0, -2)
-    log_p = F.log_softmax(teacher_logits.detach().to(dtype), dim=-1).flatten(0, -2)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    log_q = F.log_softmax(student_logits.to(dtype), dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype), dim=-1)
+    # Written out rather than F.kl_div, which torch-xla 2.9 backpropagates through an unregistered kernel.
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def load_teacher(path: str, vocab_size: int, dtype: torch.dtype):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class PrimeStudyConfig:
     seed: int = 0
 
 
+SOURCE_FIELDS = ("data", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "seq_len",
+                 "source_steps", "source_lr", "batch_size", "seed")  # fmt: skip
 QUICK = dict(hidden_size=32, intermediate_size=64, seq_len=32, source_steps=3, batch_size=4, window=8, chunk=8,
              memory_size=4, prime_steps=3, prime_batch_size=2, eval_tokens=512)  # fmt: skip
 
@@ -137,7 +140,19 @@ def run_study(study: PrimeStudyConfig, runs: Path, threads: int = 1) -> dict:
     held_out = held.batch(held.val_windows[:count])
     runs.mkdir(parents=True, exist_ok=True)
     source_dir, converted_dir, run = runs / "source", runs / "converted", runs / "primed"
-    source = train_source(study, corpus, vocab, source_dir)
+    for stale in (converted_dir, run):  # this study's own outputs, remade every time
+        shutil.rmtree(stale, ignore_errors=True)
+    # The source is reused when it was trained with the same settings (another priming setting, the same source).
+    recipe = {k: v for k, v in asdict(study).items() if k in SOURCE_FIELDS}
+    marker = source_dir / "study_source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+        from transformers import LlamaForCausalLM
+
+        source = LlamaForCausalLM.from_pretrained(source_dir).eval()
+    else:
+        shutil.rmtree(source_dir, ignore_errors=True)
+        source = train_source(study, corpus, vocab, source_dir)
+        marker.write_text(json.dumps(recipe))
     source_time = time.perf_counter() - started
     convert(source_dir, converted_dir, window=study.window, chunk_size=study.chunk,
             overrides=dict(memory_size=study.memory_size), seed=study.seed)  # fmt: skip
@@ -207,12 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/prime_study", help="where the models are written")
     parser.add_argument("--out", default="docs", help="where prime.json and prime.md are written")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a PrimeStudyConfig field")
     args = parser.parse_args(argv)
     study = PrimeStudyConfig(**(QUICK if args.quick else {}))
     if args.data:
         study.data = args.data
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kind = type(getattr(study, name))
+        setattr(study, name, kind(value))
     results = run_study(study, Path(args.runs), args.threads)
     command = "python -m bmojo.evals.prime_study" + (" --quick" if args.quick else "") + f" --threads {args.threads}"
+    command += "".join(f" --set {item}" for item in args.set)
     write_report(results, Path(args.out), command)
     print((Path(args.out) / "prime.md").read_text())
     return 0
