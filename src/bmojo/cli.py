@@ -114,7 +114,7 @@ TRAIN_FLAGS = {
         type=float,
         metavar="B",
         help="a new run sets every key-set bias to B first: a converted model's sit at -30 where their gradient "
-        "vanishes; about -4 lets the loss open the fading and eidetic memories",
+        "vanishes; -2 lets the loss open the fading and eidetic memories (bmojo.evals.prime_study)",
     ),
 }
 

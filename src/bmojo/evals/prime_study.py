@@ -6,7 +6,7 @@ window-limited B'MOJO, primed; perplexity at 1x and 4x the source's training len
 
 1. *source*: a transformers ``LlamaForCausalLM`` (byte vocabulary) trained for ``source_steps`` on sequences of
    ``seq_len`` tokens (``max_position_embeddings = seq_len``), saved as a transformers directory;
-2. *converted*: ``bmojo convert --window W`` with ``W = seq_len / 4``: every layer ``bmojo``, the new key sets
+2. *converted*: ``bmojo convert --window W`` with ``W = seq_len / 8``: every layer ``bmojo``, the new key sets
    silenced (key-set biases at -30), so it is the source with a window of ``W`` tokens;
 3. *primed*: ``bmojo train --init converted --teacher source --trainable new --key-set-bias-start B`` for
    ``prime_steps`` on sequences of ``seq_len``: only the SSM, the key-set biases and the innovation predictor learn;
@@ -53,13 +53,13 @@ class PrimeStudyConfig:
     source_steps: int = 400
     source_lr: float = 3e-3
     batch_size: int = 16
-    window: int = 32  # the converted model's window
+    window: int = 16  # the converted model's window
     chunk: int = 16
     memory_size: int = 16
     prime_steps: int = 300
     prime_lr: float = 3e-3
     prime_batch_size: int = 8
-    key_set_bias_start: float = -4.0
+    key_set_bias_start: float = -2.0
     trainable: str = "new"
     distill_weight: float = 1.0
     eval_tokens: int = 16384  # held-out tokens, the same at both lengths
@@ -145,15 +145,18 @@ def run_study(study: PrimeStudyConfig, runs: Path, threads: int = 1) -> dict:
     # The source is reused when it was trained with the same settings (another priming setting, the same source).
     recipe = {k: v for k, v in asdict(study).items() if k in SOURCE_FIELDS}
     marker = source_dir / "study_source.json"
-    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+    saved = json.loads(marker.read_text()) if marker.is_file() else {}
+    if saved.get("recipe") == recipe:
         from transformers import LlamaForCausalLM
 
         source = LlamaForCausalLM.from_pretrained(source_dir).eval()
+        source_time = saved["seconds"]
     else:
         shutil.rmtree(source_dir, ignore_errors=True)
         source = train_source(study, corpus, vocab, source_dir)
-        marker.write_text(json.dumps(recipe))
-    source_time = time.perf_counter() - started
+        source_time = time.perf_counter() - started
+        marker.write_text(json.dumps({"recipe": recipe, "seconds": source_time}))
+    reused = bool(saved.get("recipe") == recipe)
     convert(source_dir, converted_dir, window=study.window, chunk_size=study.chunk,
             overrides=dict(memory_size=study.memory_size), seed=study.seed)  # fmt: skip
     converted = ckpt.load_model(converted_dir)
@@ -179,6 +182,7 @@ def run_study(study: PrimeStudyConfig, runs: Path, threads: int = 1) -> dict:
         "key_set_bias_mean": {"converted": bias_means(converted), "primed": bias_means(primed)},
         "key_set_bias_start": study.key_set_bias_start,
         "seconds": {"source_training": source_time, "priming": prime_time, "total": time.perf_counter() - started},
+        "source_reused": reused,
     }
 
 
@@ -188,10 +192,13 @@ def write_report(results: dict, out: Path, command: str) -> None:
     (out / "prime.json").write_text(json.dumps(results, indent=2) + "\n")
     s = results["settings"]
     lengths = list(next(iter(results["perplexity"].values())))
+    sec = results["seconds"]
+    reused = " in an earlier run, reused" if results["source_reused"] else ""
     lines = [
         "# Start from a pretrained Transformer: source, converted, primed",
         "",
-        f"`{command}` ({results['seconds']['total']:.0f} s; priming {results['seconds']['priming']:.0f} s). "
+        f"`{command}` (training the source {sec['source_training']:.0f} s{reused}, priming {sec['priming']:.0f} s, "
+        f"this run {sec['total']:.0f} s). "
         f"Source: a Llama ({s['num_layers']} layers, d={s['hidden_size']}, {s['num_heads']} heads / "
         f"{s['num_kv_heads']} KV) trained {s['source_steps']} steps on {s['batch_size']} x {s['seq_len']} bytes of "
         f"{', '.join(s['data'])}. Converted: every layer bmojo, window {s['window']}, memory {s['memory_size']}. "
