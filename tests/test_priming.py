@@ -139,6 +139,20 @@ def test_priming_trains_only_the_new_groups_with_the_kl_term(converted, tmp_path
         assert torch.equal(exported(x).logits, load_model(list_checkpoints(run)[-1])(x).logits)
 
 
+def test_init_on_the_parallel_path_loads_the_same_weights(converted, tmp_path):
+    """``train.dtype=float64`` takes the tensor-parallel code path (``parallel.training.build_model``), which loads
+    ``--init`` there: the frozen weights come out as the converted ones, exactly."""
+    src, dst, data = converted
+    run = tmp_path / "run64"
+    assert cli(prime_args(src, dst, data, run, "--set", "train.dtype=float64", "--steps", "1")) == 0
+    start = load_file(dst / "model.safetensors")
+    after = load_file(list_checkpoints(run)[-1] / "model.safetensors")
+    assert after["model.layers.0.mixer.q_proj.weight"].dtype == torch.float64
+    frozen = ("model.embed_tokens.weight", "model.layers.1.mixer.o_proj.weight", "model.layers.0.mlp.up_proj.weight")
+    for name in frozen:
+        assert torch.equal(after[name], start[name].double()), name
+
+
 def test_priming_refusals_are_one_line(converted, tmp_path, capsys):
     src, dst, data = converted
     assert cli([*prime_args(src, dst, data, tmp_path / "a"), "--preset", "tiny"]) == 2
