@@ -83,6 +83,7 @@ def test_converted_model_computes_the_source_logits(tmp_path, case):
 
 
 def test_window_rounds_up_and_limits_the_context(tmp_path):
+    assert GATE_INIT == -30.0  # what `bmojo convert --help` states
     source = source_model("llama", max_position_embeddings=20)
     converted, _ = convert(tmp_path, source)
     assert converted.config.window_size == 24  # 20 rounded up to a multiple of 8

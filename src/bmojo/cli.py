@@ -512,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gate-init",
         type=float,
         metavar="B",
-        help="initial per-head bias of the fading and eidetic logits (key_set_bias_init; default: "
-        "bmojo.convert.GATE_INIT)",
+        help="initial per-head bias of the fading and eidetic logits (key_set_bias_init) (default: -30, where a "
+        "bmojo layer is sliding-window attention to float32 rounding)",
     )
     conv.add_argument(
         "--set", action="append", metavar="NAME=VALUE", help="any other B'MOJO model setting, e.g. ssm_state_size=64"
