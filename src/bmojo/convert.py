@@ -146,14 +146,13 @@ def read_source_config(source: Path):
 def rope_of(cfg) -> tuple[float, dict | None]:
     """``(rope_theta, scaling)`` of a transformers config, 5.x (``rope_parameters``) or 4.x (``rope_theta``,
     ``rope_scaling``); ``scaling`` is ``None`` for plain rotary embeddings."""
-    params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        kind = params.get("rope_type", params.get("type", "default"))
-        return float(params["rope_theta"]), (None if kind == "default" else dict(params))
-    scaling = getattr(cfg, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return float(cfg.rope_theta), (dict(scaling) if scaling else None)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = float(params["rope_theta"]) if "rope_theta" in params else float(cfg.rope_theta)
+    # Either field naming a scaling is refused, whichever transformers line wrote or reads the file.
+    for scaling in (params, getattr(cfg, "rope_scaling", None) or {}):
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            return theta, dict(scaling)
+    return theta, None
 
 
 def sliding_window_of(cfg) -> int | None:
