@@ -156,7 +156,7 @@ def test_step_matches_reference(fading, eidetic):
             mem = None
             if eidetic:
                 c = i // chunk
-                mem = EideticMemory(*(m[:, c] for m in memory))
+                mem = EideticMemory(*(None if m is None else m[:, c] for m in memory))
             out = bmojo_attention_step(
                 t["q"][:, i],
                 torch.full((bsz,), i),

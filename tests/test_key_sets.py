@@ -7,7 +7,6 @@ import torch
 from test_attention import _inputs, _memory, _memory_ref
 
 from bmojo import BMojoCache
-from bmojo.layers.bmojo import SWA_EQUIVALENT_KEY_SET_BIAS
 from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref, bmojo_attention_step
 from bmojo.ops.selection import EideticMemory
 from support import tiny_model, tokens
@@ -147,27 +146,274 @@ def test_key_set_bias_parameters_per_head():
     assert not any("bias" in n for n, _ in tiny_model().model.layers[0].mixer.named_parameters(recurse=False))
 
 
-def test_very_negative_key_set_bias_is_sliding_window_attention():
-    """At ``SWA_EQUIVALENT_KEY_SET_BIAS`` a B'MOJO model (fading keys and eidetic memory on) computes, in float32,
-    what the sliding-window attention model with the same q/k/v/o weights computes: the start ``bmojo convert``
-    relies on. Parallel forward and decoding, on inputs long enough for both memories to be visible."""
-    bm = tiny_model(dtype=torch.float32, key_set_bias=True, key_set_bias_init=SWA_EQUIVALENT_KEY_SET_BIAS)
-    with torch.no_grad():  # scores far larger than at init (std 0.02): here a bias of -20 would miss 1e-5, -30 not
-        for layer in bm.model.layers:
-            layer.mixer.q_proj.weight.mul_(15)
-            layer.mixer.k_proj.weight.mul_(15)
-    swa = tiny_model(dtype=torch.float32, layers_block_type=["attention", "attention"])
-    missing, unexpected = swa.load_state_dict(bm.state_dict(), strict=False)
-    assert not missing and all(".ssm." in n or "bias" in n or "innovation" in n for n in unexpected), unexpected
-    x = tokens(2, 48)
+
+
+# --- self fading key: the op ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("length,window,chunk,fading,eidetic,padded", [
+    (37, 8, 4, True, True, True), (23, 8, 4, False, False, False), (10, 64, 16, False, False, False),
+])  # fmt: skip
+def test_self_fading_key_chunked_matches_reference(sdpa, length, window, chunk, fading, eidetic, padded):
+    """The self key (query i's own fading token) in both chunked paths == the reference: outputs and gradients
+    (the self key and value, the self bias). Also without other key sets and with a window covering everything."""
+    t, common, memory, memory_ref, options = _op_case(length, window, chunk, fading=fading, eidetic=eidetic,
+                                                      padded=padded)
+    options["self_bias"] = _head_biases()["self_bias"]
+    k_self, v_self = (x.detach().flip(1).requires_grad_() for x in (t["k_fade"], t["v_fade"]))
+    options.update(k_self=k_self, v_self=v_self)
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    names = ["q", "k", "v"] + list(options)
+    inputs = [t[n] for n in names[:3]] + list(options.values())
+    weight = torch.randn_like(ref)
+    grads_ref = _grads(ref, inputs, weight)
+    for name, a, b in zip(names, _grads(out, inputs, weight), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+    assert grads_ref[names.index("v_self")].abs().amin(dim=(2, 3)).min() > 0  # every query reads its own value
+
+
+def test_self_fading_key_is_each_querys_own_token_at_distance_zero():
+    """Changing the self value of position j moves query j's output only; the self score does not depend on where
+    the pair sits (both rotated at i: distance 0)."""
+    from bmojo.ops.rope import apply_rope, rope_cos_sin
+
+    length, j = 20, 9
+    t, common, _, _, _ = _op_case(length, 8, 4, fading=False, eidetic=False, biases=False)
+    common = dict(window=8, chunk_size=4)
+    base = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, k_self=t["k_fade"], v_self=t["v_fade"])
+    v_self = t["v_fade"].detach().clone()
+    v_self[:, j] += 1.0
+    moved = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, k_self=t["k_fade"], v_self=v_self)
+    changed = (moved - base).abs().amax(dim=(0, 2, 3)) > 0
+    assert torch.equal(changed, torch.arange(length) == j)
+    # One query/self-key pair, rotated at position 0 or 13: the same score, so the same attention weight.
+    q, ks = t["q"][:1, :1].detach(), t["k_fade"][:1, :1].detach()
+    k0 = torch.zeros(1, 1, KV_HEADS, DIM, dtype=torch.float64)
+    outs = []
+    for pos in (0, 13):
+        cos, sin = rope_cos_sin(torch.tensor([[pos]]), DIM, 10000.0, torch.float64)
+        rot = lambda x: apply_rope(x, cos, sin)  # noqa: E731
+        outs.append(bmojo_attention_ref(rot(q), rot(k0), k0, 8, k_self=rot(ks), v_self=t["v_fade"][:1, :1]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+def test_self_fading_key_step_matches_reference():
+    t, common, memory, memory_ref, options = _op_case(45, 8, 4)
+    common.pop("key_mask")
+    options["self_bias"] = _head_biases()["self_bias"]
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options,
+                              k_self=t["k_fade"], v_self=t["v_fade"])
     with torch.no_grad():
-        out, expect = bm(x).logits, swa(x).logits
-        torch.testing.assert_close(out, expect, rtol=0, atol=1e-5)
-        cache = BMojoCache.empty(bm.config, 2, dtype=torch.float32)
-        stepped = torch.cat([bm(x[:, t : t + 1], cache=cache).logits for t in range(x.shape[1])], dim=1)
-        torch.testing.assert_close(stepped, expect, rtol=0, atol=1e-5)
-        # Not by accident: at bias 0 the same weights compute something else.
-        for layer in bm.model.layers:
-            for name in ("fading_bias", "eidetic_bias"):
-                getattr(layer.mixer, name).zero_()
-        assert (bm(x).logits - expect).abs().max() > 1e-3
+        out = _ring_decode(t, 8, 4, memory, True, options, self_key=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+# --- self fading key: the layer (the Mamba-2 special case is in tests/test_model.py) -------------------------------
+def test_self_fading_key_without_fading_keys_still_runs_the_ssm():
+    model = tiny_model(use_fading=False, memory_size=0, fading_self_key=True)
+    assert model.model.layers[0].mixer.ssm is not None
+    plain = tiny_model(use_fading=False, memory_size=0)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x = tokens(1, 30)
+    with torch.no_grad():
+        assert (model(x).logits - plain(x).logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("options", [
+    dict(fading_self_key=True),
+    dict(fading_self_key=True, key_set_bias=True, key_set_bias_init=-1.0),
+    dict(fading_self_key=True, use_fading=False, memory_size=0),
+    dict(eidetic_key_distance="zero"),
+    dict(eidetic_key_distance="zero", fading_self_key=True, key_set_bias=True, key_set_bias_init=-1.0),
+])  # fmt: skip
+def test_decoding_equals_parallel_forward_with_the_attention_options(options):
+    """fp64, across chunk boundaries and memory eviction (as tests/test_model.py's decoding test), and a prefill
+    split in the middle of a chunk."""
+    model = tiny_model(**options)
+    if options.get("key_set_bias"):
+        with torch.no_grad():  # distinct per-head values, so the step form's head layout is checked too
+            for name, param in model.named_parameters():
+                if name.endswith(("fading_bias", "eidetic_bias")):
+                    param.add_(torch.linspace(-1, 1, param.shape[0], dtype=param.dtype))
+    cfg = model.config
+    length = 2 * cfg.window_size + 6 * cfg.chunk_size + 3
+    x = tokens(2, length)
+    with torch.no_grad():
+        parallel = model(x).logits
+        cache = BMojoCache.empty(cfg, 2, dtype=torch.float64)
+        stepped = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(length)], 1)
+        torch.testing.assert_close(stepped, parallel, rtol=1e-12, atol=1e-12)
+        prefill = model(x[:, :13], use_cache=True)
+        rest = model(x[:, 13:], cache=prefill.cache).logits
+        torch.testing.assert_close(torch.cat([prefill.logits, rest], 1), parallel, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_model_equals_reference_model_with_the_attention_options():
+    """The whole model with every attention option on: chunked ops == references, outputs and parameter
+    gradients (the key-set biases included)."""
+    from bmojo.ops import use_backend
+
+    model = tiny_model(fading_self_key=True, key_set_bias=True, key_set_bias_init=-0.5, eidetic_key_distance="zero")
+    x = tokens(2, 38)
+    out = model(x, labels=x)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+    with use_backend("reference"):
+        ref = model(x, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, list(params.values()), allow_unused=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(params, grads, ref_grads):
+        if a is None and b is None:
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+    for name in ("fading_bias", "self_fading_bias", "eidetic_bias"):
+        assert grads[list(params).index(f"model.layers.0.mixer.{name}")].abs().min() > 0, name
+
+
+# --- eidetic key distance -------------------------------------------------------------------------------------------
+def _eidetic_scores_of_matches(distance, monkeypatch):
+    """One layer with ``q_proj = k_proj`` (so a token's query equals its key) over a 3-token alphabet: the eidetic
+    score ``q_eid . k_mem`` of every visible slot holding the query's own token, by head, and ``|k|^2`` of it."""
+    import bmojo.layers.attention as attention_layer
+
+    model = tiny_model(layers_block_type=["bmojo"], num_hidden_layers=1, num_key_value_heads=4,
+                       eidetic_key_distance=distance)
+    mixer = model.model.layers[0].mixer
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(mixer.k_proj.weight)
+    seen = {}
+    real = attention_layer.dispatch
+
+    def capture(op):
+        fn = real(op)
+
+        def run(q, k, v, window, chunk, k_fade, v_fade, q_eid, memory, **kw):
+            seen.update(q_eid=q_eid, memory=memory, k=k)
+            return fn(q, k, v, window, chunk, k_fade, v_fade, q_eid, memory, **kw)
+
+        return run
+
+    monkeypatch.setattr(attention_layer, "dispatch", capture)
+    x = tokens(1, 60, vocab=6)
+    with torch.no_grad():
+        model(x)
+    cfg = model.config
+    q_eid, mem = seen["q_eid"][0], seen["memory"]
+    scores, norms, which = [], [], []
+    for i in range(x.shape[1]):
+        c = i // cfg.chunk_size
+        for m in range(cfg.memory_size):
+            pos = int(mem.pos[0, c, m])
+            if bool(mem.valid[0, c, m]) and pos <= i - cfg.window_size and x[0, pos] == x[0, i]:
+                scores.append((q_eid[i] * mem.k[0, c, m]).sum(-1))  # [H] (Hkv = H)
+                norms.append(seen["k"][0, pos].pow(2).sum(-1))
+                which.append(int(x[0, i]))
+    assert len({int(x[0, int(p)]) for p in mem.pos[0].flatten()}) > 1 and len(scores) > 10  # several tokens, pairs
+    return torch.stack(scores), torch.stack(norms), torch.tensor(which)
+
+
+def test_zero_eidetic_key_distance_scores_an_exact_content_match_the_same_everywhere(monkeypatch):
+    """``"zero"``: an eidetic slot holding the query's own token scores exactly ``|k|^2`` (unrotated query against
+    unrotated key), the same for every pair of positions; ``"window"`` scores the same pair rotated by ``2W``."""
+    zero, norms, which = _eidetic_scores_of_matches("zero", monkeypatch)
+    torch.testing.assert_close(zero, norms, rtol=1e-12, atol=1e-12)
+    for token in which.unique():  # one score per token, whichever positions the query and the slot hold
+        same = zero[which == token]
+        torch.testing.assert_close(same, same[:1].expand_as(same), rtol=1e-12, atol=1e-12)
+    window, _, _ = _eidetic_scores_of_matches("window", monkeypatch)
+    assert (window - norms).abs().max() > 1e-6  # the 2W rotation: not the content match
+
+
+# --- the memory's per-slot bias (EideticMemory.bias) ----------------------------------------------------------------
+def _with_slot_bias(memory, table):
+    """``memory`` whose slots carry ``bias = table[b, pos]`` (the same bias per token, whatever slot it sits in)."""
+    flat = memory.pos.flatten(1)
+    return memory._replace(bias=torch.gather(table, 1, flat).view_as(memory.pos))
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("head_biases", [False, True])
+def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
+    """``memory.bias`` adds to each slot's logit in every form: outputs and gradients (the bias included) equal the
+    reference's; the step form too. With and without the per-head eidetic bias."""
+    length, window, chunk = 45, 8, 4
+    t, common, memory, memory_ref, options = _op_case(length, window, chunk, padded=True, biases=head_biases)
+    table = (3 * torch.randn(2, length, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    table.requires_grad_()
+    memory, memory_ref = _with_slot_bias(memory, table), _with_slot_bias(memory_ref, table)
+    ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    names = ["q", "k_eid", "v", "table"] + list(options)
+    inputs = [t["q"], t["k_eid"], t["v"], table] + list(options.values())
+    weight = torch.randn_like(ref)
+    grads_ref = _grads(ref, inputs, weight)
+    for name, a, b in zip(names, _grads(out, inputs, weight), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+    assert (grads_ref[3] != 0).sum() >= 4  # the slot bias is trained through the slots that were seen
+    plain = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref._replace(bias=None), **common, **options)
+    assert (plain - ref).abs().max() > 1e-3  # and it matters
+    if sdpa:
+        common.pop("key_mask")
+        ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
+        with torch.no_grad():
+            stepped = _ring_decode(t, window, chunk, memory, True, options)
+        torch.testing.assert_close(stepped, ref, rtol=1e-10, atol=1e-10)
+
+
+# --- the nki backend declines the new options ----------------------------------------------------------------------
+def test_nki_backend_declines_each_new_option_and_logs_the_fallback(monkeypatch, caplog):
+    """With the kernels available (the stand-in), a call the kernels support runs them; the same call with a
+    key-set bias, the self fading key or a slot bias runs the chunked form, the reason logged once."""
+    import logging
+
+    from bmojo.ops import dispatch, registry, use_backend
+    from bmojo.ops.attention import nki_backend
+
+    monkeypatch.setenv("BMOJO_NKI_STANDIN", "1")
+    calls = []
+    apply = nki_backend.AttentionNKI.apply
+    monkeypatch.setattr(nki_backend.AttentionNKI, "apply", lambda *a: calls.append(1) or apply(*a))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    length, window, chunk = 256, 128, 128
+    q, k, v, kf, vf, qe = r(1, length, 2, 16), r(1, length, 1, 16), r(1, length, 1, 16), r(1, length, 1, 16), \
+        r(1, length, 1, 16), r(1, length, 2, 16)
+    memory = EideticMemory(r(1, 2, 4, 1, 16), r(1, 2, 4, 1, 16), torch.zeros(1, 2, 4, dtype=torch.long),
+                           torch.ones(1, 2, 4))
+    head = torch.full((2,), -1.0)
+    cases = [
+        (dict(fading_bias=head), memory, "fading_bias"),
+        (dict(self_bias=head, k_self=kf, v_self=vf), memory, "self_bias, k_self"),
+        (dict(eidetic_bias=head), memory, "eidetic_bias"),
+        ({}, memory._replace(bias=torch.zeros(1, 2, 4)), "memory.bias"),
+    ]
+    args = (q, k, v, window, chunk, kf, vf, qe)
+    with use_backend("nki"), caplog.at_level(logging.WARNING, logger=registry.__name__):
+        monkeypatch.setattr(registry, "_warned", set())
+        dispatch("attention")(*args, memory)
+        assert calls == [1] and not caplog.records  # supported: the kernels ran
+        for options, mem, used in cases:
+            caplog.clear()
+            monkeypatch.setattr(registry, "_warned", set())
+            for _ in range(2):
+                out = dispatch("attention")(*args, mem, **options)
+            assert calls == [1], used  # the chunked form ran
+            torch.testing.assert_close(out, bmojo_attention_chunked(*args, mem, **options), rtol=0, atol=0)
+            why = f"{used}: the kernels take no key-set bias, self fading key or slot bias"
+            assert [rec.message for rec in caplog.records] == [
+                f"backend 'nki' does not support these inputs ({why}) for op 'attention'; running the 'chunked' form"
+            ]
+
+
+def test_a_checkpoint_without_the_biases_loads_them_at_their_initial_value(tmp_path):
+    """A model saved without ``key_set_bias`` (e.g. before it existed) loads into one with it: the new biases start
+    at ``key_set_bias_init`` (transformers initialises what the checkpoint lacks), the rest is the checkpoint's."""
+    from bmojo import BMojoForCausalLM
+
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path)
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path, key_set_bias=True, key_set_bias_init=-30.0)
+    mixer = loaded.model.layers[1].mixer
+    assert bool((mixer.fading_bias == -30.0).all()) and bool((mixer.eidetic_bias == -30.0).all())
+    assert torch.equal(mixer.q_proj.weight, tiny_model(dtype=torch.float32).model.layers[1].mixer.q_proj.weight)

@@ -5,6 +5,7 @@ import torch
 
 from bmojo import BMojoCache
 from bmojo.evals.peers import llama_config, llama_state_dict, mamba2_config, mamba2_state_dict
+from bmojo.layers.bmojo import SWA_EQUIVALENT_KEY_SET_BIAS
 from bmojo.ops import use_backend
 from support import tiny_model, tokens
 
@@ -53,6 +54,69 @@ def test_fading_and_eidetic_memory_change_the_output():
     x = _tokens(1, 40)
     with torch.no_grad():
         assert (full(x).logits - plain(x).logits).abs().max() > 1e-3
+
+
+def test_very_negative_key_set_bias_is_sliding_window_attention():
+    """At ``SWA_EQUIVALENT_KEY_SET_BIAS`` a B'MOJO model (fading keys and eidetic memory on) computes, in float32,
+    what the sliding-window attention model with the same q/k/v/o weights computes: the start ``bmojo convert``
+    relies on. Parallel forward and decoding, on inputs long enough for both memories to be visible."""
+    bm = _model(dtype=torch.float32, key_set_bias=True, key_set_bias_init=SWA_EQUIVALENT_KEY_SET_BIAS)
+    with torch.no_grad():  # scores far larger than at init (std 0.02): here a bias of -20 would miss 1e-5, -30 not
+        for layer in bm.model.layers:
+            layer.mixer.q_proj.weight.mul_(15)
+            layer.mixer.k_proj.weight.mul_(15)
+    swa = _model(dtype=torch.float32, layers_block_type=["attention", "attention"])
+    missing, unexpected = swa.load_state_dict(bm.state_dict(), strict=False)
+    assert not missing and all(".ssm." in n or "bias" in n or "innovation" in n for n in unexpected), unexpected
+    x = _tokens(2, 48)
+    with torch.no_grad():
+        out, expect = bm(x).logits, swa(x).logits
+        torch.testing.assert_close(out, expect, rtol=0, atol=1e-5)
+        cache = BMojoCache.empty(bm.config, 2, dtype=torch.float32)
+        stepped = torch.cat([bm(x[:, t : t + 1], cache=cache).logits for t in range(x.shape[1])], dim=1)
+        torch.testing.assert_close(stepped, expect, rtol=0, atol=1e-5)
+        # Not by accident: at bias 0 the same weights compute something else.
+        for layer in bm.model.layers:
+            for name in ("fading_bias", "eidetic_bias"):
+                getattr(layer.mixer, name).zero_()
+        assert (bm(x).logits - expect).abs().max() > 1e-3
+
+
+def test_one_bmojo_layer_with_a_dominant_self_fading_key_is_its_mamba2_mixer():
+    """Mamba-2 is a special case of one ``bmojo`` layer: with the self fading key, ``q_proj = 0`` (every logit is
+    its bias), ``self_fading_bias = +1e4`` (every other weight is exp(-1e4) = 0 in float64) and ``v_proj = o_proj
+    = I`` (``Hkv * D = d``), each bmojo layer outputs its fading token ``f_i``, which is what its ``ssm``
+    (a ``Mamba2Mixer``) computes: the model equals the all-``ssm`` model holding those SSM weights, parallel
+    forward and decoding, across chunk boundaries and memory eviction (fading keys and the memory stay on)."""
+    options = dict(num_key_value_heads=4, fading_self_key=True, key_set_bias=True)
+    bm = _model(**options)
+    d = bm.config.hidden_size
+    assert bm.config.num_key_value_heads * bm.config.head_dim == d == bm.config.num_attention_heads * bm.config.head_dim
+    with torch.no_grad():
+        for layer in bm.model.layers:
+            layer.mixer.q_proj.weight.zero_()
+            layer.mixer.v_proj.weight.copy_(torch.eye(d))
+            layer.mixer.o_proj.weight.copy_(torch.eye(d))
+            layer.mixer.self_fading_bias.fill_(1e4)
+    mamba = _model(layers_block_type=["ssm", "ssm"], **options)
+    ssm_weights = {n.replace(".mixer.ssm.", ".mixer."): w for n, w in bm.state_dict().items()
+                   if ".mixer." not in n or ".mixer.ssm." in n}
+    mamba.load_state_dict(ssm_weights)  # strict: exactly the SSM model's parameters
+    cfg = bm.config
+    length = 2 * cfg.window_size + 6 * cfg.chunk_size + 3
+    x = _tokens(2, length)
+    with torch.no_grad():
+        expect = mamba(x).logits
+        torch.testing.assert_close(bm(x).logits, expect, rtol=0, atol=0)
+        caches = [BMojoCache.empty(m.config, 2, dtype=torch.float64) for m in (bm, mamba)]
+        stepped = [torch.cat([m(x[:, t : t + 1], cache=c).logits for t in range(length)], 1)
+                   for m, c in zip((bm, mamba), caches)]
+        torch.testing.assert_close(stepped[0], stepped[1], rtol=0, atol=0)
+        torch.testing.assert_close(stepped[0], expect, rtol=1e-12, atol=1e-12)
+        # Not by accident: at self bias 0 the layer mixes in the window and the memories.
+        for layer in bm.model.layers:
+            layer.mixer.self_fading_bias.zero_()
+        assert (bm(x).logits - expect).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(

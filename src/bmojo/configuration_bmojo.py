@@ -12,6 +12,12 @@ One config describes every member of the family through a per-layer type list (t
 | all ``"bmojo"``                     | ``memory_size=0``                    | B'MOJO-F (fading memory only) |
 | all ``"bmojo"``                     | ``use_fading=False, memory_size=0``  | sliding-window attention      |
 | all ``"bmojo"``                     | ``memory_size>0``                    | B'MOJO                        |
+| all ``"bmojo"``                     | ``key_set_bias``, init ``-30`` (a)   | sliding-window attention      |
+| all ``"bmojo"``                     | ``fading_self_key``, weights (b)     | Mamba-2 (one SSM per layer)   |
+
+(a) ``key_set_bias_init = layers.bmojo.SWA_EQUIVALENT_KEY_SET_BIAS``: equal to float32 rounding, whatever the
+other settings. (b) ``key_set_bias``, ``Hkv * head_dim = hidden_size``, ``q_proj = 0``, ``v_proj = o_proj =
+I``, ``self_fading_bias = +1e4``: each layer outputs its SSM's output (exactly, in float64).
 """
 
 from __future__ import annotations
@@ -216,8 +222,10 @@ class BMojoConfig(PretrainedConfig):
         return self.memory_size > 0
 
     def layer_has_ssm(self, layer_type: str) -> bool:
-        # A bmojo layer needs its SSM for the fading tokens and for the innovation test.
-        return layer_type == "ssm" or (layer_type == "bmojo" and (self.use_fading or self.eidetic))
+        # A bmojo layer needs its SSM for the fading tokens (also the self fading key) and for the innovation test.
+        return layer_type == "ssm" or (
+            layer_type == "bmojo" and (self.use_fading or self.eidetic or self.fading_self_key)
+        )
 
     # Validation --------------------------------------------------------------------------------------------------
     # Long on purpose: one check per field, each error naming the field and its rule.

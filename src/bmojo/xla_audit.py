@@ -47,8 +47,13 @@ GATHER_SCATTER_ORIGINS = {
 BATCH, LENGTH, PREFILL = 2, 22, 10
 
 
-def audit_config():
-    return preset_config("tiny", num_hidden_layers=3, layers_block_type=["bmojo", "attention", "ssm"])
+# The attention options of issue 11, all on: the tier also audits the graphs they add (per-head key-set biases in an
+# additive mask, the self fading key's diagonal block, unrotated eidetic queries).
+ATTENTION_OPTIONS = dict(key_set_bias=True, key_set_bias_init=-1.0, fading_self_key=True, eidetic_key_distance="zero")
+
+
+def audit_config(**overrides):
+    return preset_config("tiny", num_hidden_layers=3, layers_block_type=["bmojo", "attention", "ssm"], **overrides)
 
 
 def device() -> torch.device:

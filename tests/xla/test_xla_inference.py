@@ -55,9 +55,13 @@ def padded_eval_calls(model):
     return deltas
 
 
-@pytest.fixture(scope="module")
-def decode(model):
-    return xa.run_decode(model, TOKENS)
+@pytest.fixture(scope="module", params=["defaults", "attention-options"])
+def decode(request, model):
+    """Prefill and decode steps of the audited model, and of one with the attention options of issue 11 on."""
+    if request.param == "defaults":
+        return xa.run_decode(model, TOKENS)
+    torch.manual_seed(1)
+    return xa.run_decode(xa.to_xla(BMojoForCausalLM(xa.audit_config(**xa.ATTENTION_OPTIONS))).eval(), TOKENS)
 
 
 def test_eval_forward_is_one_graph_compiled_once(eval_calls):

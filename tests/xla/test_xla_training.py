@@ -20,10 +20,11 @@ STEPS = 8  # 2 warm-up steps + 6 that must hit the cache
 WARMUP = 2  # step 0 creates the .grad and optimizer-state tensors, step 1 runs with them as device data
 
 
-@pytest.fixture(scope="module")
-def run():
+@pytest.fixture(scope="module", params=[{}, xa.ATTENTION_OPTIONS], ids=["defaults", "attention-options"])
+def run(request):
+    """The audited model's training steps, with today's defaults and with the attention options of issue 11."""
     torch.manual_seed(0)
-    model = xa.to_xla(BMojoForCausalLM(xa.audit_config()))
+    model = xa.to_xla(BMojoForCausalLM(xa.audit_config(**request.param)))
     return xa.run_training(model, STEPS)
 
 

@@ -7,7 +7,9 @@ The layer's Mamba-2 SSM (``layers/ssm.py``) reads the input and emits one *fadin
 attention (``layers/attention.py``) then covers three key sets: the in-context window ``[i-W+1, i]``, the fading
 tokens of the span that just left the window ``[i-2W+1, i-W]`` (projected by the same key/value weights), and the
 eidetic memory (``layers/eidetic.py``) of tokens the SSM found hard to predict. Eidetic keys are scored as if they
-sat exactly ``2W`` before the query, so the distances a model sees on long inputs never exceed those of training.
+sat exactly ``2W`` before the query, so the distances a model sees on long inputs never exceed those of training
+(or, with ``eidetic_key_distance="zero"``, at distance 0: unrotated query against unrotated key). With
+``fading_self_key`` query ``i`` also attends its own fading token ``f_i`` (distance 0).
 
 With ``key_set_bias`` each key set but the window gets a learned logit bias per query head (``fading_bias``,
 ``self_fading_bias``, ``eidetic_bias``); at ``SWA_EQUIVALENT_KEY_SET_BIAS`` the layer computes sliding-window
@@ -30,10 +32,10 @@ from .ssm import Mamba2Mixer, SSMState
 
 # key_set_bias_init at which a B'MOJO layer equals sliding-window attention with the same q/k/v/o weights (to float32
 # rounding): every fading / eidetic logit is lowered by 30, so their joint weight is at most N * exp(gap - 30) for N
-# such keys whose scores exceed the window's by at most ``gap`` (e.g. 4096 keys, gap 10: 8e-6). Exact in bfloat16
-# (-30 = -1.875 * 2^4), and far above the dtype minimum that marks masked entries. The price: the
-# gradient of these biases is proportional to that weight (~1e-13 per key), so training that should open the
-# memories must raise the biases first (e.g. to about -8) rather than wait for the gradient to do it.
+# such keys whose scores exceed the window's best by at most ``gap`` (e.g. 4096 keys, gap 10: 8e-6; at -20 the same
+# keys would weigh 0.2). Exact in bfloat16 (-30 = -1.875 * 2^4), and far above the dtype minimum that marks masked
+# entries. The price: these biases' gradients are proportional to that weight (~1e-13 per key), below AdamW's eps,
+# so a run that should open the memories has to raise the biases itself rather than wait for the gradient.
 SWA_EQUIVALENT_KEY_SET_BIAS = -30.0
 
 
@@ -59,6 +61,8 @@ class BMojoMixer(SlidingWindowAttention):
         super().__init__(config)
         self.use_fading = config.use_fading
         self.use_eidetic = config.eidetic
+        self.fading_self_key = config.fading_self_key
+        self.eidetic_key_distance = config.eidetic_key_distance
         self.ssm = Mamba2Mixer(config) if config.layer_has_ssm("bmojo") else None
         if self.use_eidetic:
             self.memory_size = config.memory_size
@@ -77,6 +81,12 @@ class BMojoMixer(SlidingWindowAttention):
     def initial_key_set_bias(config) -> torch.Tensor:
         """``[num_attention_heads]`` filled with ``key_set_bias_init`` (float32)."""
         return torch.full((config.num_attention_heads,), float(config.key_set_bias_init))
+
+    def _eidetic_query(self, q: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """The query ``q [B, L, H, D]`` (unrotated) that scores the unrotated eidetic keys: rotated by ``2W``
+        (``eidetic_key_distance="window"``: every slot sits exactly ``2W`` before the query), or as it is
+        (``"zero"``: distance 0, a pure content match)."""
+        return q if self.eidetic_key_distance == "zero" else apply_rope(q, rope.eid_cos, rope.eid_sin)
 
     def _key_set_biases(self) -> dict[str, torch.Tensor]:
         """The attention op's bias keywords for the biases this layer holds (none without ``key_set_bias``)."""
@@ -112,9 +122,14 @@ class BMojoMixer(SlidingWindowAttention):
         if self.ssm is not None:  # its output is the fading tokens
             f, _, ssm_state = self.ssm(h, info)
         k_fade = v_fade = None
-        if self.use_fading:
-            kf, v_fade = self._kv(f)  # the fading path shares the key/value weights
-            k_fade = apply_rope(kf, rope.cos, rope.sin)
+        options = self._key_set_biases()
+        if self.use_fading or self.fading_self_key:
+            kf, vf = self._kv(f)  # the fading path shares the key/value weights
+            kf = apply_rope(kf, rope.cos, rope.sin)
+            if self.use_fading:
+                k_fade, v_fade = kf, vf
+            if self.fading_self_key:  # query i's own fading token f_i, rotated at i: distance 0
+                options.update(k_self=kf, v_self=vf)
         aux = q_eid = memory = eidetic = None
         if self.use_eidetic:
             f_prev = F.pad(f, [0, 0, 1, 0])[:, :length]  # f_{t-1}; zeros before the first token
@@ -122,11 +137,10 @@ class BMojoMixer(SlidingWindowAttention):
             aux = innovation_loss(err, info.valid)
             scores = selection_scores(err, info.valid)
             picks, memory = select(scores, k, v, self.chunk_size, self.selections, self.memory_size)
-            # Eidetic scores use the unrotated query against the key rotated to position -2W: a fixed distance.
-            q_eid = apply_rope(q, rope.eid_cos, rope.eid_sin)
+            q_eid = self._eidetic_query(q, rope)
             if info.collect_state:
                 eidetic = EideticState.from_prefill(picks, memory, f, info.lengths, self.chunk_size)
-        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **self._key_set_biases())
+        out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **options)
         state = None
         if info.collect_state:
             ring = self.ring_from_prefill(k_rot, v, info, k_fade, v_fade)
@@ -140,13 +154,18 @@ class BMojoMixer(SlidingWindowAttention):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         write = self._write_ring(state.attention, positions, k_rot, v)
         f = self.ssm.step(h, state.ssm, positions, rope) if self.ssm is not None else None
-        if self.use_fading:
+        options = self._key_set_biases()
+        if self.use_fading or self.fading_self_key:
             kf, vf = self._kv(f[:, None])
-            self._put(state.attention.ring_kf, write, apply_rope(kf, rope.cos, rope.sin)[:, 0])
-            self._put(state.attention.ring_vf, write, vf[:, 0])
+            kf, vf = apply_rope(kf, rope.cos, rope.sin)[:, 0], vf[:, 0]
+            if self.use_fading:
+                self._put(state.attention.ring_kf, write, kf)
+                self._put(state.attention.ring_vf, write, vf)
+            if self.fading_self_key:
+                options.update(k_self=kf, v_self=vf)
         q_eid = memory = None
         if self.use_eidetic:
             score = self._innovation(state.eidetic.prev_f, k).float()
             memory = state.eidetic.step(k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size)
-            q_eid = apply_rope(q[:, None], rope.eid_cos, rope.eid_sin)[:, 0]
-        return self._attend_step(q_rot, positions, state.attention, q_eid, memory, **self._key_set_biases())
+            q_eid = self._eidetic_query(q[:, None], rope)[:, 0]
+        return self._attend_step(q_rot, positions, state.attention, q_eid, memory, **options)

@@ -99,7 +99,8 @@ class EideticState(InferenceState):
 
     def _store(self, prefix: str, slots: EideticMemory) -> None:
         for name, t in zip(EideticMemory._fields, slots):
-            getattr(self, f"{prefix}_{name}").copy_(t)
+            if t is not None:  # a None field (bias) is absent
+                getattr(self, f"{prefix}_{name}").copy_(t)
 
     @classmethod
     def allocate(cls, config, batch_size: int, device=None, dtype=torch.float32) -> "EideticState":
@@ -107,7 +108,7 @@ class EideticState(InferenceState):
         mem = empty_slots(batch_size, config.memory_size, features, device=device, dtype=dtype)
         run = empty_slots(batch_size, config.selections_per_chunk, features, device=device, dtype=dtype)
         prev_f = torch.zeros(batch_size, config.hidden_size, device=device, dtype=dtype)
-        return cls(*mem, *run, prev_f)
+        return cls(*mem[:4], *run[:4], prev_f)  # k, v, pos, score: empty slots have no bias
 
     @classmethod
     def from_prefill(cls, picks: EideticMemory, seen: EideticMemory, f, lengths, chunk_size: int) -> "EideticState":
@@ -121,7 +122,9 @@ class EideticState(InferenceState):
 
         idx = (lengths - 1)[:, None, None].expand(-1, 1, f.shape[-1])
         prev_f = torch.gather(f, 1, idx)[:, 0].clone()
-        return cls(*map(at_chunk, seen), *map(at_chunk, picks), prev_f)
+        mem = [at_chunk(f) for f in seen if f is not None]  # a None field (bias) is absent
+        run = [at_chunk(f) for f in picks if f is not None]
+        return cls(*mem, *run, prev_f)
 
     def step(self, k, v, score, f, positions, chunk_size: int, selections: int, capacity: int) -> EideticMemory:
         """Token at ``positions [B, 1]`` with key/value ``k, v [B, Hkv, D]``, innovation ``score [B]`` and fading
@@ -133,8 +136,11 @@ class EideticState(InferenceState):
         mem, run = self.memory, self.running
         merged = merge_slots(mem, run, capacity)
         fresh = empty_slots(k.shape[0], selections, run.k.shape[-1], device=k.device, dtype=run.k.dtype)
-        self._store("mem", EideticMemory(*(where_rows(boundary, a, b) for a, b in zip(merged, mem))))
-        run = EideticMemory(*(where_rows(boundary, a, b) for a, b in zip(fresh, run)))
+        def pick(a, b):  # a None field (bias) is absent
+            return None if a is None else where_rows(boundary, a, b)
+
+        self._store("mem", EideticMemory(*(pick(a, b) for a, b in zip(merged, mem))))
+        run = EideticMemory(*(pick(a, b) for a, b in zip(fresh, run)))
         new = EideticMemory(k.flatten(-2)[:, None], v.flatten(-2)[:, None], positions, score[:, None])
         self._store("run", merge_slots(run, new, selections))
         self.prev_f.copy_(f)

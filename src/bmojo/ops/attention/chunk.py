@@ -17,9 +17,9 @@ concatenated along the feature axis, ``[q_rot | q_eid]`` against ``[k | 0]`` for
 padding, fading or memory is plain causal attention: one ``is_causal`` call over the whole sequence.
 
 The self fading key (``k_self``: query ``i``'s own fading token) is one more block of ``C`` keys per chunk, the
-chunk's own self keys, under a diagonal mask. Logit biases (per head for a key set, per slot for the memory) turn
-the boolean mask into an additive float mask: ``bias`` where visible, the dtype's minimum where masked (exactly zero
-weight, since every row sees its own key). Without biases the boolean mask is kept.
+chunk's own self keys, under a diagonal mask. Logit biases (per head for a key set, per slot for the memory:
+``memory.bias``) turn the boolean mask into an additive float mask: ``bias`` where visible, the dtype's minimum
+where masked (exactly zero weight, since every row sees its own key). Without biases the boolean mask is kept.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def bmojo_attention_chunked(
         q_eid: ``[B, L, H, D]`` queries for the eidetic scores.
         memory: ``EideticMemory`` with ``k, v [B, nC, M, Hkv, D]``, ``pos, score [B, nC, M]``: the eidetic memory
             seen by each chunk (``nC = ceil(L / chunk_size)``). Slot ``m`` is visible to query ``i`` iff it is
-            valid (``score >= 0``) and ``pos <= i - W``.
+            valid (``score >= 0``) and ``pos <= i - W``. ``memory.bias [B, nC, M]`` (or ``None``) is added to the
+            slots' logits.
         key_mask: ``[B, L]`` bool, ``False`` at padding keys.
         fading_bias, self_bias, eidetic_bias: ``[H]`` logit biases per query head, or ``None``; see the reference.
         k_self, v_self: ``[B, L, Hkv, D]`` the self fading key and value of each query, or ``None``.
@@ -156,7 +157,11 @@ def bmojo_attention_chunked(
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
         masks.append(eid_mask)
-        biases.append(head_bias(eidetic_bias))
+        eid_bias = head_bias(eidetic_bias)
+        if memory.bias is not None:  # per slot (learned selection): [B, nC, M] -> [B, nC, 1, 1, M]
+            slot_bias = memory.bias.to(ctype)[:, :, None, None, :]
+            eid_bias = slot_bias if eid_bias is None else eid_bias + slot_bias
+        biases.append(eid_bias)
 
     biased = any(b is not None for b in biases)
     if sdpa:

@@ -100,7 +100,10 @@ def bmojo_attention_ref(
         seen = torch.arange(length, device=q.device) // chunk_size  # query i sees memory[:, i // C]
         mem_k, mem_v = memory.k[:, seen], memory.v[:, seen]  # [B, L, M, Hkv, D]
         em = memory.valid[:, seen] & (memory.pos[:, seen] <= i - window)  # [B, L, M]
-        blocks.append(biased(torch.einsum("bihd,bimhd->bhim", q_eid.to(ctype), up(mem_k)) * scale, eidetic_bias))
+        eid = biased(torch.einsum("bihd,bimhd->bhim", q_eid.to(ctype), up(mem_k)) * scale, eidetic_bias)
+        if memory.bias is not None:  # per slot (learned selection)
+            eid = eid + memory.bias[:, seen].to(ctype)[:, None]
+        blocks.append(eid)
         weigh.append(lambda p: torch.einsum("bhim,bimhd->bihd", p, up(mem_v)))
         masks.append(em)
     s = torch.cat([b.masked_fill(~m[:, None], neg) for b, m in zip(blocks, masks)], dim=-1)

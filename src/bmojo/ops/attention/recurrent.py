@@ -36,7 +36,8 @@ def bmojo_attention_step(
             (``-1`` = empty). ``R >= W`` (``R >= 2W`` with fading).
         ring_k_fade, ring_v_fade: ``[B, R, Hkv, D]`` fading keys/values in the same ring, or ``None``.
         q_eid: ``[B, H, D]``; memory: ``EideticMemory`` with ``k, v [B, M, Hkv, D]``, ``pos, score [B, M]``
-            (the same type as the chunked form's, for one position).
+            (the same type as the chunked form's, for one position); ``memory.bias [B, M]`` (or ``None``) is added
+            to the slots' logits.
         fading_bias, self_bias, eidetic_bias: ``[H]`` logit biases per query head, or ``None``.
         k_self, v_self: ``[B, Hkv, D]`` the query's own fading key (rotary applied) and value, or ``None``.
 
@@ -73,7 +74,10 @@ def bmojo_attention_step(
         values.append(weighted(v_self[:, None]))
     if memory is not None:
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
-        scores.append(biased(score(q_eid, mem_k), eidetic_bias))
+        eid = biased(score(q_eid, mem_k), eidetic_bias)
+        if memory.bias is not None:  # per slot [B, M] (learned selection)
+            eid = eid + memory.bias.to(ctype)[:, None, None, :]
+        scores.append(eid)
         masks.append((mem_valid & (mem_pos <= positions[:, None] - window))[:, None, None])
         values.append(weighted(mem_v))
     out = joint_softmax(scores, masks, values, q.dtype)

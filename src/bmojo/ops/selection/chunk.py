@@ -78,10 +78,11 @@ def memory_per_chunk(candidates: EideticMemory, capacity: int) -> tuple[EideticM
     seen = []
     # A recurrence over chunks (trip count fixed by the shape), over unbind(1) views: indexing ``field[:, c]``
     # would make each step's backward materialise a zero tensor of the whole input (quadratic in L).
-    for chunk_picks in zip(*(field.unbind(1) for field in candidates)):
+    # A None field (EideticMemory.bias) is absent: it stays None.
+    for chunk_picks in zip(*(field.unbind(1) for field in candidates if field is not None)):
         seen.append(memory)
         memory = merge_slots(memory, EideticMemory(*chunk_picks), capacity)
-    stacked = EideticMemory(*(torch.stack(fields, dim=1) for fields in zip(*seen)))
+    stacked = EideticMemory(*(None if fields[0] is None else torch.stack(fields, dim=1) for fields in zip(*seen)))
     return stacked, memory
 
 

@@ -12,12 +12,14 @@ INVALID_SCORE = -1.0  # innovation scores are squared errors (>= 0); -1 marks an
 class EideticMemory(NamedTuple):
     """A fixed-size set of remembered tokens (the eidetic memory, or a chunk's picks): ``k, v [..., S, F]``
     (``F`` features, or ``Hkv, D`` heads for the attention ops), ``pos [..., S]`` (long), ``score [..., S]``
-    (float32; ``INVALID_SCORE`` marks an empty slot). The memory argument of every attention form."""
+    (float32; ``INVALID_SCORE`` marks an empty slot), ``bias [..., S]`` (float32) or ``None``: added to each slot's
+    eidetic logit. The memory argument of every attention form."""
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
     score: torch.Tensor
+    bias: torch.Tensor | None = None  # [..., S] float32 logit bias per slot (learned_selection), or None
 
     @property
     def valid(self) -> torch.Tensor:
