@@ -95,6 +95,19 @@ def test_window_rounds_up_and_limits_the_context(tmp_path):
     assert max_logit_error(source, narrow, 20) > 1e-2  # beyond the window it is a window-limited model
 
 
+def test_the_self_fading_key_is_silenced_too(tmp_path):
+    """With ``fading_self_key`` every query sees its own fading token, inside the window too: only its key-set
+    bias keeps the converted model equal to the source there."""
+    source = source_model("llama")
+    converted, _ = convert(tmp_path, source, "--set", "fading_self_key=true")
+    assert converted.config.fading_self_key and converted.model.layers[0].mixer.self_fading_bias.eq(-30).all()
+    assert max_logit_error(source, converted, 24) <= 1e-4
+    with torch.no_grad():
+        for layer in converted.model.layers:
+            layer.mixer.self_fading_bias.fill_(0.0)
+    assert max_logit_error(source, converted, 24) > 1e-3  # the check can fail: open, the self key changes logits
+
+
 def test_layer_pattern_is_respected(tmp_path):
     source = source_model("llama", num_hidden_layers=4)
     converted, _ = convert(tmp_path, source, "--layers", "attention,bmojo")
