@@ -16,6 +16,7 @@ else changes in a sharded model.
 |---|---|---|---|
 | attention | ``q_proj.weight`` | rows (column-parallel) | query heads ``[r*Hq/tp, (r+1)*Hq/tp)`` |
 | attention | ``k_proj``, ``v_proj`` ``.weight`` | rows (column-parallel) | key/value heads ``[r*Hkv/tp, ...)`` |
+| attention | ``q_proj``, ``k_proj``, ``v_proj`` ``.bias`` (``attention_bias``) | by output row | its heads' entries |
 | attention | ``innovation_predictor.weight/.bias`` | rows (column-parallel) | the same key heads |
 | attention | ``o_proj.weight`` | columns (row-parallel) | its query heads' inputs |
 | attention | ``fading_bias``, ``self_fading_bias``, ``eidetic_bias`` (``key_set_bias``) | by head | its query heads |
@@ -122,6 +123,8 @@ def attention_rules(config: BMojoConfig, layer_type: str) -> dict[str, Split]:
         "v_proj.weight": _column(kv),
         "o_proj.weight": _row(q),
     }
+    if config.attention_bias:  # cut like the output rows they are added to
+        rules.update({"q_proj.bias": _column(q), "k_proj.bias": _column(kv), "v_proj.bias": _column(kv)})
     if layer_type == "bmojo" and config.eidetic:
         rules["innovation_predictor.weight"] = _column(kv)
         rules["innovation_predictor.bias"] = _column(kv)
