@@ -403,7 +403,7 @@ def run_path(out: Path, s: Settings, variant: str, lr: float, seed: int) -> Path
     return out / s.study / variant / f"lr={lr:g}_seed={seed}.json"
 
 
-def run_spec(s: Settings, variant: str, overrides: dict, config: BMojoConfig, lr: float, seed: int) -> dict:
+def run_spec(s: Settings, variant: str, overrides: dict, config, lr: float, seed: int) -> dict:
     """What a run's result depends on; a finished run is reused only when its spec is this one."""
     return json.loads(
         json.dumps(
@@ -411,7 +411,7 @@ def run_spec(s: Settings, variant: str, overrides: dict, config: BMojoConfig, lr
                 settings=asdict(s),
                 variant=variant,
                 overrides=overrides,
-                intermediate_size=config.intermediate_size,
+                intermediate_size=getattr(config, "intermediate_size", None),
                 lr=lr,
                 seed=seed,
             )
@@ -476,7 +476,10 @@ def plan(s: Settings, variants, lrs, seeds, out: Path):
     for name in variants:
         if name not in ALL_VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}")
-        configs[name] = matched_config(s, ALL_VARIANTS[name])
+        try:
+            configs[name] = matched_config(s, ALL_VARIANTS[name])
+        except ValueError as error:  # the run fails the same way and records it
+            configs[name] = error
     todo = []
     for seed in seeds:
         for name, config in configs.items():
@@ -499,6 +502,9 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
     configs, todo = plan(s, variants, lrs, seeds, out)
     print(f"study {s.study}: base B'MOJO fields {base_fields(s)}; {s.steps} steps of {s.batch_size} x {s.seq_len}")
     for name, config in configs.items():
+        if isinstance(config, Exception):
+            print(f"  {name:18s} cannot be built: {config}")
+            continue
         print(
             f"  {name:18s} {parameter_count(config):>9,} parameters  state {state_bytes(config):>8,} B  "
             f"intermediate_size {config.intermediate_size}  overrides {ALL_VARIANTS[name]}"
