@@ -93,14 +93,26 @@ def test_an_option_that_changes_nothing_fails_the_run(monkeypatch):
 
 def _record(variant, lr, seed, val, test, status="ok"):
     spec = {"variant": variant, "lr": lr, "seed": seed}
-    return {"status": status, "spec": spec, "val_score": val, "test": {"a": test}, "parameters": 1,
-            "state_bytes": 2, "seconds": 3.0, "error": "E"}
+    return {
+        "status": status,
+        "spec": spec,
+        "val_score": val,
+        "test": {"a": test},
+        "parameters": 1,
+        "state_bytes": 2,
+        "seconds": 3.0,
+        "error": "E",
+    }
 
 
 def test_summary_picks_the_best_mean_validation_lr_and_reports_test_mean_and_sample_std():
     records = [
-        _record("x", 0.1, 0, 0.9, 0.10), _record("x", 0.1, 1, 0.1, 0.20), _record("x", 0.1, 2, 0.2, 0.30),
-        _record("x", 0.2, 0, 0.5, 0.5), _record("x", 0.2, 1, 0.5, 0.7), _record("x", 0.2, 2, 0.5, 0.9),
+        _record("x", 0.1, 0, 0.9, 0.10),
+        _record("x", 0.1, 1, 0.1, 0.20),
+        _record("x", 0.1, 2, 0.2, 0.30),
+        _record("x", 0.2, 0, 0.5, 0.5),
+        _record("x", 0.2, 1, 0.5, 0.7),
+        _record("x", 0.2, 2, 0.5, 0.9),
     ]  # lr 0.1 has the best single seed (0.9) but the worse mean (0.4 < 0.5)
     got = A.summarize(records, lower_is_better=False)["variants"]["x"]
     assert got["best_lr"] == 0.2 and got["seeds"] == [0, 1, 2]
@@ -125,8 +137,23 @@ def test_cli_screen_writes_tables_and_plots(tmp_path):
 
 
 def test_capacity_study_plots_accuracy_against_state_bytes(tmp_path):
-    A.main(["--study", "capacity", "--quick", "--screen", "--lrs", "0.001", "--out", str(tmp_path),
-            "--variants", "mamba2_N8", "swa_W8", "bmojo_v0_M4", "bmojo_v0_M8"])
+    A.main(
+        [
+            "--study",
+            "capacity",
+            "--quick",
+            "--screen",
+            "--lrs",
+            "0.001",
+            "--out",
+            str(tmp_path),
+            "--variants",
+            "mamba2_N8",
+            "swa_W8",
+            "bmojo_v0_M4",
+            "bmojo_v0_M8",
+        ]
+    )
     summary = json.loads((tmp_path / "capacity" / "summary.json").read_text())
     assert summary["variants"]["bmojo_v0_M8"]["state_bytes"] > summary["variants"]["bmojo_v0_M4"]["state_bytes"]
     assert (tmp_path / "capacity" / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,7 +168,12 @@ def test_lm_study_reports_perplexity_at_both_lengths_and_memory_off(tmp_path):
     (bmojo,) = A.run_study(s, ["bmojo_v0"], [1e-3], [0], tmp_path)
     assert bmojo["status"] == "ok", bmojo.get("traceback")
     long = s.eval_multiple * s.seq_len
-    assert set(bmojo["test"]) == {f"ppl@{s.seq_len}", f"ppl@{long}", f"ppl@{s.seq_len} memory off",
-                                  f"ppl@{long} memory off", f"memory off cost @{long} (%)"}
+    assert set(bmojo["test"]) == {
+        f"ppl@{s.seq_len}",
+        f"ppl@{long}",
+        f"ppl@{s.seq_len} memory off",
+        f"ppl@{long} memory off",
+        f"memory off cost @{long} (%)",
+    }
     assert all(1 < bmojo["test"][k] < 300 for k in bmojo["test"] if k.startswith("ppl"))
     assert bmojo["val_score"] == bmojo["val"][f"ppl@{s.seq_len}"]

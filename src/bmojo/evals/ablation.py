@@ -1,10 +1,10 @@
 """Ablation studies that decide B'MOJO's defaults: tasks x variants x learning rates x seeds, resumable.
 
-    python -m bmojo.evals.ablation --study recall --out /work/studies/recall --jobs 2      # the recall task mix
-    python -m bmojo.evals.ablation --study lm --out /work/studies/lm --jobs 2              # language modelling
-    python -m bmojo.evals.ablation --study capacity --out /work/studies/capacity --jobs 2  # accuracy vs state bytes
+    python -m bmojo.evals.ablation --study recall --out /work/studies --jobs 2    # the recall task mix
+    python -m bmojo.evals.ablation --study lm --out /work/studies --jobs 2        # language modelling
+    python -m bmojo.evals.ablation --study capacity --out /work/studies --screen  # accuracy vs state bytes
     python -m bmojo.evals.ablation --study recall --screen --variants bmojo_v0 bmojo_random ...  # 1 seed, a screen
-    python -m bmojo.evals.ablation --study recall --out DIR --summary-only                 # tables and plots again
+    python -m bmojo.evals.ablation --study recall --out /work/studies --summary-only  # tables and plots again
 
 A study trains every variant at every learning rate of one grid with every seed. A run is one (variant, lr, seed):
 it is written atomically to ``OUT/<study>/<variant>/lr=<lr>_seed=<seed>.json`` when it ends, so a killed study
@@ -38,14 +38,30 @@ Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
             M, the Transformer's full KV cache); accuracy at 16 pairs against decoding-state bytes
             (``state_bytes``: the float32 tensors of an empty ``BMojoCache``, batch 1), one plot.
 
-Measured on this 2-core machine (one thread per run, --jobs 2, other agents idle): see ``SIZING`` at the end of
-this docstring, filled in from the runs' own ``seconds``.
+Sizing (measured on this 2-core machine, one torch thread, machine otherwise idle; every run file records its own
+``seconds``, and ``summary.md`` has the mean per variant). Training step, ms (recall: 32 x 64 tokens; lm: 16 x 128):
 
-SIZING (seconds per run, one thread, --jobs 2 on 2 cores):
-  recall: transformer/swa ~70 s, mamba2 ~95 s, bmojo_f ~120 s, B'MOJO variants ~160 s (1,200 steps + eval)
-  lm:     transformer/swa ~30 s, mamba2 ~40 s, bmojo_f ~50 s, B'MOJO variants ~70 s (500 steps + eval)
-  The final comparison, 8 variants (mamba2 swa transformer bmojo_f and four B'MOJO variants) x 2 lrs x 3 seeds:
-  recall 48 runs ~ 100 CPU-min, lm 48 runs ~ 45 CPU-min: ~75 min with --jobs 2.
+    variant       recall step  lm step   recall run (1,200 steps + data + eval)   lm run (500 steps + eval)
+    transformer       44         44        ~60 s                                    ~30 s
+    swa               49         48        ~65 s                                    ~32 s
+    mamba2            73         65        ~100 s                                   ~42 s
+    bmojo_f           94         83        ~125 s                                   ~50 s
+    bmojo_v0         132        115        ~175 s                                   ~70 s   (B'MOJO variants alike)
+
+The final comparison, 8 variants (mamba2, swa, transformer, bmojo_f, bmojo_v0 and three B'MOJO options) x 2 lrs x
+3 seeds: recall 48 runs ~ 105 CPU-min, lm 48 runs ~ 43 CPU-min; ~75 min with ``--jobs 2`` on 2 free cores:
+
+    python -m bmojo.evals.ablation --study recall --out /work/studies --jobs 2 \
+        --variants mamba2 swa transformer bmojo_f bmojo_v0 bmojo_random bmojo_recency bmojo_learned
+    python -m bmojo.evals.ablation --study lm --out /work/studies --jobs 2 \
+        --variants mamba2 swa transformer bmojo_f bmojo_v0 bmojo_random bmojo_recency bmojo_learned
+    python -m bmojo.evals.ablation --study capacity --out /work/studies --jobs 2 --screen   # ~45 CPU-min
+
+(Runs already in ``/work/studies`` are skipped, so variants can be added to a finished study with the same command.)
+The budget is what this machine allows, not zoology's: 1,200 steps is 38,400 training examples, a small fraction
+of zoology's standard sweep (and 40% of mqar_sweep's 3,000 steps), so the comparison is one of learning at an equal,
+small budget; ``--steps`` scales every variant alike (a study's settings are part of each run file: runs made with other
+settings are refused, use another ``--out``).
 """
 
 from __future__ import annotations
