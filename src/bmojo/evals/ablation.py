@@ -296,9 +296,9 @@ def _schedule(optimizer, steps: int):
     )
 
 
-def _train(model, lr: float, s: Settings, seed: int, batches) -> float:
-    """AdamW over ``batches`` (an iterator of ``loss_fn() -> loss`` closures' inputs); returns the mean loss of the
-    last 10 steps."""
+def _train(model, lr: float, s: Settings, batches) -> float:
+    """AdamW (weight decay ``s.weight_decay``, gradients clipped at 1) over ``batches``, an iterator that yields
+    each step's loss (computed after the previous step); returns the mean loss of the last 10 steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
     schedule = _schedule(optimizer, s.steps)
     losses = []
@@ -363,7 +363,7 @@ def run_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
                 loss = loss + config.innovation_loss_weight * out.innovation_loss
             yield loss
 
-    final_loss = _train(model, lr, s, seed, batches())
+    final_loss = _train(model, lr, s, batches())
     val = recall_accuracy(model, recall_sets(s, "val"))
     return {
         "final_loss": final_loss,
@@ -403,7 +403,7 @@ def run_lm(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
             x = torch.stack([corpus.batch([w])[0, o : o + s.seq_len] for w, o in zip(windows, offsets)])
             yield model(input_ids=x, labels=x).loss  # includes the innovation loss, as `bmojo train`
 
-    final_loss = _train(model, lr, s, seed, batches())
+    final_loss = _train(model, lr, s, batches())
     batch_tokens = 8 * long
     val_ppl = perplexity_by_length(model, val, (s.seq_len,), batch_tokens)[s.seq_len]
     ppl = perplexity_by_length(model, test, (s.seq_len, long), batch_tokens)
