@@ -48,6 +48,9 @@ Sizing (measured on this 2-core machine, one torch thread, machine otherwise idl
     bmojo_f           94         83        ~125 s                                   ~50 s
     bmojo_v0         132        115        ~175 s                                   ~70 s   (B'MOJO variants alike)
 
+Under load (other agents' jobs, load average 5-10 on the 2 cores) the same runs took 2.5-3.5x longer: recall
+mamba2 340 s, bmojo_v0 486 s (``/work/studies/recall``, first runs of the base study).
+
 The final comparison, 8 variants (mamba2, swa, transformer, bmojo_f, bmojo_v0 and three B'MOJO options) x 2 lrs x
 3 seeds: recall 48 runs ~ 105 CPU-min, lm 48 runs ~ 43 CPU-min; ~75 min with ``--jobs 2`` on 2 free cores:
 
