@@ -29,11 +29,11 @@ from bmojo.parallel.tensor_parallel import resolve_backend
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
 
-# Every feature on (fading, eidetic memory, per-head key-set biases, MLP, GQA, tied embeddings) and every layer
-# type; two SSM groups so that TP=2 splits groups as well as heads.
+# Every feature on (fading, eidetic memory, per-head key-set biases, MLP, GQA, tied embeddings, query/key/value
+# biases) and every layer type; two SSM groups so that TP=2 splits groups as well as heads.
 MIXED = dict(
     layers_block_type=["bmojo", "attention", "ssm"], num_hidden_layers=3, ssm_ngroups=2, key_set_bias=True,
-    key_set_bias_init=-0.5,
+    key_set_bias_init=-0.5, attention_bias=True,
 )
 MAX_NORM = 0.05  # below the gradient norm (checked): clipping is active
 

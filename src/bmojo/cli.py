@@ -1,4 +1,5 @@
-"""The ``bmojo`` command: ``train``, ``eval``, ``generate``, ``export`` and ``tokenizer {train,inspect,encode}``.
+"""The ``bmojo`` command: ``train``, ``eval``, ``generate``, ``export``, ``convert`` and
+``tokenizer {train,inspect,encode}``.
 
 Errors in what the user gave (paths, data, settings, checkpoints) print one line ``bmojo: error: ...`` and exit
 with status 2 (3 when training diverged); anything else is a bug and keeps its traceback.
@@ -95,6 +96,26 @@ TRAIN_FLAGS = {
     "--bf16": dict(action="store_true", help="bfloat16 autocast"),
     "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
     "--zero1": dict(action="store_true", help="shard the AdamW state over the data-parallel processes (ZeRO-1)"),
+    "--init": dict(
+        metavar="DIR",
+        help="start from this B'MOJO directory's weights and configuration (`bmojo convert`'s output, a checkpoint "
+        "or a run), not a preset; its tokenizer unless --tokenizer",
+    ),
+    "--teacher": dict(
+        metavar="SRC", help="a transformers model directory: add KL(teacher || student) on the logits to the loss"
+    ),
+    "--distill-weight": dict(type=float, metavar="X", help="weight of the KL term (with --teacher)"),
+    "--trainable": dict(
+        metavar="GROUPS",
+        help="parameter groups that train, comma-separated: new (= ssm,memory), ssm, memory, attention, mlp, "
+        "norm, embeddings, all (bmojo.priming)",
+    ),
+    "--key-set-bias-start": dict(
+        type=float,
+        metavar="B",
+        help="a new run sets every key-set bias to B first: a converted model's sit at -30 where their gradient "
+        "vanishes; -2 lets the loss open the fading and eidetic memories (bmojo.evals.prime_study)",
+    ),
 }
 
 TRAIN_EXAMPLES = """examples:
@@ -105,6 +126,15 @@ TRAIN_EXAMPLES = """examples:
   bmojo train --config runs/notes/train_config.yaml --out runs/again   # the same run again
   torchrun --standalone --nproc_per_node=2 -m bmojo_cli train --out runs/ddp
   torchrun --standalone --nproc_per_node=4 -m bmojo_cli train --preset tiny --tp 2 --zero1 --out runs/tp
+  bmojo train --init bmojo-llama/ --teacher llama-dir/ --trainable new --data corpus/ --out runs/primed
+"""
+
+
+CONVERT_EXAMPLES = """examples:
+  bmojo convert --from llama-dir/ --out bmojo-llama/                        # every layer bmojo, window = context
+  bmojo convert --from mistral-dir/ --out bmojo-m/ --layers bmojo,attention  # alternate, Mistral's window
+  bmojo convert --from qwen2-dir/ --out bmojo-q/ --window 1024 --layers attention=0,23 --memory-size 64
+  bmojo train --init bmojo-llama/ --teacher llama-dir/ --trainable new --data corpus/ --out runs/primed
 """
 
 
@@ -255,6 +285,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    overrides = {}
+    for item in args.set or []:
+        name, sep, text = item.partition("=")
+        if not (sep and name):
+            raise BMojoError(f"--set expects NAME=VALUE (a B'MOJO model setting), got {item!r}")
+        overrides[name] = _parse_value(text)
+    if args.memory_size is not None:
+        overrides["memory_size"] = args.memory_size
+    if args.gate_init is not None:
+        overrides["key_set_bias_init"] = args.gate_init
+    config = convert(args.source, args.out, args.layers, args.window, args.chunk_size, overrides, args.seed)
+    kinds = ", ".join(f"{config.layers_block_type.count(t)} {t}" for t in ("bmojo", "attention"))
+    print(
+        f"converted {args.source} -> {args.out}: {config.num_hidden_layers} layers ({kinds}), window "
+        f"{config.window_size}, chunk {config.chunk_size}, memory {config.memory_size}; the same function as the "
+        f"source on inputs of up to {config.window_size} tokens. Prime it: bmojo train --init {args.out} "
+        f"--teacher {args.source} --trainable new --data ..."
+    )
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from .data import make_parent_dirs, read_documents, source_files
     from .tokenization import train_bpe
@@ -339,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for flag, options in TRAIN_FLAGS.items():
         default = getattr(defaults, flag[2:].replace("-", "_"))
-        shown = ", ".join(default) if isinstance(default, list) else default
+        shown = ", ".join(default) if isinstance(default, list) else (default if default != "" else "none")
         options = {**options, "help": f"{options['help']} (default: {shown})"}
         train.add_argument(flag, default=argparse.SUPPRESS, **options)
     train.add_argument(
@@ -420,6 +474,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--tokenizer", help="override the run's tokenizer")
     export.set_defaults(run=cmd_export)
+
+    conv = commands.add_parser(
+        "convert",
+        help="turn a transformers Llama / Mistral / Qwen2 directory into a B'MOJO that computes the same function",
+        description="Convert a local transformers checkpoint directory (config.json, safetensors, tokenizer) of "
+        "LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM into a B'MOJO directory that "
+        "BMojoForCausalLM.from_pretrained loads. The new paths (SSM fading keys, eidetic memory) start silenced "
+        "(key-set biases at --gate-init), so the result computes the source's logits on inputs of up to --window "
+        "tokens; then prime it with `bmojo train --init OUT --teacher SRC`.",
+        epilog=CONVERT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("--from", dest="source", required=True, metavar="SRC", help="the transformers model directory")
+    conv.add_argument("--out", required=True, metavar="DST", help="the directory to write (new, or empty)")
+    conv.add_argument(
+        "--layers",
+        metavar="PATTERN",
+        help="which layers become bmojo and which stay attention: a list of types repeated over the layers "
+        "('bmojo,attention' alternates, starting with layer 0) or TYPE=INDICES ('bmojo=0,4-7': those layers bmojo, "
+        "the rest attention; 'attention=0,31': the reverse) (default: every layer bmojo)",
+    )
+    conv.add_argument(
+        "--window",
+        type=_int_at_least(1),
+        metavar="W",
+        help="attention window, a multiple of --chunk-size; exact for inputs up to W tokens (default: the source's "
+        "sliding_window, else its max_position_embeddings rounded up to a multiple of the chunk size)",
+    )
+    conv.add_argument(
+        "--chunk-size", type=_int_at_least(1), default=128, metavar="C", help="chunk of the scans (default: 128)"
+    )
+    conv.add_argument(
+        "--memory-size", type=_int_at_least(0), metavar="M", help="eidetic slots per bmojo layer (default: B'MOJO's)"
+    )
+    conv.add_argument(
+        "--gate-init",
+        type=float,
+        metavar="B",
+        help="initial per-head bias of the fading and eidetic logits (key_set_bias_init) (default: -30, where a "
+        "bmojo layer is sliding-window attention to float32 rounding)",
+    )
+    conv.add_argument(
+        "--set", action="append", metavar="NAME=VALUE", help="any other B'MOJO model setting, e.g. ssm_state_size=64"
+    )
+    conv.add_argument("--seed", type=int, default=0, help="initialization of the new parameters (default: 0)")
+    conv.set_defaults(run=cmd_convert)
 
     tok = commands.add_parser("tokenizer", help="train, inspect or apply a tokenizer", description="Tokenizers.")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")

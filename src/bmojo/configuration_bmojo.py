@@ -45,6 +45,8 @@ class BMojoConfig(PretrainedConfig):
         num_attention_heads (`int`): query heads.
         num_key_value_heads (`int`, *optional*): key/value heads (GQA); defaults to ``num_attention_heads``.
         head_dim (`int`, *optional*): defaults to ``hidden_size // num_attention_heads``.
+        attention_bias (`bool`): biases on the query, key and value projections (as Qwen2 has; ``bmojo convert``
+            sets it from the source). The output projection never has one.
         window_size (`int`): in-context window ``W``: query ``i`` sees tokens ``[i-W+1, i]``; a multiple of
             ``chunk_size``. With ``W >= L`` an ``attention`` layer is full causal attention.
         chunk_size (`int`): chunk ``C`` of the chunked SSD scan, of the chunked attention and of eidetic
@@ -114,6 +116,7 @@ class BMojoConfig(PretrainedConfig):
         num_attention_heads: int = 4,
         num_key_value_heads: int | None = None,
         head_dim: int | None = None,
+        attention_bias: bool = False,
         window_size: int = 128,
         chunk_size: int = 32,
         ssd_chunk_size: int | None = None,
@@ -162,6 +165,7 @@ class BMojoConfig(PretrainedConfig):
         self.head_dim = head_dim
         if self.head_dim is None and num_attention_heads > 0 and hidden_size % num_attention_heads == 0:
             self.head_dim = hidden_size // num_attention_heads
+        self.attention_bias = attention_bias
         self.window_size = window_size
         self.chunk_size = chunk_size
         self.ssd_chunk_size = ssd_chunk_size
@@ -319,6 +323,7 @@ class BMojoConfig(PretrainedConfig):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in (
+            "attention_bias",
             "learned_selection",
             "memory_reset_at_document",
             "memory_per_kv_head",

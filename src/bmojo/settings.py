@@ -52,6 +52,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_prompt: str = "def "
     sample_tokens: int = 300
+    # Priming (bmojo.priming): start from a B'MOJO directory's weights and configuration ("": a fresh model);
+    # distil from a transformers model directory ("": no teacher); which parameter groups train.
+    init: str = ""
+    teacher: str = ""
+    distill_weight: float = 1.0  # weight of KL(teacher || student) added to the loss (with a teacher)
+    trainable: str = "all"
+    # A new run sets every key-set bias (fading / eidetic logits) to this value before its first step; None: as
+    # loaded. A converted model's sit at -30, where their gradient vanishes (bmojo.convert.GATE_INIT).
+    key_set_bias_start: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -65,6 +74,7 @@ class TrainConfig:
             raise BMojoError(f"train.data must be a list of data sources (paths or 'stdlib'), got {cfg.data!r}")
         # Data paths are stored absolute, so the run's train_config.yaml (and --resume) work from any directory.
         cfg.data = [src if src == STDLIB else os.path.abspath(os.path.expanduser(src)) for src in cfg.data]
+        cfg.init, cfg.teacher = (os.path.abspath(os.path.expanduser(p)) if p else "" for p in (cfg.init, cfg.teacher))
         return cfg
 
     def validate(self, model_config: BMojoConfig, world_size: int) -> None:
@@ -87,6 +97,7 @@ class TrainConfig:
             "sample_tokens",
             "weight_decay",
             "grad_clip",
+            "distill_weight",
         ):
             check(getattr(self, name) >= 0, name, ">= 0")
         check(self.lr > 0, "lr", "> 0")
@@ -109,6 +120,16 @@ class TrainConfig:
             f"at least model.chunk_size ({model_config.chunk_size}): a sequence must hold a whole chunk",
         )
         check(self.dtype in ("float32", "float64"), "dtype", "float32 or float64")
+        if self.key_set_bias_start is not None:
+            value = self.key_set_bias_start
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            check(number and math.isfinite(value), "key_set_bias_start", "a finite number")
+        from .priming import parse_trainable
+
+        try:
+            parse_trainable(self.trainable)
+        except ValueError as exc:
+            raise BMojoError(f"train.trainable (--trainable): {exc}") from None
         check(self.device == "cpu" or self.dtype == "float32", "dtype", "float32 on xla")
         self._check_parallel(model_config, world_size)
         dp_size = world_size // self.tp

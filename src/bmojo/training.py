@@ -55,6 +55,7 @@ from .parallel.tensor_parallel import clip_grad_norm_ as parallel_clip_grad_norm
 from .parallel.tensor_parallel import parallel_context
 from .parallel.training import is_parallel_checkpoint
 from .plotting import plot_loss_curve
+from .priming import distill_loss, load_teacher, set_key_set_biases, set_trainable
 from .processes import Processes, all_sum, default_threads
 from .run_directory import (
     Interrupted,
@@ -150,6 +151,22 @@ def make_optimizer(model, cfg: TrainConfig, ctx=None, nxd=None) -> torch.optim.O
     return ptrain.build_optimizer(groups, ctx, cfg.zero1, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+def load_init(model: BMojoForCausalLM, directory: Path) -> None:
+    """``--init``: the weights of ``directory`` (a checkpoint of any TP degree, or ``bmojo convert``'s output)
+    into ``model``, whose configuration may differ only where no parameter's shape depends on it."""
+    from .parallel.convert import load_full_state_dict
+
+    ckpt.verify_checkpoint(directory)
+    _, state = load_full_state_dict(directory)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise BMojoError(f"the weights in {directory} do not fit the model: {str(exc).splitlines()[-1].strip()}")
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise BMojoError(f"the weights in {directory} do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resolving the settings
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,6 +181,7 @@ class RunPlan:
     model_settings: dict
     checkpoint: Path | None = None
     damaged: list[Path] = field(default_factory=list)
+    init: Path | None = None  # --init: the checkpoint whose weights a new run starts from
 
 
 def _resolve(procs: Processes, preset, model_overrides: dict, train_overrides: dict, resume: bool, allow_changes: bool):
@@ -174,11 +192,36 @@ def _resolve(procs: Processes, preset, model_overrides: dict, train_overrides: d
         if ckpt.list_checkpoints(out):
             raise BMojoError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
         cfg = TrainConfig.from_dict(train_overrides)
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        model_config = build_model_config(preset, model_overrides, tokenizer)
-        plan = RunPlan(cfg, tokenizer, model_config, preset or DEFAULT_PRESET, dict(model_overrides))
+        if cfg.init:
+            plan = _resolve_init(cfg, preset, model_overrides, "tokenizer" in train_overrides)
+        else:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+            model_config = build_model_config(preset, model_overrides, tokenizer)
+            plan = RunPlan(cfg, tokenizer, model_config, preset or DEFAULT_PRESET, dict(model_overrides))
     plan.cfg.validate(plan.model_config, procs.world_size)
     return plan
+
+
+def _resolve_init(cfg: TrainConfig, preset, model_overrides: dict, tokenizer_given: bool) -> RunPlan:
+    """A new run from ``--init``'s weights: its configuration (under ``model_overrides``) and, unless
+    ``--tokenizer`` is given, its tokenizer (the directory's own files, or its run's ``tokenizer/``)."""
+    if preset is not None:
+        raise BMojoError(f"--preset {preset} and --init both choose the model: give one of them")
+    checkpoint = ckpt.resolve_checkpoint(cfg.init)
+    if not tokenizer_given:
+        places = (Path(cfg.init), checkpoint, ckpt.run_dir_of(checkpoint) / "tokenizer")
+        found = [d for d in places if _has_tokenizer(d)]
+        if not found:
+            raise BMojoError(f"--init {cfg.init}: no tokenizer there; pass --tokenizer")
+        cfg.tokenizer = str(found[0])
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model_config = build_model_config(None, model_overrides, tokenizer, saved=ckpt.load_config(checkpoint))
+    return RunPlan(cfg, tokenizer, model_config, None, dict(model_overrides), init=checkpoint)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "byte_tokenizer.json")
+    return directory.is_dir() and any((directory / name).is_file() for name in names)
 
 
 def _resolve_resume(out: Path, preset, model_overrides: dict, train_overrides: dict, allow_changes: bool, main: bool):
@@ -296,14 +339,25 @@ class Trainer:
         checkpoint = plan.checkpoint
         resuming_parallel = checkpoint is not None and is_parallel_checkpoint(checkpoint)
         self.parallel = cfg.tp > 1 or cfg.zero1 or cfg.dtype != "float32" or resuming_parallel
-        if self.nxd is not None:
-            self.model = self.nxd.build_model(plan.model_config, cfg.seed, cfg.dtype, checkpoint)
+        if self.nxd is not None:  # resuming: the checkpoint's weights; a new --init run: the --init directory's
+            self.model = self.nxd.build_model(plan.model_config, cfg.seed, cfg.dtype, checkpoint or plan.init)
         elif self.parallel:
-            self.model = ptrain.build_model(plan.model_config, ctx, cfg.seed, cfg.dtype, checkpoint)
+            self.model = ptrain.build_model(plan.model_config, ctx, cfg.seed, cfg.dtype, checkpoint or plan.init)
+        elif checkpoint is not None:
+            self.model = ckpt.load_model(checkpoint)
         else:
             torch.manual_seed(cfg.seed)
-            self.model = ckpt.load_model(checkpoint) if checkpoint is not None else BMojoForCausalLM(plan.model_config)
+            self.model = BMojoForCausalLM(plan.model_config)
+            if plan.init is not None:
+                load_init(self.model, plan.init)
+        if checkpoint is None and cfg.key_set_bias_start is not None:  # a new run (a resumed one has its own)
+            set_key_set_biases(self.model, cfg.key_set_bias_start)
+        self.trainable = set_trainable(self.model, cfg.trainable)  # before the optimizer: it takes these only
         device.place_model(self.model).train()
+        self.teacher = None
+        if cfg.teacher:  # frozen, in the student's parameter dtype
+            dtype = next(self.model.parameters()).dtype
+            self.teacher = device.place_model(load_teacher(cfg.teacher, plan.model_config.vocab_size, dtype))
         self.optimizer = make_optimizer(self.model, cfg, ctx, self.nxd)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.start, self.start_tokens = self._restore_or_start()
@@ -390,7 +444,10 @@ class Trainer:
     def _banner(self) -> str:
         cfg, corpus = self.cfg, self.corpus
         return (
-            f"run {self.out}: {sum(p.numel() for p in self.model.parameters()):,} parameters on "
+            f"run {self.out}: {sum(p.numel() for p in self.model.parameters()):,} parameters"
+            + (f" ({self.trainable:,} trainable: {cfg.trainable})" if cfg.trainable != "all" else "")
+            + (f", distilled from {cfg.teacher}" if cfg.teacher else "")
+            + " on "
             f"{self.device.torch_device} | {len(corpus.tokens):,} tokens ({len(corpus.train_windows):,} train / "
             f"{len(corpus.val_windows):,} val sequences of {cfg.seq_len}) | {self.procs.world_size} process(es) x "
             f"{torch.get_num_threads()} thread(s)"
@@ -408,17 +465,24 @@ class Trainer:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr  # a new Python float each step is a graph input on XLA, not a constant: no recompile
-        losses = torch.zeros(3, dtype=ptrain.DTYPES[cfg.dtype], device=self.device.torch_device)  # loss, lm, innov
+        # loss, lm, innovation, distillation
+        losses = torch.zeros(4, dtype=ptrain.DTYPES[cfg.dtype], device=self.device.torch_device)
         for k, x in enumerate(batch):
             # Gradients are averaged across processes once per step, on the last micro-batch.
             last = k == cfg.grad_accum - 1
             with nullcontext() if last or self.wrapped is model else self.wrapped.no_sync():
                 with self.autocast:
                     output = self.wrapped(input_ids=x, labels=x)
-                (output.loss / cfg.grad_accum).backward()
+                    loss, distill = output.loss, torch.zeros_like(output.loss)
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(input_ids=x).logits
+                        distill = distill_loss(output.logits, teacher_logits)
+                        loss = loss + cfg.distill_weight * distill
+                (loss / cfg.grad_accum).backward()
             has_innovation = output.innovation_loss is not None
             innovation = output.innovation_loss if has_innovation else torch.zeros_like(output.loss)
-            losses += torch.stack([output.loss, output.lm_loss, innovation]).detach().to(losses.dtype)
+            losses += torch.stack([loss, output.lm_loss, innovation, distill]).detach().to(losses.dtype)
         # The global batch's loss: all sequences have seq_len tokens, so it is the mean of the micro-batch means.
         losses = all_sum(losses, self.data_procs) / (cfg.grad_accum * self.data_procs.world_size)
         if self.nxd is not None:
@@ -442,7 +506,7 @@ class Trainer:
     def check_and_record(self, step: int, lr: float, losses, grad_norm, has_innovation: bool) -> None:
         """Runs when the step's values can be read: on the CPU before the update (a diverged update is never
         applied); on XLA as a step closure, after the step's graph ran (reading earlier would split it)."""
-        loss, lm_loss, innovation = losses.tolist()
+        loss, lm_loss, innovation, distill = losses.tolist()
         grad_norm = grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingDiverged(
@@ -456,6 +520,7 @@ class Trainer:
                 "loss": loss,
                 "lm_loss": lm_loss,
                 "innovation_loss": innovation if has_innovation else None,
+                "distill_loss": distill if self.teacher is not None else None,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens": self.tokens_after(step + 1),

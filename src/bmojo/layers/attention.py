@@ -51,9 +51,10 @@ class SlidingWindowAttention(nn.Module):
         self.chunk_size = config.chunk_size
         d = config.hidden_size
         q, kv = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(d, q, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
+        bias = config.attention_bias  # query/key/value biases (Qwen2); the fading path shares them
+        self.q_proj = nn.Linear(d, q, bias=bias)
+        self.k_proj = nn.Linear(d, kv, bias=bias)
+        self.v_proj = nn.Linear(d, kv, bias=bias)
         self.o_proj = nn.Linear(q, d, bias=False)
 
     @property

@@ -16,6 +16,7 @@ else changes in a sharded model.
 |---|---|---|---|
 | attention | ``q_proj.weight`` | rows (column-parallel) | query heads ``[r*Hq/tp, (r+1)*Hq/tp)`` |
 | attention | ``k_proj``, ``v_proj`` ``.weight`` | rows (column-parallel) | key/value heads ``[r*Hkv/tp, ...)`` |
+| attention | ``q_proj``, ``k_proj``, ``v_proj`` ``.bias`` (``attention_bias``) | by output row | its heads' entries |
 | attention | ``innovation_predictor.weight/.bias`` | rows (column-parallel) | the same key heads |
 | attention | ``o_proj.weight`` | columns (row-parallel) | its query heads' inputs |
 | attention | ``fading_bias``, ``self_fading_bias``, ``eidetic_bias`` (``key_set_bias``) | by head | its query heads |
@@ -123,6 +124,8 @@ def attention_rules(config: BMojoConfig, layer_type: str) -> dict[str, Split]:
         "v_proj.weight": _column(kv),
         "o_proj.weight": _row(q),
     }
+    if config.attention_bias:  # cut like the output rows they are added to
+        rules.update({"q_proj.bias": _column(q), "k_proj.bias": _column(kv), "v_proj.bias": _column(kv)})
     # Only the key predictor is sharded (by key heads). selection_score="next_input"'s input_predictor maps the
     # replicated fading token to the replicated layer input: it is replicated, its score needs no sum over ranks.
     if layer_type == "bmojo" and config.eidetic and config.selection_score == "key_prediction":

@@ -1,0 +1,749 @@
+"""Ablation studies that decide B'MOJO's defaults: tasks x variants x learning rates x seeds, resumable.
+
+    python -m bmojo.evals.ablation --study recall --out /work/studies --jobs 2    # the recall task mix
+    python -m bmojo.evals.ablation --study lm --out /work/studies --jobs 2        # language modelling
+    python -m bmojo.evals.ablation --study capacity --out /work/studies --screen  # accuracy vs state bytes
+    python -m bmojo.evals.ablation --study recall --screen --variants bmojo_v0 bmojo_random ...  # 1 seed, a screen
+    python -m bmojo.evals.ablation --study recall --out /work/studies --summary-only  # tables and plots again
+
+A study trains every variant at every learning rate of one grid with every seed. A run is one (variant, lr, seed):
+it is written atomically to ``OUT/<study>/<variant>/lr=<lr>_seed=<seed>.json`` when it ends, so a killed study
+restarts where it was (finished runs are skipped; a run whose file is unreadable, or that failed, is run again).
+A run that raises (an option not implemented in this code, say) is recorded with ``"status": "failed"`` and its
+error, and the study moves on. ``--jobs N`` runs N runs at once, in processes with one torch thread each.
+
+Fair comparison, by construction:
+  * Variants are named dicts of ``BMojoConfig`` overrides on top of one base B'MOJO config (``VARIANTS``); a new
+    option is a new entry. Every variant's MLP is widened until its parameter count reaches the base B'MOJO's
+    (``bmojo_v0``, today's defaults) to at least 98% of it (none may be 10% away, checked; options that add
+    parameters add a few hundred); the counts are printed before training.
+  * Every variant sees the same data (per seed), the same number of steps and tokens, and the same lr grid.
+  * A variant that sets an issue-11 option must change the model: if its parameters and its logits equal those
+    of the same config with the option at its default, the run fails ("changes nothing ... not implemented?")
+    instead of silently training today's model under a new name.
+  * Summary: for each variant the lr with the best mean over seeds on the VALIDATION split (recall: mean accuracy
+    over all validation sets; LM: validation perplexity), then mean +- std (sample std, ddof=1) over seeds on the
+    separate TEST split. Written to ``OUT/<study>/summary.{md,json}`` with plots.
+
+Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
+  recall    one model per run trained on a mix of the four tasks of ``bmojo.evals.recall`` (MQAR as zoology defines
+            it, long-gap MQAR with the queries 2W+2C after the pairs, key-overwrite MQAR, phonebook) at sequence
+            length 64, vocabulary 128, d=64, 2 layers, 2 heads, W=8, C=4, M=16, k=2, N=16, P=16 (mqar_sweep's
+            shape); 1,200 steps of 32 examples; lrs 3e-3, 1e-2; tested per task and number of pairs.
+  mqar      zoology's MQAR alone, the recall shape (training with 4, 8 and 16 pairs, tested at 2-16 pairs): the study
+            the issue-11 defaults were decided on, since 1,200 steps of the four-task mix leave Mamba-2 and SWA at
+            chance and the Transformer at 0.40 with 2 pairs (docs/ablation.md).
+  lm        byte-level LM on the embedded corpus (Python's standard library, as lm_compare) at L=128 with W=16,
+            C=8, M=8, k=2: L = 4*M*C/k, so every slot is evicted ~3 times per sequence; d=64, 2 layers; 500 steps of
+            16 x 128 tokens; lrs 1e-3, 3e-3. Test: perplexity at L and at 8L, and at 8L with the eidetic memory
+            switched off at evaluation (same weights, ``memory_size=0``: lm_compare's ablation).
+  capacity  MQAR alone (zoology's), the recall shape; each family at several state sizes (Mamba-2 N, SWA W, B'MOJO
+            M, the Transformer's full KV cache); accuracy at 16 pairs against decoding-state bytes
+            (``state_bytes``: the float32 tensors of an empty ``BMojoCache``, batch 1), one plot.
+
+Sizing (measured on this 2-core machine, one torch thread, machine otherwise idle; every run file records its own
+``seconds``, and ``summary.md`` has the mean per variant). Training step, ms (recall: 32 x 64 tokens; lm: 16 x 128):
+
+    variant       recall step  lm step   recall run (1,200 steps + data + eval)   lm run (500 steps + eval)
+    transformer       44         44        ~60 s                                    ~30 s
+    swa               49         48        ~65 s                                    ~32 s
+    mamba2            73         65        ~100 s                                   ~42 s
+    bmojo_f           94         83        ~125 s                                   ~50 s
+    bmojo_v0         132        115        ~175 s                                   ~70 s   (B'MOJO variants alike)
+
+Under load (other agents' jobs, load average 5-10 on the 2 cores) the same runs took 2.5-3.5x longer: recall
+mamba2 340 s, bmojo_v0 486 s (``/work/studies/recall``, first runs of the base study).
+
+The final comparison, 8 variants (mamba2, swa, transformer, bmojo_f, bmojo_v0 and three B'MOJO options) x 2 lrs x
+3 seeds: recall 48 runs ~ 105 CPU-min, lm 48 runs ~ 43 CPU-min; ~75 min with ``--jobs 2`` on 2 free cores:
+
+    python -m bmojo.evals.ablation --study recall --out /work/studies --jobs 2 \
+        --variants mamba2 swa transformer bmojo_f bmojo_v0 bmojo_random bmojo_recency bmojo_learned
+    python -m bmojo.evals.ablation --study lm --out /work/studies --jobs 2 \
+        --variants mamba2 swa transformer bmojo_f bmojo_v0 bmojo_random bmojo_recency bmojo_learned
+    python -m bmojo.evals.ablation --study capacity --out /work/studies --jobs 2 --screen   # ~45 CPU-min
+
+(Runs already in ``/work/studies`` are skipped, so variants can be added to a finished study with the same command.)
+The budget is what this machine allows, not zoology's: 1,200 steps is 38,400 training examples, a small fraction
+of zoology's standard sweep (and 40% of mqar_sweep's 3,000 steps), so the comparison is one of learning at an equal,
+small budget; ``--steps`` scales every variant alike (a study's settings are part of each run file: runs made with other
+settings are refused, use another ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache import BMojoCache
+from ..configuration_bmojo import BMojoConfig
+from ..modeling_bmojo import BMojoForCausalLM
+from .mqar import IGNORE_INDEX, mqar_accuracy
+from .recall import generate
+from .variants import parameter_count
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants: BMojoConfig overrides on top of the base B'MOJO config
+# ---------------------------------------------------------------------------------------------------------------
+FULL = "full"  # window_size marker: the Transformer's window covers the longest input
+
+VARIANTS: dict[str, dict] = {
+    "mamba2": dict(layers_block_type="ssm", use_fading=False, memory_size=0),
+    "swa": dict(layers_block_type="attention", use_fading=False, memory_size=0),
+    "transformer": dict(layers_block_type="attention", window_size=FULL, use_fading=False, memory_size=0),
+    "bmojo_f": dict(memory_size=0),
+    "bmojo_v0": {},  # today's defaults
+    "bmojo_random": dict(selection_score="random"),
+    "bmojo_recency": dict(selection_score="recency"),
+    "bmojo_next_input": dict(selection_score="next_input"),
+    "bmojo_learned": dict(learned_selection=True),
+    "bmojo_decay": dict(memory_score_decay=0.9),
+    "bmojo_window_exit": dict(memory_admission="window_exit"),
+    "bmojo_key0": dict(eidetic_key_distance="zero"),
+    "bmojo_self_key": dict(fading_self_key=True),
+    "bmojo_f_self_key": dict(memory_size=0, fading_self_key=True),
+    "bmojo_key_bias": dict(key_set_bias=True),
+    "bmojo_per_head": dict(memory_per_kv_head=True),
+    "bmojo_doc_reset": dict(memory_reset_at_document=True),
+}
+BASELINES = ("mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0")
+
+# The capacity figure: each family at several decoding-state sizes (the knob that sets the state).
+CAPACITY: dict[str, dict[str, dict]] = {
+    "Mamba-2 (N)": {f"mamba2_N{n}": dict(VARIANTS["mamba2"], ssm_state_size=n) for n in (8, 16, 32, 64)},
+    "SWA (W)": {f"swa_W{w}": dict(VARIANTS["swa"], window_size=w) for w in (8, 16, 32)},
+    "Transformer": {"transformer": VARIANTS["transformer"]},
+    "B'MOJO (M)": {f"bmojo_v0_M{m}": dict(memory_size=m) for m in (4, 8, 16, 32, 64)},
+}
+ALL_VARIANTS = {**VARIANTS, **{name: o for family in CAPACITY.values() for name, o in family.items()}}
+
+# The issue-11 options: a variant setting one of them must change the model (see check_changes_model).
+OPTIONS = (
+    "selection_score",
+    "learned_selection",
+    "memory_score_decay",
+    "memory_admission",
+    "memory_reset_at_document",
+    "memory_per_kv_head",
+    "eidetic_key_distance",
+    "fading_self_key",
+    "key_set_bias",
+    "key_set_bias_init",
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings of a study
+# ---------------------------------------------------------------------------------------------------------------
+RECALL_TASKS = (  # (task, training numbers of pairs, test numbers of pairs), all at seq_len 64
+    ("mqar", (4, 8, 16), (2, 4, 8, 12, 16)),
+    ("long_gap", (2, 4, 8), (2, 4, 8)),
+    ("overwrite", (4, 8), (2, 4, 8, 12)),
+    ("phonebook", (4, 8, 12), (4, 8, 12)),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run's result depends on besides its variant, lr and seed (recorded in every run file)."""
+
+    study: str = "recall"
+    protocol: int = 1  # bump when a change to the code changes what a run computes: old runs are then not reused
+    vocab_size: int = 128
+    seq_len: int = 64
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    window: int = 8
+    chunk: int = 4
+    memory_size: int = 16
+    selections_per_chunk: int = 2
+    ssm_state_size: int = 16
+    ssm_head_dim: int = 16
+    steps: int = 1200
+    batch_size: int = 32
+    weight_decay: float = 0.1
+    tasks: tuple = RECALL_TASKS
+    val_examples: int = 200  # per task and number of pairs
+    test_examples: int = 500
+    eval_multiple: int = 8  # lm: test perplexity at seq_len and at eval_multiple * seq_len
+    val_windows: int = 16  # lm: held-out windows of eval_multiple * seq_len tokens, for lr selection
+    test_windows: int = 32  # lm: other held-out windows, for the reported numbers
+    lm_data: str = "stdlib"  # lm: the embedded corpus (Python's standard library)
+
+    @property
+    def gap(self) -> int:
+        return 2 * self.window + 2 * self.chunk  # long-gap queries lie beyond window + fading span
+
+    @property
+    def full_window(self) -> int:
+        longest = self.seq_len * (self.eval_multiple if self.study == "lm" else 1)
+        return self.chunk * math.ceil(longest / self.chunk)
+
+
+STUDIES = {
+    "recall": dict(lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings()),
+    # zoology's MQAR alone (the recall mix splits 1,200 steps over four tasks: too few to learn any of them)
+    "mqar": dict(
+        lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="mqar", tasks=(RECALL_TASKS[0],))
+    ),
+    "lm": dict(
+        lrs=(1e-3, 3e-3),
+        variants=BASELINES,
+        settings=Settings(
+            study="lm", vocab_size=264, seq_len=128, window=16, chunk=8, memory_size=8, steps=500, batch_size=16
+        ),
+    ),
+    "capacity": dict(
+        lrs=(3e-3, 1e-2),
+        variants=tuple(name for family in CAPACITY.values() for name in family),
+        settings=Settings(study="capacity", tasks=(("mqar", (4, 8, 16), (8, 16)),)),
+    ),
+}
+CAPACITY_PAIRS = 16  # the capacity plot's number of pairs
+
+# Tiny settings (seconds per run) for smoke tests.
+QUICK = dict(hidden_size=16, num_layers=1, steps=4, batch_size=4, val_examples=4, test_examples=4)
+QUICK_LM = dict(QUICK, seq_len=32, window=8, chunk=4, memory_size=2, eval_multiple=2, val_windows=1, test_windows=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs at equal parameters
+# ---------------------------------------------------------------------------------------------------------------
+def base_fields(s: Settings) -> dict:
+    return dict(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        window_size=s.window,
+        chunk_size=s.chunk,
+        memory_size=s.memory_size,
+        selections_per_chunk=s.selections_per_chunk,
+        ssm_state_size=s.ssm_state_size,
+        ssm_head_dim=s.ssm_head_dim,
+    )
+
+
+def make_config(s: Settings, overrides: dict, intermediate_size: int | None = None) -> BMojoConfig:
+    """The base B'MOJO config of ``s`` with ``overrides`` (``layers_block_type`` may be one layer type for every
+    layer; ``window_size="full"`` is the Transformer's window)."""
+    fields = dict(base_fields(s), **overrides)
+    if isinstance(fields.get("layers_block_type"), str):
+        fields["layers_block_type"] = [fields["layers_block_type"]] * s.num_layers
+    if fields.get("window_size") == FULL:
+        fields["window_size"] = s.full_window
+    return BMojoConfig(**fields, intermediate_size=intermediate_size)
+
+
+def matched_config(s: Settings, overrides: dict) -> BMojoConfig:
+    """``make_config`` with the MLP widened (steps of 8) until the parameter count reaches 98% of the base
+    B'MOJO's (``bmojo_v0``); a variant more than 10% away from it raises ValueError."""
+    target = parameter_count(make_config(s, {}))
+    config = make_config(s, overrides)
+    while parameter_count(config) < 0.98 * target:
+        config = make_config(s, overrides, config.intermediate_size + 8)
+    if abs(parameter_count(config) - target) > 0.1 * target:
+        raise ValueError(
+            f"cannot match {overrides} to the base B'MOJO's {target} parameters: {parameter_count(config)}"
+        )
+    return config
+
+
+def state_bytes(config: BMojoConfig) -> int:
+    """Bytes of the float32 decoding state of one sequence: every tensor of an empty ``BMojoCache`` (SSM states,
+    convolution tails, attention rings with their positions, eidetic memory), which never grows with the input."""
+    return BMojoCache.empty(config, batch_size=1).nbytes()
+
+
+def check_changes_model(config: BMojoConfig, seq_len: int) -> None:
+    """Raise RuntimeError when the issue-11 options ``config`` sets change neither the parameters nor the logits
+    (on a sequence long enough to evict memory, with document ends in it) of the same config without them."""
+    default = BMojoConfig()
+    changed = {name: getattr(config, name) for name in OPTIONS if getattr(config, name) != getattr(default, name)}
+    if not changed:
+        return
+    reference = BMojoConfig.from_dict({**config.to_dict(), **{name: getattr(default, name) for name in changed}})
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(config).eval()
+    torch.manual_seed(0)
+    ref = BMojoForCausalLM(reference).eval()
+    if set(model.state_dict()) != set(ref.state_dict()):
+        return
+    model.load_state_dict(ref.state_dict())
+    evict = 4 * config.memory_size * config.chunk_size // max(1, config.selections_per_chunk)
+    length = config.chunk_size * math.ceil(max(seq_len, evict, 2 * config.window_size) / config.chunk_size)
+    x = torch.randint(3, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    x[:, length // 3] = x[:, 2 * length // 3] = config.eos_token_id or 2  # documents, for memory_reset_at_document
+    with torch.no_grad():
+        if torch.equal(model(input_ids=x).logits, ref(input_ids=x).logits):
+            raise RuntimeError(
+                f"{', '.join(f'{k}={v!r}' for k, v in changed.items())} changes nothing in this code "
+                "(same parameters, same logits as without it): not implemented on this branch?"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
+def _schedule(optimizer, steps: int):
+    """Linear warm-up over the first 10% of the steps, then cosine decay (as mqar_sweep)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: min(1.0, (t + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * t / steps))
+    )
+
+
+def _train(model, lr: float, s: Settings, batches) -> float:
+    """AdamW (weight decay ``s.weight_decay``, gradients clipped at 1) over ``batches``, an iterator that yields
+    each step's loss (computed after the previous step); returns the mean loss of the last 10 steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
+    schedule = _schedule(optimizer, s.steps)
+    losses = []
+    model.train()
+    for loss in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses[-10:]))
+
+
+def recall_sets(s: Settings, split: str, seed: int = 0) -> dict:
+    """``split``: "train" (the mix, seeded by the run's seed, ``steps * batch_size`` examples shuffled), "val" or
+    "test" ({"task kv=p": (inputs, labels)}, the same for every run). Seed ranges keep the splits apart."""
+    if split == "train":
+        parts = [(t, p, i, j) for i, (t, train, _) in enumerate(s.tasks) for j, p in enumerate(train)]
+        per = -(-s.steps * s.batch_size // len(parts))
+        made = [
+            generate(t, s.vocab_size, per, s.seq_len, 100_000 * (seed + 1) + 100 * i + j, p, s.gap)
+            for t, p, i, j in parts
+        ]
+        inputs, labels = torch.cat([b.inputs for b in made]), torch.cat([b.labels for b in made])
+        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))[: s.steps * s.batch_size]
+        return {"train": (inputs[order], labels[order])}
+    base, count = {"val": (10_000, s.val_examples), "test": (20_000, s.test_examples)}[split]
+    sets = {}
+    for i, (task, _, test) in enumerate(s.tasks):
+        for j, p in enumerate(test):
+            b = generate(task, s.vocab_size, count, s.seq_len, base + 100 * i + j, p, s.gap)
+            sets[f"{task} kv={p}"] = (b.inputs, b.labels)
+    return sets
+
+
+@torch.no_grad()
+def recall_accuracy(model, sets: dict) -> dict:
+    return {
+        key: float(
+            torch.cat(
+                [mqar_accuracy(model(input_ids=xb).logits, yb) for xb, yb in zip(x.split(100), y.split(100))]
+            ).mean()
+        )
+        for key, (x, y) in sets.items()
+    }
+
+
+def run_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
+    x, y = recall_sets(s, "train", seed)["train"]
+    torch.manual_seed(seed)
+    model = BMojoForCausalLM(config)
+
+    def batches():
+        for step in range(s.steps):
+            out = model(input_ids=x[step * s.batch_size : (step + 1) * s.batch_size])
+            labels = y[step * s.batch_size : (step + 1) * s.batch_size]
+            # recall labels are aligned with the inputs (the target of position i is labels[i]): no shift
+            loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            if out.innovation_loss is not None:
+                loss = loss + config.innovation_loss_weight * out.innovation_loss
+            yield loss
+
+    final_loss = _train(model, lr, s, batches())
+    val = recall_accuracy(model, recall_sets(s, "val"))
+    return {
+        "final_loss": final_loss,
+        "val": val,
+        "test": recall_accuracy(model, recall_sets(s, "test")),
+        "val_score": float(np.mean(list(val.values()))),
+    }
+
+
+@lru_cache(maxsize=1)
+def lm_corpus(window: int, data: str):
+    """The byte-tokenized corpus cut into windows of ``window`` (the longest test length); its held-out windows are
+    split into validation and test, the training sequences are cut from the other windows (never held out)."""
+    from ..data import load_corpus
+    from ..tokenization import load_tokenizer
+
+    return load_corpus([data], load_tokenizer("byte"), window, val_fraction=0.01)
+
+
+def run_lm(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
+    from .lm_compare import ablated, perplexity_by_length
+
+    long = s.eval_multiple * s.seq_len
+    corpus = lm_corpus(long, s.lm_data)
+    if len(corpus.val_windows) < s.val_windows + s.test_windows:
+        raise ValueError(f"the corpus holds {len(corpus.val_windows)} held-out windows of {long}, need more")
+    val = corpus.batch(corpus.val_windows[: s.val_windows])
+    test = corpus.batch(corpus.val_windows[s.val_windows : s.val_windows + s.test_windows])
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = BMojoForCausalLM(config)
+
+    def batches():
+        for _ in range(s.steps):
+            windows = rng.choice(corpus.train_windows, size=s.batch_size)
+            offsets = rng.integers(0, s.eval_multiple, size=s.batch_size) * s.seq_len
+            x = torch.stack([corpus.batch([w])[0, o : o + s.seq_len] for w, o in zip(windows, offsets)])
+            yield model(input_ids=x, labels=x).loss  # includes the innovation loss, as `bmojo train`
+
+    final_loss = _train(model, lr, s, batches())
+    batch_tokens = 8 * long
+    val_ppl = perplexity_by_length(model, val, (s.seq_len,), batch_tokens)[s.seq_len]
+    ppl = perplexity_by_length(model, test, (s.seq_len, long), batch_tokens)
+    result = {f"ppl@{s.seq_len}": ppl[s.seq_len], f"ppl@{long}": ppl[long]}
+    if config.memory_size > 0:  # the trained weights with the eidetic memory switched off at evaluation
+        off = perplexity_by_length(ablated(model, {"memory_size": 0}), test, (s.seq_len, long), batch_tokens)
+        result.update({f"ppl@{s.seq_len} memory off": off[s.seq_len], f"ppl@{long} memory off": off[long]})
+        result[f"memory off cost @{long} (%)"] = 100 * (off[long] / ppl[long] - 1)
+    return {"final_loss": final_loss, "val": {f"ppl@{s.seq_len}": val_ppl}, "test": result, "val_score": val_ppl}
+
+
+def run_path(out: Path, s: Settings, variant: str, lr: float, seed: int) -> Path:
+    return out / s.study / variant / f"lr={lr:g}_seed={seed}.json"
+
+
+def run_spec(s: Settings, variant: str, overrides: dict, config, lr: float, seed: int) -> dict:
+    """What a run's result depends on; a finished run is reused only when its spec is this one."""
+    return json.loads(
+        json.dumps(
+            dict(
+                settings=asdict(s),
+                variant=variant,
+                overrides=overrides,
+                intermediate_size=getattr(config, "intermediate_size", None),
+                lr=lr,
+                seed=seed,
+            )
+        )
+    )
+
+
+def write_atomic(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)  # a reader sees the whole file or none
+
+
+def execute(spec: dict, path: str) -> dict:
+    """Train and evaluate one run; write its record (status "ok" or "failed" with the error) to ``path``."""
+    torch.set_num_threads(1)
+    started = time.time()
+    s = Settings(
+        **{**spec["settings"], "tasks": tuple((t, tuple(a), tuple(b)) for t, a, b in spec["settings"]["tasks"])}
+    )
+    try:
+        config = make_config(s, spec["overrides"], spec["intermediate_size"])
+        record = {"status": "ok", "parameters": parameter_count(config), "state_bytes": state_bytes(config)}
+        check_changes_model(config, s.seq_len)
+        runner = run_lm if s.study == "lm" else run_recall
+        record.update(runner(config, spec["lr"], spec["seed"], s))
+    except Exception as error:  # recorded, and the study moves on
+        record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    record.update(spec=spec, seconds=time.time() - started)
+    write_atomic(Path(path), record)
+    return record
+
+
+def same_settings(spec_settings: dict, s: Settings) -> bool:
+    """Whether a run file's settings are ``s`` (fields added to ``Settings`` since it ran take their defaults)."""
+    try:
+        old = Settings(
+            **{**spec_settings, "tasks": tuple((t, tuple(a), tuple(b)) for t, a, b in spec_settings["tasks"])}
+        )
+    except TypeError:  # a field that no longer exists
+        return False
+    return old == s
+
+
+def read_run(path: Path) -> dict | None:
+    """A run's record, or None when it is missing or unreadable (a partial write: run it again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "status" in record and "spec" in record else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A study
+# ---------------------------------------------------------------------------------------------------------------
+def plan(s: Settings, variants, lrs, seeds, out: Path):
+    """The configs (printed) and the runs still to do: [(spec, path)], seed-major so that an interrupted study has
+    every variant at the first seeds."""
+    configs = {}
+    for name in variants:
+        if name not in ALL_VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}")
+        try:
+            configs[name] = matched_config(s, ALL_VARIANTS[name])
+        except ValueError as error:  # the run fails the same way and records it
+            configs[name] = error
+    todo = []
+    for seed in seeds:
+        for name, config in configs.items():
+            for lr in lrs:
+                spec = run_spec(s, name, ALL_VARIANTS[name], config, lr, seed)
+                path = run_path(out, s, name, lr, seed)
+                done = read_run(path)
+                if done is not None and done["status"] == "ok":
+                    old = dict(done["spec"], settings=None)
+                    if old != dict(spec, settings=None) or not same_settings(done["spec"]["settings"], s):
+                        raise ValueError(f"{path} was run with other settings; use another --out (or remove it)")
+                    continue
+                todo.append((spec, str(path)))
+    return configs, todo
+
+
+def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> list[dict]:
+    from tqdm import tqdm
+
+    configs, todo = plan(s, variants, lrs, seeds, out)
+    print(f"study {s.study}: base B'MOJO fields {base_fields(s)}; {s.steps} steps of {s.batch_size} x {s.seq_len}")
+    for name, config in configs.items():
+        if isinstance(config, Exception):
+            print(f"  {name:18s} cannot be built: {config}")
+            continue
+        print(
+            f"  {name:18s} {parameter_count(config):>9,} parameters  state {state_bytes(config):>8,} B  "
+            f"intermediate_size {config.intermediate_size}  overrides {ALL_VARIANTS[name]}"
+        )
+    total = len(variants) * len(lrs) * len(seeds)
+    print(f"{total - len(todo)} of {total} runs already done in {out / s.study}; {len(todo)} to run", flush=True)
+    records = []
+    with tqdm(total=len(todo), desc=f"{s.study} runs", unit="run") as bar:
+
+        def finished(record):
+            records.append(record)
+            spec = record["spec"]
+            bar.set_postfix_str(f"{spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['status']}")
+            if record["status"] == "failed":
+                tqdm.write(f"FAILED {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['error']}")
+            bar.update(1)
+
+        if jobs <= 1:
+            for spec, path in todo:
+                finished(execute(spec, path))
+        else:
+            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+                for future in as_completed([pool.submit(execute, spec, path) for spec, path in todo]):
+                    finished(future.result())
+    return records
+
+
+def _one_thread():
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------------------
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[dict], lower_is_better: bool) -> dict:
+    """Per variant: the lr with the best mean validation score over its seeds, and that lr's test metrics as
+    mean +- std over seeds; failed runs listed."""
+    by_variant: dict[str, dict[float, list[dict]]] = {}
+    failed = []
+    for r in records:
+        spec = r["spec"]
+        if r["status"] != "ok":
+            failed.append({k: spec[k] for k in ("variant", "lr", "seed")} | {"error": r["error"]})
+            continue
+        by_variant.setdefault(spec["variant"], {}).setdefault(spec["lr"], []).append(r)
+    variants = {}
+    order = list(ALL_VARIANTS)
+    for name, by_lr in sorted(
+        by_variant.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 1e9, kv[0])
+    ):
+        val = {lr: mean_std([r["val_score"] for r in runs])[0] for lr, runs in by_lr.items()}
+        best = (min if lower_is_better else max)(val, key=val.get)
+        runs = sorted(by_lr[best], key=lambda r: r["spec"]["seed"])
+        test = {k: mean_std([r["test"][k] for r in runs]) for k in runs[0]["test"]}
+        variants[name] = {
+            "best_lr": best,
+            "val_by_lr": {f"{lr:g}": v for lr, v in sorted(val.items())},
+            "seeds": [r["spec"]["seed"] for r in runs],
+            "parameters": runs[0]["parameters"],
+            "state_bytes": runs[0]["state_bytes"],
+            "test": {k: {"mean": m, "std": sd} for k, (m, sd) in test.items()},
+            "seconds_per_run": mean_std([r["seconds"] for lr_runs in by_lr.values() for r in lr_runs])[0],
+        }
+    return {"variants": variants, "failed": failed}
+
+
+def load_records(out: Path, s: Settings) -> list[dict]:
+    """Every readable run of study ``s`` under ``out`` made with these settings."""
+    records = [read_run(p) for p in sorted((out / s.study).glob("*/*.json"))]
+    return [r for r in records if r is not None and same_settings(r["spec"]["settings"], s)]
+
+
+def _cell(stat: dict, digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def write_summary(out: Path, s: Settings, command: str) -> dict:
+    from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
+
+    folder = out / s.study
+    summary = summarize(load_records(out, s), lower_is_better=s.study == "lm")
+    summary.update(command=command, settings=asdict(s))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    variants = summary["variants"]
+    lines = [
+        f"# Ablation study `{s.study}`",
+        "",
+        f"Regenerate: `{command}`",
+        "",
+        f"Settings: {json.dumps({k: v for k, v in asdict(s).items() if k != 'tasks'})}",
+        "",
+        "Each variant at its best lr (mean validation score over seeds); test mean ± std over seeds.",
+        "",
+    ]
+    header = "| variant | parameters | state bytes | best lr | seeds | s/run |"
+
+    def meta(n, v):
+        return (
+            f"| {n} | {v['parameters']:,} | {v['state_bytes']:,} | {v['best_lr']:g} | {len(v['seeds'])} | "
+            f"{v['seconds_per_run']:.0f} |"
+        )
+
+    if s.study == "lm":
+        keys = sorted({k for v in variants.values() for k in v["test"]}, key=lambda k: (len(k), k))
+        lines += [header + "".join(f" {k} |" for k in keys), "|---" * (6 + len(keys)) + "|"]
+        for n, v in variants.items():
+            lines.append(meta(n, v) + "".join(f" {_cell(v['test'][k]) if k in v['test'] else '–'} |" for k in keys))
+    for task, _, test_pairs in s.tasks if s.study != "lm" else ():
+        keys = [f"{task} kv={p}" for p in test_pairs]
+        lines += [
+            "",
+            f"## {task}",
+            "",
+            header + "".join(f" kv={p} |" for p in test_pairs) + " mean |",
+            "|---" * (7 + len(keys)) + "|",
+        ]
+        for n, v in variants.items():
+            mean = np.mean([v["test"][k]["mean"] for k in keys])
+            lines.append(meta(n, v) + "".join(f" {_cell(v['test'][k])} |" for k in keys) + f" {mean:.3f} |")
+        fig = Figure(figsize=(6, 4), layout="tight")
+        ax = fig.subplots()
+        for n, v in variants.items():
+            ax.errorbar(
+                test_pairs,
+                [v["test"][k]["mean"] for k in keys],
+                yerr=[v["test"][k]["std"] for k in keys],
+                marker="o",
+                capsize=3,
+                label=n,
+            )
+        ax.set(title=f"{task} (mean ± std over seeds)", xlabel="key-value pairs", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.savefig(folder / f"{task}.png", dpi=110)
+        lines += ["", f"![{task}]({task}.png)"]
+    if s.study == "capacity":
+        key = f"mqar kv={CAPACITY_PAIRS}"
+        fig = Figure(figsize=(6, 4), layout="tight")
+        ax = fig.subplots()
+        for family, members in CAPACITY.items():
+            got = [variants[n] for n in members if n in variants and key in variants[n]["test"]]
+            if got:
+                ax.errorbar(
+                    [v["state_bytes"] for v in got],
+                    [v["test"][key]["mean"] for v in got],
+                    yerr=[v["test"][key]["std"] for v in got],
+                    marker="o",
+                    capsize=3,
+                    label=family,
+                )
+        ax.set(
+            xscale="log",
+            xlabel="decoding state (bytes, float32, batch 1)",
+            ylabel=f"MQAR accuracy, {key[5:]}",
+            title="Recall vs state size",
+            ylim=(-0.02, 1.02),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.savefig(folder / "capacity.png", dpi=110)
+        lines += ["", "![capacity](capacity.png)"]
+    if summary["failed"]:
+        lines += ["", "## Failed runs", ""] + [
+            f"- {f['variant']} lr={f['lr']:g} seed={f['seed']}: {f['error']}" for f in summary["failed"]
+        ]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", choices=STUDIES, default="recall")
+    parser.add_argument("--out", default="runs/ablation", help="folder of the run files and summaries")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help=f"default: the study's; any of {', '.join(ALL_VARIANTS)}"
+    )
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="the learning-rate grid (every variant)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--screen", action="store_true", help="one seed (0): a quick screen of many variants")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (every variant)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process and one torch thread each")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (seconds per run), for smoke tests")
+    parser.add_argument("--summary-only", action="store_true", help="write the summary of the runs found, run none")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    study = STUDIES[args.study]
+    settings = study["settings"]
+    if args.quick:
+        settings = replace(settings, **(QUICK_LM if args.study == "lm" else QUICK))
+    if args.steps:
+        settings = replace(settings, steps=args.steps)
+    seeds = [0] if args.screen else args.seeds
+    out = Path(args.out)
+    command = "python -m bmojo.evals.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.summary_only:
+        run_study(settings, args.variants or study["variants"], args.lrs or study["lrs"], seeds, out, args.jobs)
+    summary = write_summary(out, settings, command)
+    for name, v in summary["variants"].items():
+        print(
+            f"{name:18s} lr={v['best_lr']:g} seeds={len(v['seeds'])} "
+            + " ".join(f"{k}: {_cell(t, 3)}" for k, t in list(v["test"].items())[:6])
+        )
+    print(f"summary: {out / settings.study / 'summary.md'}; {len(summary['failed'])} failed runs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The ablation driver: equal parameters, state bytes, resumable runs, failed-run records, summary statistics."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bmojo.evals import ablation as A
+from bmojo.modeling_bmojo import BMojoForCausalLM
+
+QUICK = replace(A.STUDIES["recall"]["settings"], **A.QUICK)
+
+
+@pytest.mark.parametrize("study", ["recall", "lm"])
+def test_every_variant_has_the_base_bmojos_parameter_count(study):
+    s = A.STUDIES[study]["settings"]
+    target = A.parameter_count(A.make_config(s, {}))
+    for name, overrides in A.VARIANTS.items():
+        config = A.matched_config(s, overrides)
+        assert 0.98 * target <= A.parameter_count(config) <= 1.02 * target, name
+    transformer = A.matched_config(s, A.VARIANTS["transformer"])
+    assert transformer.window_size >= s.seq_len * (s.eval_multiple if study == "lm" else 1)  # full attention
+    assert set(A.matched_config(s, A.VARIANTS["mamba2"]).layers_block_type) == {"ssm"}
+    assert A.matched_config(s, A.VARIANTS["bmojo_f"]).memory_size == 0
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0"])
+def test_state_bytes_are_the_decoding_states_tensors(variant):
+    config = A.matched_config(QUICK, A.VARIANTS[variant])
+    model = BMojoForCausalLM(config).eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(3, 100, (1, 24)), use_cache=True).cache
+    tensors = [t for layer in cache.layers for t in layer.tensors().values()] + [cache.positions]
+    assert A.state_bytes(config) == sum(t.numel() * t.element_size() for t in tensors)
+    if variant == "mamba2":  # N * P * H fp32 per layer, plus the convolution tail and the position
+        ssm = config.ssm_state_size * config.ssm_head_dim * config.ssm_num_heads * 4
+        conv = (config.ssm_inner_size + 2 * config.ssm_state_size) * (config.ssm_conv_kernel - 1) * 4
+        assert A.state_bytes(config) == config.num_hidden_layers * (ssm + conv) + 8
+
+
+def test_capacity_family_sizes_grow_with_their_knob():
+    s = A.STUDIES["capacity"]["settings"]
+    for members in A.CAPACITY.values():
+        sizes = [A.state_bytes(A.make_config(s, o)) for o in members.values()]
+        assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+
+
+def test_a_second_invocation_skips_finished_runs_and_redoes_a_partial_one(tmp_path):
+    variants, lrs, seeds = ["mamba2", "bmojo_v0"], [1e-3], [0, 1]
+    records = A.run_study(QUICK, variants, lrs, seeds, tmp_path)
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    _, todo = A.plan(QUICK, variants, lrs, seeds, tmp_path)
+    assert todo == []
+    assert A.run_study(QUICK, variants, lrs, seeds, tmp_path) == []  # nothing run again
+    partial = A.run_path(tmp_path, QUICK, "bmojo_v0", 1e-3, 1)
+    partial.write_text(partial.read_text()[:50])  # a run killed while writing (no atomic rename)
+    _, todo = A.plan(QUICK, variants, lrs, seeds, tmp_path)
+    assert [t[1] for t in todo] == [str(partial)]
+    redone = A.run_study(QUICK, variants, lrs, seeds, tmp_path)
+    assert len(redone) == 1 and A.read_run(partial)["status"] == "ok"
+    # more seeds later: only the new runs are planned
+    _, todo = A.plan(QUICK, variants, lrs, [0, 1, 2], tmp_path)
+    assert sorted(json.loads(json.dumps(t[0]))["seed"] for t in todo) == [2, 2]
+    with pytest.raises(ValueError, match="was run with other settings; use another --out"):
+        A.plan(replace(QUICK, steps=5), variants, lrs, seeds, tmp_path)
+
+
+def test_a_failing_run_is_recorded_and_the_study_moves_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(A.ALL_VARIANTS, "broken", {"memory_size": -1})
+    records = A.run_study(QUICK, ["broken", "swa"], [1e-3], [0], tmp_path)
+    by = {r["spec"]["variant"]: r for r in records}
+    assert by["swa"]["status"] == "ok"
+    assert by["broken"]["status"] == "failed"
+    assert by["broken"]["error"] == "ValueError: memory_size must be a non-negative integer, got -1"
+    assert A.read_run(A.run_path(tmp_path, QUICK, "broken", 1e-3, 0))["status"] == "failed"
+    _, todo = A.plan(QUICK, ["broken", "swa"], [1e-3], [0], tmp_path)
+    assert [t[0]["variant"] for t in todo] == ["broken"]  # a failed run is tried again next time
+    summary = A.write_summary(tmp_path, QUICK, "cmd")
+    assert list(summary["variants"]) == ["swa"] and summary["failed"][0]["variant"] == "broken"
+    assert "broken lr=0.001 seed=0: ValueError" in (tmp_path / "recall" / "summary.md").read_text()
+
+
+def test_an_option_that_changes_nothing_fails_the_run(monkeypatch):
+    # innovation_loss_weight changes the loss only: neither parameters nor logits
+    monkeypatch.setattr(A, "OPTIONS", ("innovation_loss_weight",))
+    with pytest.raises(RuntimeError, match=r"innovation_loss_weight=0.5 changes nothing in this code"):
+        A.check_changes_model(A.make_config(QUICK, {"innovation_loss_weight": 0.5}), QUICK.seq_len)
+    monkeypatch.setattr(A, "OPTIONS", ("rope_theta",))  # changes the logits: accepted
+    A.check_changes_model(A.make_config(QUICK, {"rope_theta": 77.0}), QUICK.seq_len)
+
+
+def _record(variant, lr, seed, val, test, status="ok"):
+    spec = {"variant": variant, "lr": lr, "seed": seed}
+    return {
+        "status": status,
+        "spec": spec,
+        "val_score": val,
+        "test": {"a": test},
+        "parameters": 1,
+        "state_bytes": 2,
+        "seconds": 3.0,
+        "error": "E",
+    }
+
+
+def test_summary_picks_the_best_mean_validation_lr_and_reports_test_mean_and_sample_std():
+    records = [
+        _record("x", 0.1, 0, 0.9, 0.10),
+        _record("x", 0.1, 1, 0.1, 0.20),
+        _record("x", 0.1, 2, 0.2, 0.30),
+        _record("x", 0.2, 0, 0.5, 0.5),
+        _record("x", 0.2, 1, 0.5, 0.7),
+        _record("x", 0.2, 2, 0.5, 0.9),
+    ]  # lr 0.1 has the best single seed (0.9) but the worse mean (0.4 < 0.5)
+    got = A.summarize(records, lower_is_better=False)["variants"]["x"]
+    assert got["best_lr"] == 0.2 and got["seeds"] == [0, 1, 2]
+    assert got["test"]["a"]["mean"] == pytest.approx(0.7) and got["test"]["a"]["std"] == pytest.approx(0.2)
+    assert got["test"]["a"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1))
+    lower = A.summarize(records, lower_is_better=True)["variants"]["x"]
+    assert lower["best_lr"] == 0.1 and lower["test"]["a"]["mean"] == pytest.approx(0.2)
+    assert A.mean_std([0.4]) == (0.4, 0.0)
+
+
+def test_cli_screen_writes_tables_and_plots(tmp_path):
+    A.main(["--quick", "--screen", "--variants", "mamba2", "bmojo_v0", "--lrs", "0.001", "--out", str(tmp_path)])
+    folder = tmp_path / "recall"
+    table = (folder / "summary.md").read_text()
+    assert "python -m bmojo.evals.ablation --quick --screen" in table and "| bmojo_v0 |" in table
+    for task, _, _ in QUICK.tasks:
+        assert (folder / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((folder / "summary.json").read_text())
+    keys = {f"{t} kv={p}" for t, _, pairs in QUICK.tasks for p in pairs}
+    assert set(summary["variants"]["mamba2"]["test"]) == keys
+    assert all(0 <= v["mean"] <= 1 for v in summary["variants"]["mamba2"]["test"].values())
+
+
+def test_capacity_study_plots_accuracy_against_state_bytes(tmp_path):
+    A.main(
+        [
+            "--study",
+            "capacity",
+            "--quick",
+            "--screen",
+            "--lrs",
+            "0.001",
+            "--out",
+            str(tmp_path),
+            "--variants",
+            "mamba2_N8",
+            "swa_W8",
+            "bmojo_v0_M4",
+            "bmojo_v0_M8",
+        ]
+    )
+    summary = json.loads((tmp_path / "capacity" / "summary.json").read_text())
+    assert summary["variants"]["bmojo_v0_M8"]["state_bytes"] > summary["variants"]["bmojo_v0_M4"]["state_bytes"]
+    assert (tmp_path / "capacity" / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lm_study_reports_perplexity_at_both_lengths_and_memory_off(tmp_path):
+    data = tmp_path / "salad.txt"
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "(x)", ":", "\n    "]
+    data.write_text(" ".join(rng.choice(words, size=20000)))
+    s = replace(A.STUDIES["lm"]["settings"], **A.QUICK_LM, lm_data=str(data))
+    (bmojo,) = A.run_study(s, ["bmojo_v0"], [1e-3], [0], tmp_path)
+    assert bmojo["status"] == "ok", bmojo.get("traceback")
+    long = s.eval_multiple * s.seq_len
+    assert set(bmojo["test"]) == {
+        f"ppl@{s.seq_len}",
+        f"ppl@{long}",
+        f"ppl@{s.seq_len} memory off",
+        f"ppl@{long} memory off",
+        f"memory off cost @{long} (%)",
+    }
+    assert all(1 < bmojo["test"][k] < 300 for k in bmojo["test"] if k.startswith("ppl"))
+    assert bmojo["val_score"] == bmojo["val"][f"ppl@{s.seq_len}"]
