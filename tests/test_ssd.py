@@ -295,3 +295,41 @@ def test_recurrent_form_shares_the_signature_and_result(init):
     y, s = ssd_recurrent(chunk_size=4, **inp)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_decay_prefix_sums_stay_full_precision_under_bf16_autocast():
+    """Under ``torch.autocast`` a matmul of float32 tensors runs in bf16. The SSD's decay exponents are prefix sums
+    written as triangular matmuls, so autocast would round them to 8 mantissa bits: every such matmul must run in
+    its inputs' precision. Checked on each one (segsum and the chunk-start prefix sum inside ``ssd_chunked``) by
+    recording the dtype of every matmul whose operand is a triangular ones matrix."""
+    torch.manual_seed(0)
+    a = -torch.rand(2, 3, 32, dtype=torch.float32) * 0.5
+    exact = segsum(a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = segsum(a)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, exact, rtol=0, atol=0)
+
+    seen = []
+    matmul = torch.Tensor.__matmul__
+
+    def recording(x, y):
+        out = matmul(x, y)
+        square_ones = y.dim() == 2 and y.shape[0] == y.shape[1] and bool(((y == 0) | (y == 1)).all())
+        if square_ones:  # a @ triu(ones): the chunk-start prefix sum
+            seen.append(out.dtype)
+        return out
+
+    b, L, H, P, N = 1, 64, 2, 4, 8
+    x, B, C = torch.randn(b, L, H, P), torch.randn(b, L, 1, N), torch.randn(b, L, 1, N)
+    dt, A = torch.rand(b, L, H) * 0.5, -torch.rand(H) - 0.5
+    y_exact, s_exact = ssd_chunked(x, dt, A, B, C, 16)
+    try:
+        torch.Tensor.__matmul__ = recording
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_auto, s_auto = ssd_chunked(x, dt, A, B, C, 16)
+    finally:
+        torch.Tensor.__matmul__ = matmul
+    assert seen and all(dtype == torch.float32 for dtype in seen)
+    # The intra-chunk products may run in bf16 (mixed precision); the state, a product of decays, stays close.
+    torch.testing.assert_close(s_auto, s_exact, rtol=5e-2, atol=5e-2)

@@ -6,6 +6,8 @@ The precision rule: decays, softmax and normalisation run in at least float32 wh
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -34,3 +36,14 @@ def expand_groups(t: Tensor, nheads: int) -> Tensor:
     if nheads % ngroups:
         raise ValueError(f"nheads={nheads} not divisible by ngroups={ngroups}")
     return t.repeat_interleave(nheads // ngroups, dim=-2)
+
+
+def autocast_off(device: torch.device):
+    """A context in which autocast does not lower matmuls to bf16/fp16 on ``device``: the decay prefix sums run in
+    the float32/float64 their inputs have (under ``torch.autocast`` a matmul of float32 tensors still runs in bf16,
+    which would round every decay exponent to 8 bits of mantissa). A no-op where autocast is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError, TypeError):  # a device type autocast does not know (meta)
+        enabled = False
+    return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import compute_dtype
+from ..common import autocast_off, compute_dtype
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -42,7 +42,8 @@ def segsum(a: Tensor) -> Tensor:
     strict_lower = torch.tril(ones, diagonal=-1)  # [k, j]: k > j
     # m[..., k, j] = a[k] if k > j else 0; summing over k <= i gives sum_{j < k <= i} a[k].
     m = a[..., :, None].expand(*a.shape, l).masked_fill(~strict_lower, 0.0)
-    out = torch.matmul(torch.tril(ones).to(a.dtype), m)  # [i, k] @ [..., k, j]
+    with autocast_off(a.device):  # decay exponents in a's precision, also under bf16 autocast
+        out = torch.matmul(torch.tril(ones).to(a.dtype), m)  # [i, k] @ [..., k, j]
     # masked_fill (not multiply) so the -inf never meets a 0 and no NaN reaches autograd.
     return out.masked_fill(~torch.tril(ones), float("-inf"))
 
@@ -118,7 +119,8 @@ def ssd_chunked(
     a = (dtc * Af.view(ngroups, rep)).permute(0, 1, 3, 4, 2)      # [b, c, G, R, l], <= 0
 
     # Decay from chunk start to i: a prefix sum as a matmul with upper-triangular ones (no cumsum, see segsum).
-    a_cum = a @ torch.ones(l, l, dtype=dtype, device=a.device).triu()  # [b, c, G, R, l]
+    with autocast_off(a.device):  # in fp32/fp64 also under bf16 autocast
+        a_cum = a @ torch.ones(l, l, dtype=dtype, device=a.device).triu()  # [b, c, G, R, l]
     decay = torch.exp(segsum(a))                                  # [b, c, G, R, l(i), l(j)]
     dt_j = dtc.permute(0, 1, 3, 4, 2)[..., None, :]               # [b, c, G, R, 1, l(j)]
 
