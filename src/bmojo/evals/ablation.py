@@ -120,6 +120,22 @@ VARIANTS: dict[str, dict] = {
     "bmojo_per_head": dict(memory_per_kv_head=True),
     "bmojo_doc_reset": dict(memory_reset_at_document=True),
 }
+# The candidate defaults, all options that give the memory a content match, a learning signal and a use for the
+# SSM state at once (chosen before the screen finished; the screen's single-option results are beside it), and the
+# same model with random and recency selection at the same M: the baselines innovation selection must beat.
+NEW = dict(
+    eidetic_key_distance="zero",
+    fading_self_key=True,
+    key_set_bias=True,
+    learned_selection=True,
+    memory_admission="window_exit",
+)
+VARIANTS.update(
+    bmojo_new=NEW,
+    bmojo_new_innovation=dict(NEW, learned_selection=False),
+    bmojo_new_random=dict(NEW, learned_selection=False, selection_score="random"),
+    bmojo_new_recency=dict(NEW, learned_selection=False, selection_score="recency"),
+)
 BASELINES = ("mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0")
 
 # The capacity figure: each family at several decoding-state sizes (the knob that sets the state).
