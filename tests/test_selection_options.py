@@ -475,9 +475,7 @@ def test_tensor_parallel_rules_for_the_scoring_options():
     assert not any("predictor" in name for name in rules)  # input_predictor is replicated, like h and f
     assert "model.layers.0.mixer.innovation_predictor.weight" in parameter_rules(preset_config("tiny"))
     check_tp_size(preset_config("tiny", learned_selection=True), 1)
-    message = r"^learned_selection is not supported with tensor parallelism \(tp_size > 1\) yet$"
-    with pytest.raises(ValueError, match=message):
-        check_tp_size(preset_config("tiny", learned_selection=True, ssm_ngroups=2), 2)
+    check_tp_size(preset_config("tiny", learned_selection=True, ssm_ngroups=2), 2)  # test_tensor_parallel.py
 
 
 # --- memory_per_kv_head ---------------------------------------------------------------------------------------------

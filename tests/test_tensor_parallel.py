@@ -36,6 +36,10 @@ MIXED = dict(
     key_set_bias_init=-0.5, attention_bias=True,
 )
 MAX_NORM = 0.05  # below the gradient norm (checked): clipping is active
+# The candidate defaults: learned_selection's replicated selection_bias feeds every rank's own eidetic heads.
+LEARNED = dict(
+    learned_selection=True, eidetic_key_distance="zero", fading_self_key=True, memory_admission="window_exit"
+)
 
 
 def _config(**overrides):
@@ -44,7 +48,15 @@ def _config(**overrides):
 
 def _model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return BMojoForCausalLM(_config(**overrides)).to(torch.float64)
+    model = BMojoForCausalLM(_config(**overrides)).to(torch.float64)
+    if model.config.learned_selection:  # a non-neutral bias u (it starts at zero), different for every token
+        generator = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.mixer, "selection_bias"):
+                    layer.mixer.selection_bias.weight.normal_(0, 1, generator=generator)
+                    layer.mixer.selection_bias.bias.fill_(0.3)
+    return model
 
 
 def _batch():
@@ -89,29 +101,34 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
-def _worker(rank, world, store, out_dir):
+def _worker(rank, world, store, out_dir, overrides, zero):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
     try:
-        model = _model()
+        model = _model(**overrides)
         ctx = setup_tensor_parallel(model, tp_size=world)
         result = _train_and_decode(model, lambda params, max_norm: clip_grad_norm_(params, max_norm, ctx))
-        # ZeRO-1: the two ranks as data-parallel replicas of the full model, optimizer state split between them.
-        dp = ParallelContext(0, 1, None, rank, world, None)
-        result["zero"] = _zero_steps(lambda params: zero1_optimizer(params, dp, lr=1e-2, weight_decay=0.1))
+        if zero:  # ZeRO-1: the two ranks as data-parallel replicas of the full model, optimizer state split
+            dp = ParallelContext(0, 1, None, rank, world, None)
+            result["zero"] = _zero_steps(lambda params: zero1_optimizer(params, dp, lr=1e-2, weight_decay=0.1))
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def _tp2_and_tp1(out, overrides=None, zero=False):
+    """Two gloo ranks' results (TP=2) and the full model's (TP=1), for ``_model(**overrides)``."""
+    overrides = overrides or {}
+    torch.multiprocessing.spawn(_worker, args=(2, str(out / "store"), str(out), overrides, zero), nprocs=2)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return _train_and_decode(_model(**overrides), torch.nn.utils.clip_grad_norm_), ranks
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp")
-    torch.multiprocessing.spawn(_worker, args=(2, str(out / "store"), str(out)), nprocs=2)
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-    return _train_and_decode(_model(), torch.nn.utils.clip_grad_norm_), ranks
+    return _tp2_and_tp1(tmp_path_factory.mktemp("tp"), zero=True)
 
 
 def _close(actual, expected):
@@ -158,6 +175,33 @@ def test_tp2_decoding_after_prefill_equals_tp1(runs):
     ref, ranks = runs
     for result in ranks:
         _close(result["decoded"], ref["decoded"])
+
+
+def test_tp2_equals_tp1_with_learned_selection(tmp_path):
+    """``selection_bias`` is replicated but each rank's heads read its ``u``: the backward sums ``u``'s gradient
+    over the ranks, so the bias layer's gradient (and the layer input's, through it) is the full model's on every
+    rank; forward, selection and decoding agree as well."""
+    ref, ranks = _tp2_and_tp1(tmp_path, LEARNED)
+    config = _config(**LEARNED)
+    assert ref["innovation_loss"] > 0
+    for result in ranks:
+        for name in ("loss", "lm_loss", "innovation_loss", "logits"):
+            _close(result[name], ref[name])
+    for part in ("weight", "bias"):  # trained by the LM loss through the eidetic logits: not zero, not halved
+        name = f"model.layers.0.mixer.selection_bias.{part}"
+        assert ref["grads"][name].abs().max() > 1e-4
+        for result in ranks:
+            _close(result["grads"][name], ref["grads"][name])
+    merged = merge_state_dicts([r["grads"] for r in ranks], config)  # replicated gradients agree across ranks
+    assert merged.keys() == ref["grads"].keys()
+    for name, grad in ref["grads"].items():
+        _close(merged[name], grad)
+    for result in ranks:  # clipping, the AdamW step and decoding with the updated weights
+        for name in ("grad_norm", "decoded"):
+            _close(result[name], ref[name])
+    merged = merge_state_dicts([r["params"] for r in ranks], config)
+    for name, param in ref["params"].items():
+        _close(merged[name], param)
 
 
 def test_zero1_update_equals_adamw(runs):
@@ -310,7 +354,9 @@ def _fake_nxd(monkeypatch, tp_size):
     nxd.parallel_layers.layers = types.SimpleNamespace(
         ColumnParallelLinear=ColumnParallelLinear, RowParallelLinear=RowParallelLinear
     )
-    nxd.parallel_layers.mappings = types.SimpleNamespace(reduce_from_tensor_model_parallel_region=lambda x: x)
+    nxd.parallel_layers.mappings = types.SimpleNamespace(
+        reduce_from_tensor_model_parallel_region=lambda x: x, copy_to_tensor_model_parallel_region=lambda x: x
+    )
     nxd.parallel_layers.parallel_state = types.SimpleNamespace(
         get_tensor_model_parallel_rank=lambda: 1, get_tensor_model_parallel_size=lambda: tp_size
     )
@@ -331,6 +377,8 @@ def test_neuron_backend_fills_nxd_layers_with_the_same_slices(monkeypatch):
     assert type(attn.q_proj).__name__ == "ColumnParallelLinear" and type(attn.o_proj).__name__ == "RowParallelLinear"
     assert attn.innovation_predictor.bias.shape == (8,)
     assert attn.sum_over_shards == backend.sum_over_shards
+    learned = shard_model(_model(**LEARNED), rank, size, backend=backend).model.layers[0].mixer
+    assert learned.selection_bias_gradient_sum.reduce == backend.copy_to_shards  # Megatron's f on u
     assert (attn.num_heads, attn.num_kv, attn.key_features) == (2, 1, 16)  # the score still averages all features
     ssm = model.model.layers[2].mixer
     assert (ssm.inner, ssm.heads, ssm.groups, ssm.conv_dim, ssm.norm.groups) == (32, 2, 1, 48, 1)

@@ -13,7 +13,7 @@ from .attention import AttentionState, SlidingWindowAttention
 from .block import MIXERS, BMojoBlock
 from .bmojo import BMojoMixer, BMojoState
 from .common import InferenceState, MixerOutput, Rope, SequenceInfo
-from .eidetic import EideticState, PartialSum
+from .eidetic import EideticState, PartialSum, SumGradientOverShards
 from .mlp import BMojoMLP
 from .norm import BMojoGatedRMSNorm, BMojoRMSNorm
 from .ssm import Mamba2Mixer, SSMState
@@ -36,4 +36,5 @@ __all__ = [
     "SSMState",
     "SequenceInfo",
     "SlidingWindowAttention",
+    "SumGradientOverShards",
 ]

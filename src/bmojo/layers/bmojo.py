@@ -32,6 +32,7 @@ from .eidetic import (
     EideticState,
     PartialSum,
     SelectionBias,
+    SumGradientOverShards,
     innovation_error,
     innovation_loss,
     next_input_error,
@@ -99,6 +100,8 @@ class BMojoMixer(SlidingWindowAttention):
                 self.input_predictor = nn.Linear(config.hidden_size, config.hidden_size)
             if config.learned_selection:
                 self.selection_bias = SelectionBias(config.hidden_size)
+                # u is replicated but each TP rank's heads read it: its gradient is summed over the ranks.
+                self.selection_bias_gradient_sum = SumGradientOverShards()
             # Retention options (ops/selection/chunk.py); the defaults are decay 1, delay 0, no document reset.
             self.retention = dict(decay=config.memory_score_decay, delay=EideticState.admission_delay(config))
             self.reset_at_document = config.memory_reset_at_document
@@ -168,7 +171,9 @@ class BMojoMixer(SlidingWindowAttention):
     def _ranking(self, h, score, valid) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(ranking scores, u)``: ``selection_scores`` of ``score`` with ``learned_selection``'s ``u [...]`` (the
         logit bias of ``h [..., d]``; ``None`` without it)."""
-        u = selection_bias_logit(self.selection_bias, h) if hasattr(self, "selection_bias") else None
+        u = None
+        if hasattr(self, "selection_bias"):
+            u = self.selection_bias_gradient_sum(selection_bias_logit(self.selection_bias, h))
         per_token = None if u is None else (u[..., None] if self.per_head else u)
         return selection_scores(score, valid, per_token), u
 

@@ -8,7 +8,9 @@ fixed-size memory keeping the best scores, visibility once a token left the wind
 ``ops/selection/chunk.py``; its forms live there, the memory type ``EideticMemory`` in ``ops/selection/common.py``.
 
 Under tensor parallelism each rank holds some key heads, so the score's sum over key features is split over the
-ranks: it passes through ``PartialSum``, the hook point that the sharding plan binds to an all-reduce.
+ranks: it passes through ``PartialSum``, the hook point that the sharding plan binds to an all-reduce. The
+``learned_selection`` bias ``u`` is the converse: computed alike on every rank (replicated ``h`` and weights) but
+read by each rank's own heads, so its gradient is a sum over ranks: ``u`` passes through ``SumGradientOverShards``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ class PartialSum(nn.Module):
 
     def forward(self, partial: torch.Tensor) -> torch.Tensor:
         return self.reduce(partial)
+
+
+class SumGradientOverShards(nn.Module):
+    """Marks a replicated tensor that each tensor-parallel rank feeds to its own heads only: the identity on one
+    device. The sharding plan (style ``"copy_to_shards"``) calls ``bind`` with the backend's identity forward whose
+    backward sums the gradient over the ranks (Megatron's ``f``), so the replicated layer upstream gets the full
+    gradient, the same on every rank. Holds no parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+    def bind(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(x)
 
 
 def _prediction(predictor: nn.Module, x: torch.Tensor) -> torch.Tensor:

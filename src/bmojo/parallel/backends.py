@@ -8,9 +8,10 @@
   for trn1 training); the PyPI package of that name is a placeholder. Nothing here imports it at module load; the
   backend imports it when built and raises ``BMojoError`` when it is missing.
 
-A backend offers ``rank_and_size()``, ``column_linear``, ``row_linear`` and ``sum_over_shards`` (forward all-reduce,
+A backend offers ``rank_and_size()``, ``column_linear``, ``row_linear``, ``sum_over_shards`` (forward all-reduce,
 identity backward: ``torch.distributed.nn.functional.all_reduce`` all-reduces the gradient as well, which would
-scale it by ``tp``; hence the small autograd functions below).
+scale it by ``tp``; hence the small autograd functions below) and ``copy_to_shards`` (identity forward, backward
+all-reduce).
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class TorchBackend:
     def sum_over_shards(self, x: torch.Tensor) -> torch.Tensor:
         return _SumOverShards.apply(x, self.group)
 
+    def copy_to_shards(self, x: torch.Tensor) -> torch.Tensor:
+        return _CopyToShards.apply(x, self.group)
+
 
 
 _HINT = (
@@ -172,6 +176,10 @@ class NeuronBackend:
     def sum_over_shards(self, x: torch.Tensor) -> torch.Tensor:
         # Forward all-reduce, backward identity: Megatron's g, as in the stand-in.
         return self.mappings.reduce_from_tensor_model_parallel_region(x)
+
+    def copy_to_shards(self, x: torch.Tensor) -> torch.Tensor:
+        # Forward identity, backward all-reduce: Megatron's f, as in the stand-in.
+        return self.mappings.copy_to_tensor_model_parallel_region(x)
 
 
 def resolve_backend(backend="torch", group=None):

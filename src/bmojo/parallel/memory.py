@@ -76,6 +76,9 @@ class _MeasuringBackend:
     def sum_over_shards(self, x):
         return x
 
+    def copy_to_shards(self, x):
+        return x
+
 
 def saved_activation_bytes(config: BMojoConfig, tp: int, seq_len: int) -> int:
     """Bytes autograd saves in a bf16 forward (with loss) of one sequence on one rank of ``tp`` (CPU, measured)."""

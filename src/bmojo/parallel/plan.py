@@ -9,8 +9,9 @@ Two tables, both pure functions of the configuration (no model is built, nothing
 Styles: ``"colwise"`` (a linear layer keeps output rows: Megatron's column-parallel layer), ``"rowwise"`` (keeps
 input columns and sums the partial outputs over ranks), ``"sliced"`` (the module's own parameters are sliced in
 place: conv channels, per-head vectors, the gated norm's groups), ``"sum_over_shards"`` (a ``PartialSum`` hook
-point, bound to the backend's all-reduce). Modules read their local sizes from their (sliced) weights, so nothing
-else changes in a sharded model.
+point, bound to the backend's all-reduce), ``"copy_to_shards"`` (a ``SumGradientOverShards`` hook point, bound to
+the backend's identity whose backward all-reduces the gradient). Modules read their local sizes from their
+(sliced) weights, so nothing else changes in a sharded model.
 
 | module | parameter | split | rank ``r`` of ``tp`` keeps |
 |---|---|---|---|
@@ -41,6 +42,14 @@ the B'MOJO layer's ``innovation_sum`` (style ``"sum_over_shards"``) becomes a ``
 identical on every rank (hence the same eidetic selection, and memory slots holding the rank's own key/value
 heads), and since the loss is replicated rather than summed over ranks, the backward is the identity: each rank's
 predictor shard gets exactly the gradient it has in the full model (``backends._SumOverShards``).
+
+``learned_selection``'s ``selection_bias`` is replicated and reads the replicated layer input ``h`` directly (not
+through a column-parallel layer), so its ``u`` is the same on every rank (hence the same selection); but ``u`` is
+added to the eidetic logits of the rank's own heads only, so each rank's gradient of ``u`` is a partial sum over
+heads. The layer's ``selection_bias_gradient_sum`` (style ``"copy_to_shards"``) all-reduces it in the backward
+(Megatron's ``f``, ``backends._CopyToShards``): every rank then holds the full gradient of ``selection_bias`` and
+adds the same full ``W^T du`` to the gradient of ``h``, as every replicated module must. No double count: the
+column-parallel layers' own ``f`` all-reduce only the gradient that flows through them.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ TP_PLAN: dict[str, str] = {
     "model.layers.*.mixer.o_proj": "rowwise",
     "model.layers.*.mixer.innovation_predictor": "colwise",
     "model.layers.*.mixer.innovation_sum": "sum_over_shards",
+    "model.layers.*.mixer.selection_bias_gradient_sum": "copy_to_shards",
     "model.layers.*.mixer": "sliced",  # an SSM mixer's dt_bias, A_log, D
     "model.layers.*.mixer.in_proj": "colwise",
     "model.layers.*.mixer.conv1d": "sliced",
@@ -198,10 +208,6 @@ def check_tp_size(config: BMojoConfig, tp_size: int) -> None:
     for name, value in fields.items():
         if value % tp_size:
             raise ValueError(f"{name} ({value}) must be divisible by the tensor-parallel size ({tp_size})")
-    if tp_size > 1 and config.learned_selection and "bmojo" in config.layers_block_type and config.eidetic:
-        # selection_bias is replicated but its gradient comes from each rank's own heads' eidetic logits: it would
-        # need an all-reduce in the backward (Megatron's f) that the plan does not have yet.
-        raise ValueError("learned_selection is not supported with tensor parallelism (tp_size > 1) yet")
 
 
 # ---------------------------------------------------------------------------------------------------------------

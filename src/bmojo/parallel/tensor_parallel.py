@@ -126,6 +126,9 @@ def shard_model(model: BMojoForCausalLM, tp_rank: int, tp_size: int, backend="to
         elif style == "sum_over_shards":
             module.bind(backend.sum_over_shards)
             continue
+        elif style == "copy_to_shards":
+            module.bind(backend.copy_to_shards)
+            continue
         else:
             continue
         if new is not module:
