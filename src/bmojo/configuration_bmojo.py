@@ -3,21 +3,22 @@
 One config describes every member of the family through a per-layer type list (the same table is in README.md,
 "The model", with the test that checks each equality):
 
-| ``layers_block_type``               | other settings                       | the model is                  |
-|-------------------------------------|--------------------------------------|-------------------------------|
-| all ``"attention"``                 | ``window_size >= sequence length``   | a causal Transformer          |
-| all ``"attention"``                 | finite ``window_size``               | a sliding-window Transformer  |
-| all ``"ssm"``                       | ``use_mlp=False``                    | Mamba-2                       |
-| ``"ssm"`` and ``"attention"`` mixed |                                      | a Jamba-style hybrid          |
-| all ``"bmojo"``                     | ``memory_size=0``                    | B'MOJO-F (fading memory only) |
-| all ``"bmojo"``                     | ``use_fading=False, memory_size=0``  | sliding-window attention      |
-| all ``"bmojo"``                     | ``memory_size>0``                    | B'MOJO                        |
-| all ``"bmojo"``                     | ``key_set_bias``, init ``-30`` (a)   | sliding-window attention      |
-| all ``"bmojo"``                     | ``fading_self_key``, weights (b)     | Mamba-2 (one SSM per layer)   |
+| ``layers_block_type``               | other settings                          | the model is                  |
+|-------------------------------------|-----------------------------------------|-------------------------------|
+| all ``"attention"``                 | ``window_size >= sequence length``      | a causal Transformer          |
+| all ``"attention"``                 | finite ``window_size``                  | a sliding-window Transformer  |
+| all ``"ssm"``                       | ``use_mlp=False``                       | Mamba-2                       |
+| ``"ssm"`` and ``"attention"`` mixed |                                         | a Jamba-style hybrid          |
+| all ``"bmojo"``                     | ``memory_size=0`` (c)                   | B'MOJO-F (fading memory only) |
+| all ``"bmojo"``                     | ``use_fading=False, memory_size=0`` (c) | sliding-window attention      |
+| all ``"bmojo"``                     | ``memory_size>0``                       | B'MOJO                        |
+| all ``"bmojo"``                     | ``key_set_bias``, init ``-30`` (a)      | sliding-window attention      |
+| all ``"bmojo"``                     | ``fading_self_key``, weights (b)        | Mamba-2 (one SSM per layer)   |
 
 (a) ``key_set_bias_init = layers.bmojo.SWA_EQUIVALENT_KEY_SET_BIAS``: equal to float32 rounding, whatever the
 other settings. (b) ``key_set_bias``, ``Hkv * head_dim = hidden_size``, ``q_proj = 0``, ``v_proj = o_proj =
-I``, ``self_fading_bias = +1e4``: each layer outputs its SSM's output (exactly, in float64).
+I``, ``self_fading_bias = +1e4``: each layer outputs its SSM's output (exactly, in float64). (c) and
+``fading_self_key=False`` (on by default: query ``i`` also attends its own fading token ``f_i``).
 """
 
 from __future__ import annotations
