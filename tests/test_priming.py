@@ -189,5 +189,6 @@ def test_priming_on_the_embedded_corpus_opens_the_memories(tmp_path):
         assert ppl["primed"][length] < ppl["converted"][length], (length, ppl)
         assert ppl["primed, memories silenced"][length] == pytest.approx(ppl["converted"][length], rel=1e-6)
     gates = results["key_set_bias_mean"]
-    assert gates["converted"] == {"eidetic_bias": -30.0, "fading_bias": -30.0}
+    # the self fading key's gate too (fading_self_key is on by default, so converted models have it)
+    assert gates["converted"] == {"eidetic_bias": -30.0, "fading_bias": -30.0, "self_fading_bias": -30.0}
     assert all(value > study.key_set_bias_start + 0.05 for value in gates["primed"].values()), gates
