@@ -121,7 +121,8 @@ def test_next_input_score_is_the_error_of_predicting_the_layer_input():
     """The memory holds the reference policy's picks under scores recomputed by hand: the mean squared error of
     ``input_predictor(f_{t-1})`` against the layer input ``h_t`` (hooks catch ``h`` and the fading tokens ``f``)."""
     # v0 (chunk admission): the reference policy below admits picks when their chunk ends
-    model = tiny_model(**dict(V0_OPTIONS, selection_score="next_input", layers_block_type=["bmojo"], num_hidden_layers=1))
+    v0 = dict(V0_OPTIONS, selection_score="next_input")
+    model = tiny_model(**v0, layers_block_type=["bmojo"], num_hidden_layers=1)
     cfg = model.config
     mixer = model.model.layers[0].mixer
     seen = {}
