@@ -52,7 +52,7 @@ def _model(**options):
     """The tiny fp64 model with ``options``; a learned selection bias and key-set biases that are not neutral (and
     differ per head), so both reach the logits."""
     options = {**V0_OPTIONS, **options}  # the combinations are spelled on the original design (v0)
-    model = tiny_model(**options, **({"key_set_bias_init": -1.0} if options.get("key_set_bias") else {}))
+    model = tiny_model(**dict(options, key_set_bias_init=-1.0 if options["key_set_bias"] else 0.0))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for layer in model.model.layers:

@@ -515,7 +515,7 @@ def test_per_head_memories_with_a_shared_score_compute_the_shared_memory(kind):
 
 
 def test_per_head_memory_with_one_key_value_head_is_the_shared_memory():
-    shared = tiny_model(num_key_value_heads=1)
+    shared = tiny_model(num_key_value_heads=1, key_set_bias=False)  # per-head memories refuse key_set_bias
     per_head = tiny_model(num_key_value_heads=1, memory_per_kv_head=True, key_set_bias=False)
     per_head.load_state_dict(shared.state_dict())
     x = tokens(2, 41)
@@ -528,7 +528,8 @@ def test_per_head_memory_with_one_key_value_head_is_the_shared_memory():
 def test_each_head_keeps_the_top_tokens_of_its_own_key_prediction_error():
     """Per-head key prediction: head ``a``'s memory is the reference policy under the error of its own ``D`` key
     features; the heads keep different tokens."""
-    model = tiny_model(memory_per_kv_head=True, key_set_bias=False, layers_block_type=["bmojo"], num_hidden_layers=1)
+    # v0 (chunk admission): the reference policy below admits picks when their chunk ends
+    model = tiny_model(**dict(V0_OPTIONS, memory_per_kv_head=True), layers_block_type=["bmojo"], num_hidden_layers=1)
     cfg = model.config
     mixer = model.model.layers[0].mixer
     seen = {}
