@@ -16,7 +16,7 @@ QUICK = replace(A.STUDIES["recall"]["settings"], **A.QUICK)
 @pytest.mark.parametrize("study", ["recall", "lm"])
 def test_every_variant_has_the_base_bmojos_parameter_count(study):
     s = A.STUDIES[study]["settings"]
-    target = A.parameter_count(A.make_config(s, {}))
+    target = A.parameter_count(A.make_config(s, A.VARIANTS["bmojo_v0"]))  # the base: the original design
     for name, overrides in A.VARIANTS.items():
         config = A.matched_config(s, overrides)
         assert 0.98 * target <= A.parameter_count(config) <= 1.02 * target, name
@@ -24,6 +24,88 @@ def test_every_variant_has_the_base_bmojos_parameter_count(study):
     assert transformer.window_size >= s.seq_len * (s.eval_multiple if study == "lm" else 1)  # full attention
     assert set(A.matched_config(s, A.VARIANTS["mamba2"]).layers_block_type) == {"ssm"}
     assert A.matched_config(s, A.VARIANTS["bmojo_f"]).memory_size == 0
+
+
+# The issue-11 fields before the defaults changed (written out, not taken from the code under test).
+ORIGINAL = dict(
+    selection_score="key_prediction",
+    learned_selection=False,
+    memory_score_decay=1.0,
+    memory_admission="chunk",
+    memory_reset_at_document=False,
+    memory_per_kv_head=False,
+    eidetic_key_distance="window",
+    fading_self_key=False,
+    key_set_bias=False,
+    key_set_bias_init=0.0,
+)
+# What each variant set on top of those defaults then (ablation.py at 4cea7d3).
+BEFORE = {
+    "bmojo_v0": {},
+    "bmojo_new": dict(
+        eidetic_key_distance="zero",
+        fading_self_key=True,
+        key_set_bias=True,
+        learned_selection=True,
+        memory_admission="window_exit",
+    ),
+    "bmojo_key0": dict(eidetic_key_distance="zero"),
+    "bmojo_random": dict(selection_score="random"),
+    "bmojo_f": dict(memory_size=0),
+    "mamba2": dict(layers_block_type="ssm", use_fading=False, memory_size=0),
+}
+
+
+@pytest.mark.parametrize("study", ["mqar", "lm"])
+@pytest.mark.parametrize("variant", sorted(BEFORE))
+def test_variants_resolve_to_the_configs_they_had_before_the_defaults_changed(study, variant):
+    """The runs on disk stay valid: every field of the resolved config, the widened MLP included, is as before."""
+    s = A.STUDIES[study]["settings"]
+    # the matching as it was: widen the MLP (steps of 8) until 98% of the original design's parameter count
+    target = A.parameter_count(A.make_config(s, ORIGINAL))
+    before = A.make_config(s, dict(ORIGINAL, **BEFORE[variant]))
+    while A.parameter_count(before) < 0.98 * target:
+        before = A.make_config(s, dict(ORIGINAL, **BEFORE[variant]), before.intermediate_size + 8)
+    assert A.matched_config(s, A.VARIANTS[variant]).to_dict() == before.to_dict()
+
+
+def test_v0_is_the_original_design_and_new_is_the_defaults():
+    assert A.V0 == ORIGINAL
+    default = A.BMojoConfig()
+    assert {name: getattr(default, name) for name in A.OPTIONS} == dict(ORIGINAL, **A.NEW)
+    assert A.VARIANTS["bmojo_new"] == {}
+
+
+def test_every_single_option_variant_is_v0_plus_one_option():
+    s = A.STUDIES["mqar"]["settings"]
+    for name, overrides in A.VARIANTS.items():
+        if name.startswith("bmojo_new"):
+            continue
+        config = A.matched_config(s, overrides)
+        changed = {o for o in A.OPTIONS if getattr(config, o) != ORIGINAL[o]}
+        assert len(changed) <= 1 and changed == set(overrides) & changed, (name, changed)
+        assert (name in ("bmojo_v0", "bmojo_f", "mamba2", "swa", "transformer")) == (not changed), name
+
+
+def test_run_files_from_before_the_new_defaults_are_reused_and_new_ones_name_every_option(tmp_path):
+    variants, lrs, seeds = ["bmojo_v0", "bmojo_key0"], [1e-3], [0]
+    A.run_study(QUICK, variants, lrs, seeds, tmp_path)
+    for name in variants:
+        path = A.run_path(tmp_path, QUICK, name, 1e-3, 0)
+        record = json.loads(path.read_text())
+        assert set(A.OPTIONS) <= set(record["spec"]["overrides"])  # the model a file trained, whatever the defaults
+        # as the run file was written before: only the options the variant set then
+        record["spec"]["overrides"] = BEFORE[name]
+        path.write_text(json.dumps(record))
+    _, todo = A.plan(QUICK, variants, lrs, seeds, tmp_path)
+    assert todo == []
+    # a file of another model under the same name is refused (bmojo_new's options under bmojo_v0's name)
+    path = A.run_path(tmp_path, QUICK, "bmojo_v0", 1e-3, 0)
+    record = json.loads(path.read_text())
+    record["spec"]["overrides"] = BEFORE["bmojo_new"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="was run with other settings"):
+        A.plan(QUICK, variants, lrs, seeds, tmp_path)
 
 
 @pytest.mark.parametrize("variant", ["mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0"])

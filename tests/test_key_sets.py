@@ -141,9 +141,14 @@ def test_key_set_bias_parameters_per_head():
     for name in ("fading_bias", "self_fading_bias", "eidetic_bias"):
         param = getattr(mixer, name)
         assert param.shape == (model.config.num_attention_heads,) and bool((param == -2.5).all()), name
-    bare = tiny_model(key_set_bias=True, use_fading=False, memory_size=0).model.layers[0].mixer
+    bare = tiny_model(key_set_bias=True, use_fading=False, memory_size=0, fading_self_key=False).model.layers[0].mixer
     assert not any("bias" in n for n, _ in bare.named_parameters(recurse=False))  # only sets the layer has
-    assert not any("bias" in n for n, _ in tiny_model().model.layers[0].mixer.named_parameters(recurse=False))
+    v0 = tiny_model(key_set_bias=False).model.layers[0].mixer
+    assert not any("bias" in n for n, _ in v0.named_parameters(recurse=False))
+    # the defaults (issue 11): all three sets, starting neutral at key_set_bias_init = 0
+    default = tiny_model().model.layers[0].mixer
+    for name in ("fading_bias", "self_fading_bias", "eidetic_bias"):
+        assert bool((getattr(default, name) == 0.0).all()), name
 
 
 
@@ -213,7 +218,7 @@ def test_self_fading_key_step_matches_reference():
 def test_self_fading_key_without_fading_keys_still_runs_the_ssm():
     model = tiny_model(use_fading=False, memory_size=0, fading_self_key=True)
     assert model.model.layers[0].mixer.ssm is not None
-    plain = tiny_model(use_fading=False, memory_size=0)
+    plain = tiny_model(use_fading=False, memory_size=0, fading_self_key=False)  # v0: no self key
     plain.load_state_dict(model.state_dict(), strict=False)
     x = tokens(1, 30)
     with torch.no_grad():
@@ -412,8 +417,9 @@ def test_a_checkpoint_without_the_biases_loads_them_at_their_initial_value(tmp_p
     at ``key_set_bias_init`` (transformers initialises what the checkpoint lacks), the rest is the checkpoint's."""
     from bmojo import BMojoForCausalLM
 
-    tiny_model(dtype=torch.float32).save_pretrained(tmp_path)
+    tiny_model(dtype=torch.float32, key_set_bias=False).save_pretrained(tmp_path)  # v0: no key-set biases
     loaded = BMojoForCausalLM.from_pretrained(tmp_path, key_set_bias=True, key_set_bias_init=-30.0)
     mixer = loaded.model.layers[1].mixer
     assert bool((mixer.fading_bias == -30.0).all()) and bool((mixer.eidetic_bias == -30.0).all())
-    assert torch.equal(mixer.q_proj.weight, tiny_model(dtype=torch.float32).model.layers[1].mixer.q_proj.weight)
+    saved = tiny_model(dtype=torch.float32, key_set_bias=False).model.layers[1].mixer
+    assert torch.equal(mixer.q_proj.weight, saved.q_proj.weight)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bmojo import BMojoCache
+from bmojo.configuration_bmojo import V0_OPTIONS
 from bmojo.ops import use_backend
 from support import tiny_model, tokens
 
@@ -34,6 +35,8 @@ COMBINATIONS = {
                                        memory_reset_at_document=True),
     "recency_learned_decay": dict(selection_score="recency", learned_selection=True, memory_score_decay=0.9,
                                   eidetic_key_distance="zero"),
+    "defaults": dict(eidetic_key_distance="zero", fading_self_key=True, key_set_bias=True, learned_selection=True,
+                     memory_admission="window_exit"),
     "per_head_everything": {**EVERYTHING, "key_set_bias": False, "memory_per_kv_head": True},
     "per_head_recency_exit": dict(selection_score="recency", memory_admission="window_exit", memory_per_kv_head=True),
     "per_head_next_input_learned_reset_self": dict(selection_score="next_input", learned_selection=True,
@@ -48,7 +51,8 @@ COMBINATIONS = {
 def _model(**options):
     """The tiny fp64 model with ``options``; a learned selection bias and key-set biases that are not neutral (and
     differ per head), so both reach the logits."""
-    model = tiny_model(**options, **({"key_set_bias_init": -1.0} if options.get("key_set_bias") else {}))
+    options = {**V0_OPTIONS, **options}  # the combinations are spelled on the original design (v0)
+    model = tiny_model(**dict(options, key_set_bias_init=-1.0 if options["key_set_bias"] else 0.0))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for layer in model.model.layers:

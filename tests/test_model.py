@@ -37,9 +37,12 @@ def test_attention_with_window_covering_the_input_is_a_llama_transformer():
 
 
 def test_bmojo_without_fading_and_eidetic_memory_is_sliding_window_attention():
-    bm = _model(layers_block_type=["bmojo", "bmojo"], use_fading=False, memory_size=0)
+    # fading_self_key=False too: the self fading key (on by default) is the SSM's f_i, a fading memory
+    bm = _model(layers_block_type=["bmojo", "bmojo"], use_fading=False, memory_size=0, fading_self_key=False)
     attn = _model(layers_block_type=["attention", "attention"])
     assert set(bm.state_dict()) == set(attn.state_dict())  # no SSM, no predictor left in the bmojo layers
+    with_self_key = _model(layers_block_type=["bmojo", "bmojo"], use_fading=False, memory_size=0)
+    assert with_self_key.model.layers[0].mixer.ssm is not None  # by default the layer keeps its SSM for f_i
     attn.load_state_dict(bm.state_dict())
     x = _tokens(2, 40)
     with torch.no_grad():
@@ -49,7 +52,7 @@ def test_bmojo_without_fading_and_eidetic_memory_is_sliding_window_attention():
 def test_fading_and_eidetic_memory_change_the_output():
     """The reduction above must not hold by accident: with the memories on, the same weights compute more."""
     full = _model()
-    plain = _model(use_fading=False, memory_size=0)
+    plain = _model(use_fading=False, memory_size=0, fading_self_key=False)
     plain.load_state_dict(full.state_dict(), strict=False)
     x = _tokens(1, 40)
     with torch.no_grad():

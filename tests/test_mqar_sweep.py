@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from bmojo.evals.mqar_sweep import QUICK, VARIANTS, SweepConfig, main, matched_configs, parameter_count
+from bmojo.evals.mqar_sweep import QUICK, VARIANTS, SweepConfig, main, matched_configs, options, parameter_count
 
 
 def test_variants_are_the_special_cases_at_equal_parameters():
@@ -43,11 +43,17 @@ def test_a_restarted_sweep_skips_the_runs_it_finished(tmp_path):
     marker = {"lr": QUICK["lrs"][0], "seconds": 1.0, "final_loss": 0.5, "steps": 1, "accuracy": None}
     marker["accuracy"] = {f"kv={p}": 0.123 for p in QUICK["test_pairs"]}
     marker["accuracy"].update({f"long-gap kv={p}": 0.456 for p in QUICK["long_gap_pairs"]})
+    configs = matched_configs(sweep)
     (tmp_path / "mqar.partial.jsonl").write_text(
-        json.dumps({"sweep": asdict(sweep), "variant": "swa", "run": marker}) + "\n"
+        json.dumps({"sweep": asdict(sweep), "variant": "swa", "options": options(configs["swa"]), "run": marker})
+        + "\n"
+        # a run recorded without the issue-11 options (made under other defaults): not taken for today's model
+        + json.dumps({"sweep": asdict(sweep), "variant": "bmojo", "run": marker})
+        + "\n"
     )
     main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "mqar.json").read_text())
     assert results["variants"]["swa"]["runs"] == [marker]  # reused, not retrained
     assert results["variants"]["mamba2"]["best"]["accuracy"] != marker["accuracy"]
+    assert marker not in results["variants"]["bmojo"]["runs"]  # retrained
     assert not (tmp_path / "mqar.partial.jsonl").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bmojo.ops.ssd as ssd_pkg
+from bmojo.configuration_bmojo import V0_OPTIONS
 from bmojo.ops.ssd import ssd_ref
 from bmojo.ops.ssd.nki_backend import ssd_nki, to_kernel_layout
 from bmojo.ops.ssd.nki_twin import ssd_twin_bwd, ssd_twin_fwd, triangle
@@ -304,8 +305,11 @@ def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):
         attention_backend.AttentionNKI, "apply", lambda *a: attention_calls.append(1) or attention_apply(*a)
     )
     torch.manual_seed(0)
+    # The original design (v0): the NKI attention kernel lacks the key-set biases and the self fading key that the
+    # defaults turn on, and declines them (checked at the end)
     config = preset_config(
-        "tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2, layers_block_type=["bmojo", "ssm"]
+        "tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2, layers_block_type=["bmojo", "ssm"],
+        **V0_OPTIONS,
     )
     model = BMojoForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (1, 256))
@@ -325,3 +329,12 @@ def test_model_through_the_nki_backend_matches_the_chunked_model(monkeypatch):
     assert got.keys() == want.keys()
     for name in want:
         assert rel_err(got[name], want[name]) <= 1e-4, name
+    # With the defaults the B'MOJO layer's attention declines the NKI kernel (runs the chunked form), the SSMs do not
+    del calls[:], attention_calls[:]
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(preset_config(
+        "tiny", chunk_size=128, window_size=128, memory_size=8, num_hidden_layers=2, layers_block_type=["bmojo", "ssm"]
+    ))
+    with use_backend("nki"):
+        loss_and_grads()
+    assert len(calls) == 2 and attention_calls == []

@@ -182,6 +182,7 @@ def test_priming_on_the_embedded_corpus_opens_the_memories(tmp_path):
     study = PrimeStudyConfig(
         hidden_size=32, intermediate_size=96, seq_len=64, source_steps=200, source_lr=1e-2, batch_size=8, window=16,
         chunk=16, memory_size=8, prime_steps=200, prime_lr=1e-2, prime_batch_size=4, eval_tokens=4096,
+        original_design=True,  # v0: with the issue-11 defaults the eidetic and self-key gates stay near -2 here
     )  # fmt: skip
     results = run_study(study, tmp_path, threads=1)
     ppl = results["perplexity"]

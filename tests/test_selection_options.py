@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bmojo import BMojoCache
+from bmojo.configuration_bmojo import V0_OPTIONS
 from bmojo.layers.eidetic import random_score
 from bmojo.ops import use_backend
 from bmojo.ops.selection import INVALID_SCORE, Slots, merge_slots, select_per_chunk, select_per_chunk_ref
@@ -119,7 +120,9 @@ def test_innovation_loss_and_predictors_only_where_the_score_has_one():
 def test_next_input_score_is_the_error_of_predicting_the_layer_input():
     """The memory holds the reference policy's picks under scores recomputed by hand: the mean squared error of
     ``input_predictor(f_{t-1})`` against the layer input ``h_t`` (hooks catch ``h`` and the fading tokens ``f``)."""
-    model = tiny_model(selection_score="next_input", layers_block_type=["bmojo"], num_hidden_layers=1)
+    # v0 (chunk admission): the reference policy below admits picks when their chunk ends
+    v0 = dict(V0_OPTIONS, selection_score="next_input")
+    model = tiny_model(**v0, layers_block_type=["bmojo"], num_hidden_layers=1)
     cfg = model.config
     mixer = model.model.layers[0].mixer
     seen = {}
@@ -141,7 +144,7 @@ def test_next_input_score_is_the_error_of_predicting_the_layer_input():
 
 
 def test_recency_memory_holds_exactly_the_newest_picks():
-    model = tiny_model(selection_score="recency")
+    model = tiny_model(**dict(V0_OPTIONS, selection_score="recency"))  # v0: picks join when their chunk ends
     cfg = model.config
     C, k, M = cfg.chunk_size, cfg.selections_per_chunk, cfg.memory_size
     for length in (23, 40, 41):
@@ -213,7 +216,7 @@ def test_selection_gradients_reach_the_selected_rows_as_in_the_reference(chunk, 
         assert torch.equal(got.score, want.score) and torch.equal(got.pos[valid], want.pos[valid])
         for a, b in ((got.k, want.k), (got.v, want.v), (got.bias, want.bias)):
             assert torch.equal(a, b)
-    cot = [torch.randn_like(t, generator=g) for part in ref for t in (part.k, part.v, part.bias)]
+    cot = [torch.randn(t.shape, generator=g, dtype=t.dtype) for part in ref for t in (part.k, part.v, part.bias)]
     loss = lambda res: sum((t * c).sum() for t, c in zip((t for p in res for t in (p.k, p.v, p.bias)), cot))  # noqa: E731
     grads = torch.autograd.grad(loss(out), (x, bias))
     ref_grads = torch.autograd.grad(loss(ref), (x, bias))
@@ -352,7 +355,7 @@ def _slot_biases(state, row=0):
 
 
 def test_a_fresh_learned_selection_is_neutral():
-    plain, learned = tiny_model(), tiny_model(learned_selection=True)
+    plain, learned = tiny_model(learned_selection=False), tiny_model(learned_selection=True)
     x = tokens(2, 41)
     state = {n: p for n, p in learned.state_dict().items() if "selection_bias" not in n}
     plain.load_state_dict(state)
@@ -481,7 +484,8 @@ def test_tensor_parallel_rules_for_the_scoring_options():
 # --- memory_per_kv_head ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_head_memory_decoding_equals_parallel_forward(kind):
-    model = tiny_model(selection_score=kind, memory_per_kv_head=True, learned_selection=kind == "next_input")
+    model = tiny_model(selection_score=kind, memory_per_kv_head=True, key_set_bias=False,
+                       learned_selection=kind == "next_input")
     if kind == "next_input":  # also carry a non-neutral learned bias per head
         with torch.no_grad():
             for layer in model.model.layers:
@@ -497,8 +501,8 @@ def test_per_head_memory_decoding_equals_parallel_forward(kind):
 def test_per_head_memories_with_a_shared_score_compute_the_shared_memory(kind):
     """Scores that are the same for every head make every head keep the same tokens: the head-folded attention
     then computes exactly what the shared memory computes (an equality test of the folding)."""
-    shared = tiny_model(selection_score=kind)
-    per_head = tiny_model(selection_score=kind, memory_per_kv_head=True)
+    shared = tiny_model(selection_score=kind, key_set_bias=False)  # per-head memories refuse key_set_bias
+    per_head = tiny_model(selection_score=kind, memory_per_kv_head=True, key_set_bias=False)
     per_head.load_state_dict(shared.state_dict())
     x = tokens(2, 41)
     mask = torch.ones_like(x)
@@ -509,8 +513,8 @@ def test_per_head_memories_with_a_shared_score_compute_the_shared_memory(kind):
 
 
 def test_per_head_memory_with_one_key_value_head_is_the_shared_memory():
-    shared = tiny_model(num_key_value_heads=1)
-    per_head = tiny_model(num_key_value_heads=1, memory_per_kv_head=True)
+    shared = tiny_model(num_key_value_heads=1, key_set_bias=False)  # per-head memories refuse key_set_bias
+    per_head = tiny_model(num_key_value_heads=1, memory_per_kv_head=True, key_set_bias=False)
     per_head.load_state_dict(shared.state_dict())
     x = tokens(2, 41)
     with torch.no_grad():
@@ -522,7 +526,8 @@ def test_per_head_memory_with_one_key_value_head_is_the_shared_memory():
 def test_each_head_keeps_the_top_tokens_of_its_own_key_prediction_error():
     """Per-head key prediction: head ``a``'s memory is the reference policy under the error of its own ``D`` key
     features; the heads keep different tokens."""
-    model = tiny_model(memory_per_kv_head=True, layers_block_type=["bmojo"], num_hidden_layers=1)
+    # v0 (chunk admission): the reference policy below admits picks when their chunk ends
+    model = tiny_model(**dict(V0_OPTIONS, memory_per_kv_head=True), layers_block_type=["bmojo"], num_hidden_layers=1)
     cfg = model.config
     mixer = model.model.layers[0].mixer
     seen = {}
@@ -552,7 +557,7 @@ def test_each_head_keeps_the_top_tokens_of_its_own_key_prediction_error():
 
 
 def test_per_head_memory_chunked_equals_reference():
-    model = tiny_model(memory_per_kv_head=True)
+    model = tiny_model(memory_per_kv_head=True, key_set_bias=False)
     x = tokens(2, 38)
     mask = torch.ones_like(x)
     mask[0, :3] = 0
@@ -569,7 +574,7 @@ def test_per_head_memory_chunked_equals_reference():
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("overrides", [dict(memory_per_kv_head=True), dict(learned_selection=True)])
+@pytest.mark.parametrize("overrides", [dict(memory_per_kv_head=True, key_set_bias=False), dict(learned_selection=True)])
 def test_padded_prefill_then_decoding_equals_the_parallel_forward(overrides):
     """A left-padded prefill's state (rows of different lengths) then decoding == each row's parallel forward."""
     model = _learned() if overrides.get("learned_selection") else tiny_model(**overrides)

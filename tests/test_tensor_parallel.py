@@ -31,9 +31,11 @@ pytestmark = pytest.mark.core
 
 # Every feature on (fading, eidetic memory, per-head key-set biases, MLP, GQA, tied embeddings, query/key/value
 # biases) and every layer type; two SSM groups so that TP=2 splits groups as well as heads.
+# learned_selection=False here: the original selection; LEARNED below covers the defaults' learned selection bias
+# (its gradient summed over the ranks, test_tp2_equals_tp1_with_learned_selection).
 MIXED = dict(
     layers_block_type=["bmojo", "attention", "ssm"], num_hidden_layers=3, ssm_ngroups=2, key_set_bias=True,
-    key_set_bias_init=-0.5, attention_bias=True,
+    key_set_bias_init=-0.5, attention_bias=True, learned_selection=False,
 )
 MAX_NORM = 0.05  # below the gradient norm (checked): clipping is active
 # The candidate defaults: learned_selection's replicated selection_bias feeds every rank's own eidetic heads.

@@ -3,21 +3,22 @@
 One config describes every member of the family through a per-layer type list (the same table is in README.md,
 "The model", with the test that checks each equality):
 
-| ``layers_block_type``               | other settings                       | the model is                  |
-|-------------------------------------|--------------------------------------|-------------------------------|
-| all ``"attention"``                 | ``window_size >= sequence length``   | a causal Transformer          |
-| all ``"attention"``                 | finite ``window_size``               | a sliding-window Transformer  |
-| all ``"ssm"``                       | ``use_mlp=False``                    | Mamba-2                       |
-| ``"ssm"`` and ``"attention"`` mixed |                                      | a Jamba-style hybrid          |
-| all ``"bmojo"``                     | ``memory_size=0``                    | B'MOJO-F (fading memory only) |
-| all ``"bmojo"``                     | ``use_fading=False, memory_size=0``  | sliding-window attention      |
-| all ``"bmojo"``                     | ``memory_size>0``                    | B'MOJO                        |
-| all ``"bmojo"``                     | ``key_set_bias``, init ``-30`` (a)   | sliding-window attention      |
-| all ``"bmojo"``                     | ``fading_self_key``, weights (b)     | Mamba-2 (one SSM per layer)   |
+| ``layers_block_type``               | other settings                          | the model is                  |
+|-------------------------------------|-----------------------------------------|-------------------------------|
+| all ``"attention"``                 | ``window_size >= sequence length``      | a causal Transformer          |
+| all ``"attention"``                 | finite ``window_size``                  | a sliding-window Transformer  |
+| all ``"ssm"``                       | ``use_mlp=False``                       | Mamba-2                       |
+| ``"ssm"`` and ``"attention"`` mixed |                                         | a Jamba-style hybrid          |
+| all ``"bmojo"``                     | ``memory_size=0`` (c)                   | B'MOJO-F (fading memory only) |
+| all ``"bmojo"``                     | ``use_fading=False, memory_size=0`` (c) | sliding-window attention      |
+| all ``"bmojo"``                     | ``memory_size>0``                       | B'MOJO                        |
+| all ``"bmojo"``                     | ``key_set_bias``, init ``-30`` (a)      | sliding-window attention      |
+| all ``"bmojo"``                     | ``fading_self_key``, weights (b)        | Mamba-2 (one SSM per layer)   |
 
 (a) ``key_set_bias_init = layers.bmojo.SWA_EQUIVALENT_KEY_SET_BIAS``: equal to float32 rounding, whatever the
 other settings. (b) ``key_set_bias``, ``Hkv * head_dim = hidden_size``, ``q_proj = 0``, ``v_proj = o_proj =
-I``, ``self_fading_bias = +1e4``: each layer outputs its SSM's output (exactly, in float64).
+I``, ``self_fading_bias = +1e4``: each layer outputs its SSM's output (exactly, in float64). (c) and
+``fading_self_key=False`` (on by default: query ``i`` also attends its own fading token ``f_i``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ LAYER_TYPES = ("bmojo", "attention", "ssm")
 SELECTION_SCORES = ("key_prediction", "next_input", "random", "recency")
 MEMORY_ADMISSIONS = ("chunk", "window_exit")
 EIDETIC_KEY_DISTANCES = ("window", "zero")
+
+# B'MOJO's original design ("v0", before issue 11) in the issue-11 fields: ``BMojoConfig(**V0_OPTIONS)`` is the model
+# every study before the new defaults trained (the ablation's ``bmojo_v0``). The defaults differ from it in
+# eidetic_key_distance, fading_self_key, key_set_bias, learned_selection and memory_admission.
+V0_OPTIONS = dict(
+    selection_score="key_prediction",
+    learned_selection=False,
+    memory_score_decay=1.0,
+    memory_admission="chunk",
+    memory_reset_at_document=False,
+    memory_per_kv_head=False,
+    eidetic_key_distance="window",
+    fading_self_key=False,
+    key_set_bias=False,
+    key_set_bias_init=0.0,
+)
 
 
 class BMojoConfig(PretrainedConfig):
@@ -59,32 +76,35 @@ class BMojoConfig(PretrainedConfig):
         selections_per_chunk (`int`): tokens selected by the innovation test in each chunk (``k_sel``).
         innovation_loss_weight (`float`): weight of the innovation predictor's auxiliary loss.
 
-        Eidetic-memory design options (issue 11; the first value of each is the original behaviour):
+        Eidetic-memory design options (issue 11). The defaults are the design chosen there; "v0" names each
+        field's original value (``V0_OPTIONS`` holds them all: the model before issue 11):
 
-        selection_score (`str`): what ranks tokens for the memory. ``"key_prediction"``: squared error of predicting
-            token ``t``'s key from the fading token ``f_{t-1}``; ``"next_input"``: the paper's innovation test,
-            the error of predicting the layer input ``h_t`` from ``f_{t-1}``; ``"random"``: a fixed hash of
-            (layer, position), a baseline; ``"recency"``: the position (newest wins), a baseline.
-        learned_selection (`bool`): a learned per-token bias ``u_t`` (linear in ``h_t``): selection ranks
-            ``score * exp(u_t)`` and a selected token's eidetic logit gets ``+ u_t``, so the LM loss teaches
-            which tokens are worth keeping.
+        selection_score (`str`): what ranks tokens for the memory. ``"key_prediction"`` (default, v0): squared
+            error of predicting token ``t``'s key from the fading token ``f_{t-1}``; ``"next_input"``: the paper's
+            innovation test, the error of predicting the layer input ``h_t`` from ``f_{t-1}``; ``"random"``: a
+            fixed hash of (layer, position), a baseline; ``"recency"``: the position (newest wins), a baseline.
+        learned_selection (`bool`): default ``True`` (v0: ``False``). A learned per-token bias ``u_t`` (linear in
+            ``h_t``, zero at initialisation): selection ranks ``score * exp(u_t)`` and a selected token's eidetic
+            logit gets ``+ u_t``, so the LM loss teaches which tokens are worth keeping.
         memory_score_decay (`float`): retention; each memory slot's score is multiplied by this factor at every
-            chunk boundary (``1.0``: keep the highest scores ever seen; ``0 < decay < 1``: older tokens must
-            have scored higher to stay).
-        memory_admission (`str`): ``"chunk"``: a chunk's picks join the memory when the chunk ends and become
-            visible once they leave the window; ``"window_exit"``: picks join the memory only when their chunk
-            has left the window, so no slot holds a token the query cannot see.
-        memory_reset_at_document (`bool`): a query sees no memory slot from an earlier document (documents end
-            with ``eos_token_id``), and slots of finished documents are dropped.
-        memory_per_kv_head (`bool`): each key/value head selects and keeps its own ``memory_size`` tokens (not with
-            ``key_set_bias``: refused).
-        eidetic_key_distance (`str`): relative position at which eidetic keys are scored: ``"window"`` (``2W``, so
-            distances never exceed training's) or ``"zero"`` (query and key unrotated: pure content match).
-        fading_self_key (`bool`): query ``i`` also attends its own fading token ``f_i`` (distance 0), so one
-            ``bmojo`` layer can compute exactly what a Mamba-2 layer computes.
-        key_set_bias (`bool`): a learned per-head bias added to the logits of the fading keys (and the self
-            fading key) and of the eidetic keys; ``key_set_bias_init`` (`float`) is its initial value (very
-            negative: the layer starts as sliding-window attention, as ``bmojo convert`` needs; at
+            chunk boundary (``1.0``, default and v0: keep the highest scores ever seen; ``0 < decay < 1``: older
+            tokens must have scored higher to stay).
+        memory_admission (`str`): default ``"window_exit"``: picks join the memory only when their chunk has left
+            the window, so no slot holds a token the query cannot see. v0: ``"chunk"``: a chunk's picks join the
+            memory when the chunk ends and become visible once they leave the window.
+        memory_reset_at_document (`bool`): default and v0 ``False``. ``True``: a query sees no memory slot from an
+            earlier document (documents end with ``eos_token_id``), and slots of finished documents are dropped.
+        memory_per_kv_head (`bool`): default and v0 ``False``. ``True``: each key/value head selects and keeps its
+            own ``memory_size`` tokens (not with ``key_set_bias``, refused: set ``key_set_bias=False`` with it).
+        eidetic_key_distance (`str`): relative position at which eidetic keys are scored: default ``"zero"``
+            (query and key unrotated: pure content match); v0 ``"window"`` (``2W``, so distances never exceed
+            training's).
+        fading_self_key (`bool`): default ``True`` (v0: ``False``). Query ``i`` also attends its own fading token
+            ``f_i`` (distance 0), so one ``bmojo`` layer can compute exactly what a Mamba-2 layer computes.
+        key_set_bias (`bool`): default ``True`` (v0: ``False``). A learned per-head bias added to the logits of
+            the fading keys (and the self fading key) and of the eidetic keys; ``key_set_bias_init`` (`float`,
+            default and v0 ``0.0``: the biases start neutral) is its initial value (very negative: the layer
+            starts as sliding-window attention, as ``bmojo convert`` needs; at
             ``layers.bmojo.SWA_EQUIVALENT_KEY_SET_BIAS = -30`` it equals it to float32 rounding).
         ssm_state_size (`int`): SSD state size ``N``.
         ssm_expand (`int`): SSM inner width is ``ssm_expand * hidden_size``.
@@ -125,14 +145,14 @@ class BMojoConfig(PretrainedConfig):
         selections_per_chunk: int = 2,
         innovation_loss_weight: float = 0.01,
         selection_score: str = "key_prediction",
-        learned_selection: bool = False,
+        learned_selection: bool = True,
         memory_score_decay: float = 1.0,
-        memory_admission: str = "chunk",
+        memory_admission: str = "window_exit",
         memory_reset_at_document: bool = False,
         memory_per_kv_head: bool = False,
-        eidetic_key_distance: str = "window",
-        fading_self_key: bool = False,
-        key_set_bias: bool = False,
+        eidetic_key_distance: str = "zero",
+        fading_self_key: bool = True,
+        key_set_bias: bool = True,
         key_set_bias_init: float = 0.0,
         ssm_state_size: int = 32,
         ssm_expand: int = 2,

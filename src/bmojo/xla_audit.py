@@ -18,6 +18,7 @@ import torch_xla
 import torch_xla.debug.metrics as met
 
 from bmojo import BMojoForCausalLM, preset_config
+from bmojo.configuration_bmojo import V0_OPTIONS
 from bmojo.devices import Device
 
 # CPU fallbacks (``aten::*`` counters: ops torch-xla cannot lower, run on the host, which splits the step graph)
@@ -56,9 +57,10 @@ GATHER_SCATTER_ORIGINS = {
 BATCH, LENGTH, PREFILL = 2, 22, 10
 
 
-# The attention options of issue 11, all on: the tier also audits the graphs they add (per-head key-set biases in an
-# additive mask, the self fading key's diagonal block, unrotated eidetic queries).
-ATTENTION_OPTIONS = dict(key_set_bias=True, key_set_bias_init=-1.0, fading_self_key=True, eidetic_key_distance="zero")
+# The defaults (issue 11) turn on the self fading key, per-head key-set biases, unrotated eidetic queries, the learned
+# selection bias and window-exit admission, so ``audit_config()`` audits the graphs they add; the tier also audits the
+# original design (v0: none of them, picks admitted when their chunk ends).
+ORIGINAL_OPTIONS = dict(V0_OPTIONS)
 
 
 def audit_config(**overrides):

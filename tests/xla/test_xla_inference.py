@@ -55,13 +55,14 @@ def padded_eval_calls(model):
     return deltas
 
 
-@pytest.fixture(scope="module", params=["defaults", "attention-options"])
+@pytest.fixture(scope="module", params=["defaults", "v0"])
 def decode(request, model):
-    """Prefill and decode steps of the audited model, and of one with the attention options of issue 11 on."""
+    """Prefill and decode steps of the audited model (the defaults: every issue-11 option they turn on), and of one
+    with the original design (v0)."""
     if request.param == "defaults":
         return xa.run_decode(model, TOKENS)
     torch.manual_seed(1)
-    return xa.run_decode(xa.to_xla(BMojoForCausalLM(xa.audit_config(**xa.ATTENTION_OPTIONS))).eval(), TOKENS)
+    return xa.run_decode(xa.to_xla(BMojoForCausalLM(xa.audit_config(**xa.ORIGINAL_OPTIONS))).eval(), TOKENS)
 
 
 def test_eval_forward_is_one_graph_compiled_once(eval_calls):

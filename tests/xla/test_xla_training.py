@@ -20,9 +20,10 @@ STEPS = 8  # 2 warm-up steps + 6 that must hit the cache
 WARMUP = 2  # step 0 creates the .grad and optimizer-state tensors, step 1 runs with them as device data
 
 
-@pytest.fixture(scope="module", params=[{}, xa.ATTENTION_OPTIONS], ids=["defaults", "attention-options"])
+@pytest.fixture(scope="module", params=[{}, xa.ORIGINAL_OPTIONS], ids=["defaults", "v0"])
 def run(request):
-    """The audited model's training steps, with today's defaults and with the attention options of issue 11."""
+    """The audited model's training steps, with the defaults (every issue-11 option they turn on) and with the
+    original design (v0)."""
     torch.manual_seed(0)
     model = xa.to_xla(BMojoForCausalLM(xa.audit_config(**request.param)))
     return xa.run_training(model, STEPS)
@@ -32,6 +33,10 @@ def test_every_feature_is_on():
     config = xa.audit_config()
     assert set(config.layers_block_type) == {"bmojo", "attention", "ssm"}
     assert config.use_fading and config.eidetic
+    # the defaults' issue-11 options (what differs from v0) are on in the audited config
+    assert {name: getattr(config, name) for name in xa.ORIGINAL_OPTIONS} != xa.ORIGINAL_OPTIONS
+    assert config.fading_self_key and config.key_set_bias and config.learned_selection
+    assert (config.eidetic_key_distance, config.memory_admission) == ("zero", "window_exit")
     # Long enough that queries see the whole fading span [i-2W+1, i-W] and eidetic picks that left the window.
     assert xa.LENGTH > 2 * config.window_size + config.chunk_size
     assert xa.LENGTH % config.chunk_size != 0  # a partial last chunk: the padding path is traced too

@@ -15,7 +15,7 @@ error, and the study moves on. ``--jobs N`` runs N runs at once, in processes wi
 Fair comparison, by construction:
   * Variants are named dicts of ``BMojoConfig`` overrides on top of one base B'MOJO config (``VARIANTS``); a new
     option is a new entry. Every variant's MLP is widened until its parameter count reaches the base B'MOJO's
-    (``bmojo_v0``, today's defaults) to at least 98% of it (none may be 10% away, checked; options that add
+    (``bmojo_v0``, the original design) to at least 98% of it (none may be 10% away, checked; options that add
     parameters add a few hundred); the counts are printed before training.
   * Every variant sees the same data (per seed), the same number of steps and tokens, and the same lr grid.
   * A variant that sets an issue-11 option must change the model: if its parameters and its logits equal those
@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import BMojoCache
-from ..configuration_bmojo import BMojoConfig
+from ..configuration_bmojo import V0_OPTIONS, BMojoConfig
 from ..modeling_bmojo import BMojoForCausalLM
 from .mqar import IGNORE_INDEX, mqar_accuracy
 from .recall import generate
@@ -101,28 +101,34 @@ from .variants import parameter_count
 # ---------------------------------------------------------------------------------------------------------------
 FULL = "full"  # window_size marker: the Transformer's window covers the longest input
 
+# Every variant but the bmojo_new family is spelled on top of V0, B'MOJO's original design (the defaults before
+# issue 11), so its config, and the runs already on disk, do not change with the defaults: bmojo_v0 is the original
+# model and each single-option variant is "v0 + one option". The bmojo_new family is the defaults (NEW) and the same
+# model with one thing changed.
+V0 = dict(V0_OPTIONS)
 VARIANTS: dict[str, dict] = {
-    "mamba2": dict(layers_block_type="ssm", use_fading=False, memory_size=0),
-    "swa": dict(layers_block_type="attention", use_fading=False, memory_size=0),
-    "transformer": dict(layers_block_type="attention", window_size=FULL, use_fading=False, memory_size=0),
-    "bmojo_f": dict(memory_size=0),
-    "bmojo_v0": {},  # today's defaults
-    "bmojo_random": dict(selection_score="random"),
-    "bmojo_recency": dict(selection_score="recency"),
-    "bmojo_next_input": dict(selection_score="next_input"),
-    "bmojo_learned": dict(learned_selection=True),
-    "bmojo_decay": dict(memory_score_decay=0.9),
-    "bmojo_window_exit": dict(memory_admission="window_exit"),
-    "bmojo_key0": dict(eidetic_key_distance="zero"),
-    "bmojo_self_key": dict(fading_self_key=True),
-    "bmojo_f_self_key": dict(memory_size=0, fading_self_key=True),
-    "bmojo_key_bias": dict(key_set_bias=True),
-    "bmojo_per_head": dict(memory_per_kv_head=True),
-    "bmojo_doc_reset": dict(memory_reset_at_document=True),
+    "mamba2": dict(V0, layers_block_type="ssm", use_fading=False, memory_size=0),
+    "swa": dict(V0, layers_block_type="attention", use_fading=False, memory_size=0),
+    "transformer": dict(V0, layers_block_type="attention", window_size=FULL, use_fading=False, memory_size=0),
+    "bmojo_f": dict(V0, memory_size=0),
+    "bmojo_v0": V0,  # the original design
+    "bmojo_random": dict(V0, selection_score="random"),
+    "bmojo_recency": dict(V0, selection_score="recency"),
+    "bmojo_next_input": dict(V0, selection_score="next_input"),
+    "bmojo_learned": dict(V0, learned_selection=True),
+    "bmojo_decay": dict(V0, memory_score_decay=0.9),
+    "bmojo_window_exit": dict(V0, memory_admission="window_exit"),
+    "bmojo_key0": dict(V0, eidetic_key_distance="zero"),
+    "bmojo_self_key": dict(V0, fading_self_key=True),
+    "bmojo_f_self_key": dict(V0, memory_size=0, fading_self_key=True),
+    "bmojo_key_bias": dict(V0, key_set_bias=True),
+    "bmojo_per_head": dict(V0, memory_per_kv_head=True),
+    "bmojo_doc_reset": dict(V0, memory_reset_at_document=True),
 }
-# The candidate defaults, all options that give the memory a content match, a learning signal and a use for the
-# SSM state at once (chosen before the screen finished; the screen's single-option results are beside it), and the
-# same model with random and recency selection at the same M: the baselines innovation selection must beat.
+# The defaults (since issue 11; chosen before the screen finished, the screen's single-option results are beside
+# them): all options that give the memory a content match, a learning signal and a use for the SSM state at once;
+# and the same model with innovation-only, random and recency selection at the same M: the baselines innovation
+# selection must beat. NEW is what the defaults change from V0 (tests/test_ablation.py checks both).
 NEW = dict(
     eidetic_key_distance="zero",
     fading_self_key=True,
@@ -131,10 +137,10 @@ NEW = dict(
     memory_admission="window_exit",
 )
 VARIANTS.update(
-    bmojo_new=NEW,
-    bmojo_new_innovation=dict(NEW, learned_selection=False),
-    bmojo_new_random=dict(NEW, learned_selection=False, selection_score="random"),
-    bmojo_new_recency=dict(NEW, learned_selection=False, selection_score="recency"),
+    bmojo_new={},  # today's defaults
+    bmojo_new_innovation=dict(learned_selection=False),
+    bmojo_new_random=dict(learned_selection=False, selection_score="random"),
+    bmojo_new_recency=dict(learned_selection=False, selection_score="recency"),
 )
 BASELINES = ("mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0")
 
@@ -143,7 +149,7 @@ CAPACITY: dict[str, dict[str, dict]] = {
     "Mamba-2 (N)": {f"mamba2_N{n}": dict(VARIANTS["mamba2"], ssm_state_size=n) for n in (8, 16, 32, 64)},
     "SWA (W)": {f"swa_W{w}": dict(VARIANTS["swa"], window_size=w) for w in (8, 16, 32)},
     "Transformer": {"transformer": VARIANTS["transformer"]},
-    "B'MOJO (M)": {f"bmojo_v0_M{m}": dict(memory_size=m) for m in (4, 8, 16, 32, 64)},
+    "B'MOJO (M)": {f"bmojo_v0_M{m}": dict(V0, memory_size=m) for m in (4, 8, 16, 32, 64)},
 }
 ALL_VARIANTS = {**VARIANTS, **{name: o for family in CAPACITY.values() for name, o in family.items()}}
 
@@ -268,7 +274,7 @@ def make_config(s: Settings, overrides: dict, intermediate_size: int | None = No
 def matched_config(s: Settings, overrides: dict) -> BMojoConfig:
     """``make_config`` with the MLP widened (steps of 8) until the parameter count reaches 98% of the base
     B'MOJO's (``bmojo_v0``); a variant more than 10% away from it raises ValueError."""
-    target = parameter_count(make_config(s, {}))
+    target = parameter_count(make_config(s, V0))
     config = make_config(s, overrides)
     while parameter_count(config) < 0.98 * target:
         config = make_config(s, overrides, config.intermediate_size + 8)
@@ -286,13 +292,15 @@ def state_bytes(config: BMojoConfig) -> int:
 
 
 def check_changes_model(config: BMojoConfig, seq_len: int) -> None:
-    """Raise RuntimeError when the issue-11 options ``config`` sets change neither the parameters nor the logits
-    (on a sequence long enough to evict memory, with document ends in it) of the same config without them."""
+    """Raise RuntimeError when the issue-11 options ``config`` sets away from the original design (``V0``) change
+    neither the parameters nor the logits (on a sequence long enough to evict memory, with document ends in it) of
+    the same config with them at their v0 values."""
     default = BMojoConfig()
-    changed = {name: getattr(config, name) for name in OPTIONS if getattr(config, name) != getattr(default, name)}
+    original = {name: V0.get(name, getattr(default, name)) for name in OPTIONS}
+    changed = {name: getattr(config, name) for name in OPTIONS if getattr(config, name) != original[name]}
     if not changed:
         return
-    reference = BMojoConfig.from_dict({**config.to_dict(), **{name: getattr(default, name) for name in changed}})
+    reference = BMojoConfig.from_dict({**config.to_dict(), **{name: original[name] for name in changed}})
     torch.manual_seed(0)
     model = BMojoForCausalLM(config).eval()
     torch.manual_seed(0)
@@ -446,13 +454,16 @@ def run_path(out: Path, s: Settings, variant: str, lr: float, seed: int) -> Path
 
 
 def run_spec(s: Settings, variant: str, overrides: dict, config, lr: float, seed: int) -> dict:
-    """What a run's result depends on; a finished run is reused only when its spec is this one."""
+    """What a run's result depends on; a finished run is reused only when its spec is this one. The overrides are
+    written with every issue-11 option explicit (the defaults' values where the variant sets none), so a run file
+    says which model it trained whatever the defaults become."""
+    default = BMojoConfig()
     return json.loads(
         json.dumps(
             dict(
                 settings=asdict(s),
                 variant=variant,
-                overrides=overrides,
+                overrides={**{name: getattr(default, name) for name in OPTIONS}, **overrides},
                 intermediate_size=getattr(config, "intermediate_size", None),
                 lr=lr,
                 seed=seed,
@@ -530,7 +541,9 @@ def plan(s: Settings, variants, lrs, seeds, out: Path):
                 path = run_path(out, s, name, lr, seed)
                 done = read_run(path)
                 if done is not None and done["status"] == "ok":
-                    old = dict(done["spec"], settings=None)
+                    # Run files from before the issue-11 defaults name only the options they set: the others had
+                    # their v0 values then (V0 fills them; a newer file has them all, which V0 leaves alone).
+                    old = dict(done["spec"], settings=None, overrides={**V0, **done["spec"]["overrides"]})
                     if old != dict(spec, settings=None) or not same_settings(done["spec"]["settings"], s):
                         raise ValueError(f"{path} was run with other settings; use another --out (or remove it)")
                     continue

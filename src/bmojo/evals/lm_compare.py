@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
+from ..configuration_bmojo import V0_OPTIONS
 from ..data import STDLIB, load_corpus
 from ..tokenization import load_tokenizer
 from ..training import MetricsLog, train
@@ -92,6 +93,7 @@ VARIANT_FIELDS = (
     "selections_per_chunk",
     "ssm_state_size",
     "ssm_head_dim",
+    *V0_OPTIONS,  # the issue-11 options: a run made under other defaults is not taken for this one
 )
 
 
@@ -115,8 +117,9 @@ def perplexity_by_length(model, tokens: torch.Tensor, lengths, batch_tokens: int
 # Parts of a trained B'MOJO switched off at evaluation (same weights): what each memory contributes.
 ABLATIONS = {
     "without eidetic memory": dict(memory_size=0),
-    "without fading memory": dict(use_fading=False),
-    "without either (SWA)": dict(memory_size=0, use_fading=False),
+    # the fading memory includes the self fading key f_i (fading_self_key, on by default)
+    "without fading memory": dict(use_fading=False, fading_self_key=False),
+    "without either (SWA)": dict(memory_size=0, use_fading=False, fading_self_key=False),
 }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..configuration_bmojo import BMojoConfig
+from ..configuration_bmojo import V0_OPTIONS, BMojoConfig
 from ..modeling_bmojo import BMojoForCausalLM
 from . import variants
 from .mqar import mqar_accuracy, multiquery_ar
@@ -160,6 +160,11 @@ def make_data(sweep: SweepConfig):
     return train, tests
 
 
+def options(config) -> dict | None:
+    """A variant's issue-11 option values (recorded with each run; None for a variant not in this sweep)."""
+    return None if config is None else {name: getattr(config, name) for name in V0_OPTIONS}
+
+
 def run_sweep(sweep: SweepConfig, out: Path, command: str) -> dict:
     """Train every (variant, learning rate) pair. Each finished run is appended to ``out/mqar.partial.jsonl`` at
     once, and a restarted sweep with the same settings skips the runs found there: a crash loses one run at most."""
@@ -175,7 +180,10 @@ def run_sweep(sweep: SweepConfig, out: Path, command: str) -> dict:
     if partial.exists():
         for line in partial.read_text().splitlines():
             record = json.loads(line) if line.strip() else None
-            if record and record["sweep"] == json.loads(json.dumps(settings)):
+            # same settings and the same model (the issue-11 options: records from under other defaults are redone)
+            if record and record["sweep"] == json.loads(json.dumps(settings)) and record.get("options") == options(
+                configs.get(record["variant"])
+            ):
                 done[(record["variant"], record["run"]["lr"])] = record["run"]
     results = {"command": command, "sweep": settings, "long_gap": sweep.long_gap, "variants": {}}
     with tqdm(total=steps * len(configs) * len(sweep.lrs), desc="mqar sweep", unit="step") as progress:
@@ -188,7 +196,8 @@ def run_sweep(sweep: SweepConfig, out: Path, command: str) -> dict:
                     continue
                 run = train_and_evaluate(cfg, lr, sweep, train, tests, progress)
                 with open(partial, "a") as f:
-                    f.write(json.dumps({"sweep": settings, "variant": name, "run": run}) + "\n")
+                    record = {"sweep": settings, "variant": name, "options": options(cfg), "run": run}
+                    f.write(json.dumps(record) + "\n")
                 runs.append(run)
             best = max(runs, key=lambda r: sum(r["accuracy"].values()))
             results["variants"][name] = {"parameters": parameter_count(cfg), "best": best, "runs": runs}

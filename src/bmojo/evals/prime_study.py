@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..convert import GATE_INIT, convert
+from ..configuration_bmojo import V0_OPTIONS
 from ..data import STDLIB, batch_positions, load_corpus
 from ..priming import key_set_bias_values, set_key_set_biases
 from ..tokenization import ByteTokenizer
@@ -64,8 +65,11 @@ class PrimeStudyConfig:
     distill_weight: float = 1.0
     eval_tokens: int = 16384  # held-out tokens, the same at both lengths
     seed: int = 0
+    original_design: bool = False  # convert to B'MOJO's original design (V0, but the key-set biases) instead
 
 
+# The original design (V0_OPTIONS) but the key-set biases, which a conversion always has (its silenced gates).
+ORIGINAL = {name: value for name, value in V0_OPTIONS.items() if not name.startswith("key_set_bias")}
 SOURCE_FIELDS = ("data", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "seq_len",
                  "source_steps", "source_lr", "batch_size", "seed")  # fmt: skip
 QUICK = dict(hidden_size=32, intermediate_size=64, seq_len=32, source_steps=3, batch_size=4, window=8, chunk=8,
@@ -158,7 +162,8 @@ def run_study(study: PrimeStudyConfig, runs: Path, threads: int = 1) -> dict:
         marker.write_text(json.dumps({"recipe": recipe, "seconds": source_time}))
     reused = bool(saved.get("recipe") == recipe)
     convert(source_dir, converted_dir, window=study.window, chunk_size=study.chunk,
-            overrides=dict(memory_size=study.memory_size), seed=study.seed)  # fmt: skip
+            overrides=dict(memory_size=study.memory_size, **(ORIGINAL if study.original_design else {})),
+            seed=study.seed)  # fmt: skip
     converted = ckpt.load_model(converted_dir)
     settings = dict(
         data=study.data, out=str(run), init=str(converted_dir), teacher=str(source_dir), trainable=study.trainable,

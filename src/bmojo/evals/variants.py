@@ -6,6 +6,10 @@
     bmojo_f      B'MOJO without eidetic memory: window + fading memory
     bmojo        B'MOJO: window + fading memory + eidetic memory
 
+``bmojo`` and ``bmojo_f`` follow ``BMojoConfig``'s defaults in everything these fields do not set (since issue 11:
+the self fading key, key-set biases, eidetic keys at distance 0, learned selection, window-exit admission), so the
+comparisons measure the product as it ships; ``bmojo_f`` is that model without its eidetic memory (so it keeps the
+self fading key: the paper's B'MOJO-F, without it, is ``bmojo.evals.ablation``'s ``bmojo_f``).
 The smaller variants have their MLP widened until their parameter count reaches B'MOJO's (within 10%).
 """
 

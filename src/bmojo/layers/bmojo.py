@@ -6,10 +6,11 @@ Source: Zancato et al., NeurIPS 2024, Sec. 3 (B'MOJO) and its released mixer (aw
 The layer's Mamba-2 SSM (``layers/ssm.py``) reads the input and emits one *fading token* per position; one softmax
 attention (``layers/attention.py``) then covers three key sets: the in-context window ``[i-W+1, i]``, the fading
 tokens of the span that just left the window ``[i-2W+1, i-W]`` (projected by the same key/value weights), and the
-eidetic memory (``layers/eidetic.py``) of tokens the SSM found hard to predict. Eidetic keys are scored as if they
-sat exactly ``2W`` before the query, so the distances a model sees on long inputs never exceed those of training
-(or, with ``eidetic_key_distance="zero"``, at distance 0: unrotated query against unrotated key). With
-``fading_self_key`` query ``i`` also attends its own fading token ``f_i`` (distance 0).
+eidetic memory (``layers/eidetic.py``) of tokens the SSM found hard to predict. Eidetic keys are scored at distance
+0 (``eidetic_key_distance="zero"``, the default: unrotated query against unrotated key, a pure content match) or, in
+the original design ("window"), as if they sat exactly ``2W`` before the query; either way the distances a model
+sees on long inputs never exceed those of training. With ``fading_self_key`` (default) query ``i`` also attends its
+own fading token ``f_i`` (distance 0).
 
 With ``key_set_bias`` each key set but the window gets a learned logit bias per query head (``fading_bias``,
 ``self_fading_bias``, ``eidetic_bias``); at ``SWA_EQUIVALENT_KEY_SET_BIAS`` the layer computes sliding-window

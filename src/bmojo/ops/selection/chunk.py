@@ -11,7 +11,8 @@ Retention policy (the same in the parallel forward, in decoding and in the refer
 3. A memory slot is visible to query ``i`` only once its token has left the in-context window
    (``pos <= i - W``); the attention applies that mask.
 
-Options (``BMojoConfig``; the defaults are the policy above): ``memory_score_decay`` multiplies every slot's
+Options (``BMojoConfig``; their v0 values are the policy above, and the default ``memory_admission`` is
+``"window_exit"``): ``memory_score_decay`` multiplies every slot's
 score by ``decay`` at each chunk boundary (older tokens must have scored higher to stay); ``memory_admission=
 "window_exit"`` lets chunk ``c``'s picks join only at chunk ``c + 1 + W/C``, once the whole chunk has left the
 window, so every slot is visible to every query of the chunks that see it; ``memory_reset_at_document`` drops, at
