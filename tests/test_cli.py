@@ -198,15 +198,21 @@ def test_eval_with_a_tokenizer_too_big_for_the_model(run, corpus, tmp_path, caps
         (["eval", "RUN", "--data", "/no/data"], "data path '/no/data' does not exist"),
         (["tokenizer", "inspect", "/no/tok"], "tokenizer '/no/tok' not found"),
         (
-            ["tokenizer", "train", "--data", "CORPUS", "--vocab-size", "10", "--out", "x"],
+            ["tokenizer", "train", "--data", "CORPUS", "--vocab-size", "10", "--out", "OUT"],
             "vocab size must be at least 260",
+        ),
+        (
+            ["tokenizer", "train", "--data", "/no/data", "--vocab-size", "300", "--out", "OUT"],
+            "data path '/no/data' does not exist",
         ),
     ],
 )
-def test_bad_eval_generate_tokenizer_input(argv, message, run, corpus, capsys):
-    argv = [str(run) if a == "RUN" else str(corpus) if a == "CORPUS" else a for a in argv]
-    assert cli(argv) == 2
+def test_bad_eval_generate_tokenizer_input(argv, message, run, corpus, capsys, tmp_path):
+    out = tmp_path / "out"
+    swap = {"RUN": str(run), "CORPUS": str(corpus), "OUT": str(out)}
+    assert cli([swap.get(a, a) for a in argv]) == 2
     assert one_error_line(capsys).startswith(message)
+    assert not out.exists()  # refused before anything was written
 
 
 def test_checkpoint_with_a_broken_config_is_a_clear_error(run, tmp_path, capsys):

@@ -311,13 +311,14 @@ def cmd_convert(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     from .data import make_parent_dirs, read_documents, source_files
-    from .tokenization import train_bpe
+    from .tokenization import check_bpe_vocab_size, train_bpe
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BMojoError(f"--out {args.out!r} is a file; the tokenizer is written to a directory")
-    make_parent_dirs(out / "tokenizer.json")  # fails before training when a folder above --out is a file
+    check_bpe_vocab_size(args.vocab_size)  # bad input is refused before anything is written
     files = [f for source in args.data for f in source_files(source, args.glob)]
+    make_parent_dirs(out / "tokenizer.json")  # fails before training when a folder above --out is a file
     tokenizer = train_bpe(read_documents(files, args.text_key), args.vocab_size)
     try:
         tokenizer.save(out)

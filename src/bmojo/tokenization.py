@@ -145,14 +145,19 @@ class HFTokenizer:
 Tokenizer = ByteTokenizer | HFTokenizer
 
 
-def train_bpe(docs: Iterable[bytes], vocab_size: int) -> HFTokenizer:
-    """A byte-level BPE tokenizer (GPT-2 style) trained on ``docs``; ``SPECIAL_TOKENS`` take ids 0-3."""
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """``BMojoError`` unless ``vocab_size`` holds the 256 bytes and the special tokens."""
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise BMojoError(
             f"vocab size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
             f"got {vocab_size}"
         )
+
+
+def train_bpe(docs: Iterable[bytes], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on ``docs``; ``SPECIAL_TOKENS`` take ids 0-3."""
+    check_bpe_vocab_size(vocab_size)
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
