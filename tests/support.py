@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -65,3 +66,10 @@ def one_error_line(capsys) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("bmojo: error: "), err
     return lines[0][len("bmojo: error: ") :]
+
+
+def metrics_records(run_dir: Path, split: str) -> list[dict]:
+    """A run's ``metrics.jsonl`` rows of ``split`` ("train": step, losses and gradient norm; "val": step, LM loss)."""
+    keys = ("step", "loss", "lm_loss", "innovation_loss", "grad_norm") if split == "train" else ("step", "lm_loss")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in keys} for r in rows if r["split"] == split]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from bmojo import checkpoint as ckpt
 from bmojo.parallel import split_state_dict
 from bmojo.configuration_bmojo import BMojoConfig
-from support import word_salad
+from support import metrics_records as records, word_salad
 
 TESTS = Path(__file__).resolve().parent
 SRC = str(TESTS.parent / "src")
@@ -79,12 +79,6 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
                      BMOJO_STANDIN_NXD_LAYOUT="strided")  # fmt: skip
     assert "tp 2 x dp 2 | ZeRO-1" in stdout
     return {name: root / name for name in ("one", "tp2", "zero1", "tp2.log", "zero1.log")}
-
-
-def records(run_dir: Path, split: str) -> list[dict]:
-    keys = ("step", "loss", "lm_loss", "innovation_loss", "grad_norm") if split == "train" else ("step", "lm_loss")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in keys} for r in rows if r["split"] == split]
 
 
 def assert_same_run(actual: Path, expected: Path) -> None:

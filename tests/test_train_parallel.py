@@ -2,7 +2,6 @@
 tp x dp runs equal one process at the same global batch, ZeRO-1 equals AdamW, per-rank checkpoints resume exactly
 at the same degree (after SIGKILL) and at another one, bad combinations are one line."""
 
-import json
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from bmojo import checkpoint as ckpt
 from bmojo.cli import main
 from bmojo.modeling_bmojo import BMojoForCausalLM
-from support import word_salad
+from support import metrics_records as records, word_salad
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STEPS = 8
@@ -60,12 +59,6 @@ def run(args: list[str], nproc: int = 1) -> str:
     done = subprocess.run(command(args, nproc), env=env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
-
-
-def records(run_dir: Path, split: str) -> list[dict]:
-    keys = ("step", "loss", "lm_loss", "innovation_loss", "grad_norm") if split == "train" else ("step", "lm_loss")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in keys} for r in rows if r["split"] == split]
 
 
 def assert_close_records(actual: Path, expected: Path) -> None:
