@@ -232,12 +232,12 @@ def test_capacity_study_plots_accuracy_against_state_bytes(tmp_path):
             "--variants",
             "mamba2_N8",
             "swa_W8",
-            "bmojo_v0_M4",
-            "bmojo_v0_M8",
+            "bmojo_new_M4",
+            "bmojo_new_M8",
         ]
     )
     summary = json.loads((tmp_path / "capacity" / "summary.json").read_text())
-    assert summary["variants"]["bmojo_v0_M8"]["state_bytes"] > summary["variants"]["bmojo_v0_M4"]["state_bytes"]
+    assert summary["variants"]["bmojo_new_M8"]["state_bytes"] > summary["variants"]["bmojo_new_M4"]["state_bytes"]
     assert (tmp_path / "capacity" / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -259,3 +259,19 @@ def test_lm_study_reports_perplexity_at_both_lengths_and_memory_off(tmp_path):
     }
     assert all(1 < bmojo["test"][k] < 300 for k in bmojo["test"] if k.startswith("ppl"))
     assert bmojo["val_score"] == bmojo["val"][f"ppl@{s.seq_len}"]
+
+
+@pytest.mark.parametrize("study, task", [("long_gap", "long_gap"), ("overwrite", "overwrite"), ("mqar", "mqar")])
+def test_single_task_studies_train_and_test_only_their_task(study, task):
+    s = A.STUDIES[study]["settings"]
+    assert s.study == study and [t for t, _, _ in s.tasks] == [task]
+    # the same shape and budget as the MQAR study: only the task differs
+    assert replace(s, study="mqar", tasks=A.STUDIES["mqar"]["settings"].tasks) == A.STUDIES["mqar"]["settings"]
+
+
+def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):
+    common = ["--study", "recall", "--quick", "--screen", "--lrs", "0.001", "--out", str(tmp_path)]
+    A.main([*common, "--variants", "mamba2"])
+    A.main([*common, "--summary-only", "--variants", "mamba2"])
+    line = next(x for x in (tmp_path / "recall" / "summary.md").read_text().splitlines() if x.startswith("Regenerate"))
+    assert "--summary-only" not in line and "--variants mamba2" in line and "--study recall" in line

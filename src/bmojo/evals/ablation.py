@@ -33,13 +33,18 @@ Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
   mqar      zoology's MQAR alone, the recall shape (training with 4, 8 and 16 pairs, tested at 2-16 pairs): the study
             the issue-11 defaults were decided on, since 1,200 steps of the four-task mix leave Mamba-2 and SWA at
             chance and the Transformer at 0.40 with 2 pairs (docs/ablation.md).
+  long_gap  MQAR's long-gap variant alone (queries 2W+2C after their pairs: beyond window and fading span; trained
+            and tested with 2, 4 and 8 pairs), the recall shape and budget.
+  overwrite key-overwrite MQAR alone (later pairs reassign keys; the answer is the latest value; trained with 4 and 8
+            pairs, tested with 2-12), the recall shape and budget.
   lm        byte-level LM on the embedded corpus (Python's standard library, as lm_compare) at L=128 with W=16,
             C=8, M=8, k=2: L = 4*M*C/k, so every slot is evicted ~3 times per sequence; d=64, 2 layers; 500 steps of
             16 x 128 tokens; lrs 1e-3, 3e-3. Test: perplexity at L and at 8L, and at 8L with the eidetic memory
             switched off at evaluation (same weights, ``memory_size=0``: lm_compare's ablation).
   capacity  MQAR alone (zoology's), the recall shape; each family at several state sizes (Mamba-2 N, SWA W, B'MOJO
             M, the Transformer's full KV cache); accuracy at 16 pairs against decoding-state bytes
-            (``state_bytes``: the float32 tensors of an empty ``BMojoCache``, batch 1), one plot.
+            (``state_bytes``: the float32 tensors of an empty ``BMojoCache``, batch 1), one plot. B'MOJO is the
+            defaults (``bmojo_new_M*``).
 
 Sizing (measured on this 2-core machine, one torch thread, machine otherwise idle; every run file records its own
 ``seconds``, and ``summary.md`` has the mean per variant). Training step, ms (recall: 32 x 64 tokens; lm: 16 x 128):
@@ -149,7 +154,8 @@ CAPACITY: dict[str, dict[str, dict]] = {
     "Mamba-2 (N)": {f"mamba2_N{n}": dict(VARIANTS["mamba2"], ssm_state_size=n) for n in (8, 16, 32, 64)},
     "SWA (W)": {f"swa_W{w}": dict(VARIANTS["swa"], window_size=w) for w in (8, 16, 32)},
     "Transformer": {"transformer": VARIANTS["transformer"]},
-    "B'MOJO (M)": {f"bmojo_v0_M{m}": dict(V0, memory_size=m) for m in (4, 8, 16, 32, 64)},
+    # the defaults users get (bmojo_new), at five memory sizes
+    "B'MOJO (M)": {f"bmojo_new_M{m}": dict(memory_size=m) for m in (4, 8, 16, 32, 64)},
 }
 ALL_VARIANTS = {**VARIANTS, **{name: o for family in CAPACITY.values() for name, o in family.items()}}
 
@@ -221,6 +227,13 @@ STUDIES = {
     # zoology's MQAR alone (the recall mix splits 1,200 steps over four tasks: too few to learn any of them)
     "mqar": dict(
         lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="mqar", tasks=(RECALL_TASKS[0],))
+    ),
+    # the long-gap and key-overwrite variants of MQAR alone, same shape and budget (issue 11's per-task targets)
+    "long_gap": dict(
+        lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="long_gap", tasks=(RECALL_TASKS[1],))
+    ),
+    "overwrite": dict(
+        lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="overwrite", tasks=(RECALL_TASKS[2],))
     ),
     "lm": dict(
         lrs=(1e-3, 3e-3),
@@ -762,7 +775,9 @@ def main(argv=None) -> None:
         settings = replace(settings, steps=args.steps)
     seeds = [0] if args.screen else args.seeds
     out = Path(args.out)
-    command = "python -m bmojo.evals.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the command that regenerates the runs (and then the summary): without --summary-only, which runs none
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python -m bmojo.evals.ablation " + " ".join(a for a in given if a != "--summary-only")
     if not args.summary_only:
         run_study(settings, args.variants or study["variants"], args.lrs or study["lrs"], seeds, out, args.jobs)
     summary = write_summary(out, settings, command)
