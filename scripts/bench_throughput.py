@@ -42,6 +42,7 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x: cache keyword renames
 
 from bmojo import BMojoCache, BMojoForCausalLM, preset_config  # noqa: E402 (after the warnings filter)
+from bmojo.configuration_bmojo import V0_OPTIONS  # noqa: E402
 from bmojo.evals.peers import llama_config, mamba2_config  # noqa: E402
 
 REF = "B'MOJO"
@@ -120,6 +121,9 @@ def describe(model) -> str:
             text += f"heads={c.num_attention_heads}/{c.num_key_value_heads} W={c.window_size} C={c.chunk_size} "
         if "bmojo" in kinds:
             text += f"fading={c.use_fading} M={c.memory_size} "
+            # the issue-11 options that change the work (V0_OPTIONS: the original design)
+            changed = [f"{k}={getattr(c, k)}" for k, v in V0_OPTIONS.items() if getattr(c, k) != v]
+            text += f"options={'v0' if not changed else ','.join(changed)} "
         if kinds & {"ssm", "bmojo"}:
             chunk = getattr(c, "ssd_chunk_size", None) or c.chunk_size
             text += f"ssd_C={chunk} N={c.ssm_state_size} P={c.ssm_head_dim} ssm_heads={c.ssm_num_heads}"
