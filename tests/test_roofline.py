@@ -19,10 +19,12 @@ from bmojo.ops.selection.chunk import select_per_chunk
 from bmojo.ops.selection.common import EideticMemory
 from bmojo.ops.ssd.chunk import ssd_chunked
 from bmojo.roofline import (
+    ISSUE_11_FIELDS,
     TRN1,
     attention_op,
     main,
     op_times,
+    options_config,
     parameter_count,
     report,
     selection_op,
@@ -369,3 +371,16 @@ def test_cli_prices_v0_with_options_v0(capsys):
     with pytest.raises(SystemExit):
         main(["--options", "v1"])
     assert "argument --options: invalid choice: 'v1'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="options must be one of"):
+        report("tiny", options="v0+use_fading")
+
+
+def test_options_v0_plus_a_field_is_v0_with_that_field_at_its_default():
+    # the fields are exactly those where the defaults left V0_OPTIONS
+    defaults = BMojoConfig()
+    assert set(ISSUE_11_FIELDS) == {k for k, v in V0_OPTIONS.items() if getattr(defaults, k) != v} == set(ISSUE_11)
+    assert options_config("130m", "defaults").to_dict() == preset_config("130m").to_dict()
+    assert options_config("130m", "v0").to_dict() == preset_config("130m", **V0_OPTIONS).to_dict()
+    for name in ISSUE_11_FIELDS:
+        config = options_config("130m", f"v0+{name}")
+        assert config.to_dict() == preset_config("130m", **{**V0_OPTIONS, name: ISSUE_11[name]}).to_dict()

@@ -1,15 +1,15 @@
 """On paper: FLOPs, HBM bytes and roofline time of one training step on trn1, per op, per preset.
 
     python -m bmojo.roofline [--preset NAME ...] [--seq-len L] [--batch B] [--dtype bf16|fp32]
-                             [--kernel-dtype bf16|fp32] [--options defaults|v0] [--summary] [--json]
+                             [--kernel-dtype bf16|fp32] [--options defaults|v0|v0+FIELD] [--summary] [--json]
 
 Nothing here runs on Trainium or measures anything: it counts what this package's chunked ops compute
 (``ops/ssd/chunk.py``, ``ops/attention/chunk.py``, ``ops/selection/chunk.py``, the layers) for a config, and divides
 by trn1's peak rates (``../shared/reference/neuron.md``, from the Neuron architecture guide). docs/roofline.md has
 the tables and what they mean; tests/test_roofline.py ties the FLOP counts to the code with torch's FLOP counter.
 It prices the options the config holds: the presets with the issue-11 defaults (the self fading key, the key-set
-biases, the learned selection bias, window-exit admission, eidetic keys at distance 0), or ``--options v0``, the
-original design (``V0_OPTIONS``).
+biases, the learned selection bias, window-exit admission, eidetic keys at distance 0), ``--options v0``, the
+original design (``V0_OPTIONS``), or ``--options v0+FIELD``, v0 with one of those fields at its default.
 
 Conventions (each one is a choice; the docs repeat them):
 
@@ -443,18 +443,31 @@ def op_times(op: Op, machine: Machine = TRN1) -> dict:
     }
 
 
-OPTIONS = ("defaults", "v0")
+# The fields whose default differs from V0_OPTIONS (issue 11); "v0+NAME" prices v0 with NAME at its default.
+ISSUE_11_FIELDS = ("fading_self_key", "key_set_bias", "learned_selection", "eidetic_key_distance", "memory_admission")
+OPTIONS = ("defaults", "v0", *(f"v0+{name}" for name in ISSUE_11_FIELDS))
 
 
-def report(preset: str, seq_len: int | None = None, batch: int = 1, dtype: str = "bf16",
-           kernel_dtype: str | None = None, machine: Machine = TRN1, options: str = "defaults") -> dict:
-    """Everything the CLI prints for one preset, as plain data (the ``--json`` output). ``options``: the preset as
-    it is (``"defaults"``) or with ``V0_OPTIONS`` (``"v0"``, the original design)."""
+def options_config(preset: str, options: str = "defaults"):
+    """``preset``'s config with ``options``: as it is (``"defaults"``), with ``V0_OPTIONS`` (``"v0"``, the original
+    design), or v0 with one issue-11 field at its default (``"v0+fading_self_key"``, ...)."""
     from .configuration_bmojo import V0_OPTIONS, preset_config
 
     if options not in OPTIONS:
         raise ValueError(f"options must be one of {list(OPTIONS)}, got {options!r}")
-    config = preset_config(preset, **(V0_OPTIONS if options == "v0" else {}))
+    if options == "defaults":
+        return preset_config(preset)
+    overrides = dict(V0_OPTIONS)
+    for name in options.split("+")[1:]:
+        del overrides[name]  # the preset's (default) value
+    return preset_config(preset, **overrides)
+
+
+def report(preset: str, seq_len: int | None = None, batch: int = 1, dtype: str = "bf16",
+           kernel_dtype: str | None = None, machine: Machine = TRN1, options: str = "defaults") -> dict:
+    """Everything the CLI prints for one preset, as plain data (the ``--json`` output); ``options``: see
+    ``options_config``."""
+    config = options_config(preset, options)
     seq_len = seq_len or TRAINING_SEQ_LEN[preset]
     ops = step_ops(config, seq_len, batch, dtype, kernel_dtype)
     rows = []
@@ -523,7 +536,8 @@ def _ms(seconds: float) -> str:
 def markdown(rep: dict) -> str:
     """One preset's table (markdown) and its summary lines."""
     lines = [
-        f"**{rep['preset']}**{' (v0)' if rep['options'] == 'v0' else ''} ({rep['parameters'] / 1e6:.1f}M parameters), "
+        f"**{rep['preset']}**{'' if rep['options'] == 'defaults' else ' (' + rep['options'] + ')'} "
+        f"({rep['parameters'] / 1e6:.1f}M parameters), "
         f"{rep['batch']} x {rep['seq_len']} tokens per step per core, {rep['dtype']} "
         f"(SSD/attention matmuls {rep['kernel_dtype']})",
         "",
@@ -578,7 +592,7 @@ def summary(reports: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:
-        name = r["preset"] + (" (v0)" if r["options"] == "v0" else "")
+        name = r["preset"] + ("" if r["options"] == "defaults" else f" ({r['options']})")
         lines.append(
             f"| {name} | {r['parameters'] / 1e6:,.1f}M | {r['batch']} x {r['seq_len']} "
             f"| {r['flops'] / 1e9:,.0f} | {r['bytes'] / 1e9:,.2f} | {_ms(r['step_roofline_s'])} "
@@ -609,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="the step's dtype")
     parser.add_argument("--kernel-dtype", choices=sorted(DTYPE_BYTES),
                         help="dtype of the SSD and attention matmuls (default: --dtype; fp32 = the NKI kernels)")
-    parser.add_argument("--options", choices=OPTIONS, default="defaults",
-                        help="the presets' design options: defaults (issue 11) or v0 (the original design, V0_OPTIONS)")
+    parser.add_argument("--options", choices=OPTIONS, default="defaults", metavar="{defaults,v0,v0+FIELD}",
+                        help="the presets' design options: defaults (issue 11), v0 (the original design, V0_OPTIONS), "
+                        f"or v0 with one field at its default, FIELD one of {', '.join(ISSUE_11_FIELDS)}")
     parser.add_argument("--summary", action="store_true", help="one row per preset instead of the tables")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args(argv)
@@ -629,4 +644,7 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["TRN1", "Cost", "Machine", "Op", "attention_op", "main", "report", "selection_op", "ssd_op", "step_ops"]
+__all__ = [
+    "TRN1", "Cost", "Machine", "Op", "attention_op", "main", "options_config", "report", "selection_op", "ssd_op",
+    "step_ops",
+]
