@@ -299,7 +299,8 @@ def parameter_count(config) -> int:
 def step_ops(config, seq_len: int, batch: int = 1, dtype: str = "bf16", kernel_dtype: str | None = None) -> list[Op]:
     """The ops of one training step (forward + backward + AdamW) of ``config`` on ``batch`` sequences of
     ``seq_len`` tokens, each summed over the layers, in step order. ``kernel_dtype``: the dtype the SSD and
-    attention matmuls run in (default ``dtype``)."""
+    attention matmuls run in (default ``dtype``). Counts the options ``config`` holds (the issue-11 fields, the
+    selection score); ``ValueError`` for ``memory_per_kv_head``, which it does not price."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     kernel_dtype = kernel_dtype or dtype
