@@ -1,12 +1,15 @@
 """On paper: FLOPs, HBM bytes and roofline time of one training step on trn1, per op, per preset.
 
     python -m bmojo.roofline [--preset NAME ...] [--seq-len L] [--batch B] [--dtype bf16|fp32]
-                             [--kernel-dtype bf16|fp32] [--summary] [--json]
+                             [--kernel-dtype bf16|fp32] [--options defaults|v0|v0+FIELD] [--summary] [--json]
 
 Nothing here runs on Trainium or measures anything: it counts what this package's chunked ops compute
 (``ops/ssd/chunk.py``, ``ops/attention/chunk.py``, ``ops/selection/chunk.py``, the layers) for a config, and divides
 by trn1's peak rates (``../shared/reference/neuron.md``, from the Neuron architecture guide). docs/roofline.md has
 the tables and what they mean; tests/test_roofline.py ties the FLOP counts to the code with torch's FLOP counter.
+It prices the options the config holds: the presets with the issue-11 defaults (the self fading key, the key-set
+biases, the learned selection bias, window-exit admission, eidetic keys at distance 0), ``--options v0``, the
+original design (``V0_OPTIONS``), or ``--options v0+FIELD``, v0 with one of those fields at its default.
 
 Conventions (each one is a choice; the docs repeat them):
 
@@ -177,17 +180,28 @@ def attention_op(
     fading: bool,
     memory: int,
     s: int,
+    *,
+    self_key: bool = False,
+    key_set_bias: bool = False,
+    slot_bias: bool = False,
 ) -> Op:
     """The chunked B'MOJO attention (``bmojo_attention_chunked``, one SDPA call per chunk): each chunk of ``C``
-    queries scores ``C x (2 (W+C) + M)`` keys (window, fading, eidetic); with a memory, queries and keys are
-    concatenated along the features (``[q_rot | q_eid]``), so ``E = 2 D`` for every score. A full window without
-    fading or memory is one causal SDPA call over ``L x L`` (torch counts the whole square)."""
+    queries scores ``C x (2 (W+C) + M)`` keys (window, fading, eidetic), and ``C`` more with the self fading key
+    (``self_key``: the chunk's own ``C`` fading tokens under a diagonal mask, of which each query keeps one); with a
+    memory, queries and keys are concatenated along the features (``[q_rot | q_eid]``), so ``E = 2 D`` for every
+    score. A full window without fading, self key or memory is one causal SDPA call over ``L x L`` (torch counts
+    the whole square).
+
+    Logit biases are no FLOPs: ``key_set_bias`` (one per query head on the fading, self and eidetic keys) and
+    ``slot_bias`` (``learned_selection``: each memory slot's ``u``) add one VectorE op per biased score forward and
+    one per score and bias backward (their gradient is ``dS`` summed over the scores they cover); they read the
+    biases (float32) and write their gradients."""
     n_chunks = -(-length // chunk)
     padded = n_chunks * chunk
     window = min(window, padded)  # the op clamps it
     tokens = batch * length
     D = head_dim
-    if not fading and not memory and window >= padded:
+    if not fading and not self_key and not memory and window >= padded:
         sets = {"causal (full window)": batch * heads * length * length}
         width = D
     else:
@@ -195,46 +209,76 @@ def attention_op(
         sets = {"window": per_chunk * (window + chunk)}
         if fading:
             sets["fading"] = per_chunk * (window + chunk)
+        if self_key:
+            sets["self fading"] = per_chunk * chunk
         if memory:
             sets["eidetic"] = per_chunk * memory
         width = 2 * D if memory else D
     scores = sum(sets.values())
     parts = {name: 3 * 2.0 * n * (width + D) for name, n in sets.items()}  # backward: 2x the forward
     q = tokens * heads * D * s * (2 if memory else 1)  # q_rot (and q_eid)
-    kv = tokens * kv_heads * D * s * (4 if fading else 2)  # k, v (and the fading k, v)
+    kv = tokens * kv_heads * D * s * (2 + (2 if fading else 0) + (2 if self_key else 0))  # k, v (fading, self)
     mem = 2 * batch * n_chunks * memory * kv_heads * D * s  # the memory each chunk sees
+    # The key sets with a per-head bias, and the scores each bias covers (the slot bias: the eidetic ones).
+    head_biased = [name for name in ("fading", "self fading", "eidetic") if key_set_bias and name in sets]
+    slot_biased = sets.get("eidetic", 0) if slot_bias else 0
+    biased = sum(sets[name] for name in head_biased)
+    added = biased + (0 if "eidetic" in head_biased else slot_biased)  # scores that get one (summed) bias add
+    bias_bytes = 4 * heads * len(head_biased) + (4 * batch * n_chunks * memory if slot_biased else 0)
     out = tokens * heads * D * s
     lse = tokens * heads * 4
-    inputs = q + kv + mem
-    fwd = Cost(2.0 * scores * (width + D), inputs + out + lse, scores, 2 * scores)  # exp; mask, row max
+    inputs = q + kv + mem + bias_bytes
+    # exp; mask, row max (+ the bias add)
+    fwd = Cost(2.0 * scores * (width + D), inputs + out + lse, scores, 2 * scores + added)
     # backward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q; reads the inputs, o, do and lse, writes every
     # input's gradient. A fused kernel recomputes p = exp(s - lse) rather than reading P: counted on ScalarE.
-    bwd = Cost(2.0 * scores * (2 * width + 2 * D), 2 * inputs + 2 * out + lse, scores, 4 * scores)
+    bwd = Cost(2.0 * scores * (2 * width + 2 * D), 2 * inputs + 2 * out + lse, scores,
+               4 * scores + biased + slot_biased)
     return Op("attention (window + fading + eidetic)", "attention", fwd, bwd, "", parts, scores * 4)
 
 
-def selection_op(batch: int, length: int, features: int, chunk: int, picks: int, capacity: int, s: int) -> Op:
+def selection_op(
+    batch: int,
+    length: int,
+    features: int,
+    chunk: int,
+    picks: int,
+    capacity: int,
+    s: int,
+    *,
+    bias: bool = False,
+    delay: int = 0,
+) -> Op:
     """Eidetic selection (``select_per_chunk``): ``picks`` rounds of argmax per chunk, the picked rows taken by a
     fixed-shape gather, and the memory: up to ``CLOSED_FORM_MAX_PICKS`` picks the closed form, which ranks the
     ``P = nC k`` picks for every chunk by one matmul (``2 P^2 (nC + 1)``, on constants: no backward) and fetches
     the slots by indexing; beyond, one merge per chunk that ranks the ``M + k`` entries by pairwise comparison and
-    moves them by a gather. Gathers and their backward (a scatter-add into the moved rows) are no FLOPs here."""
+    moves them by a gather. Gathers and their backward (a scatter-add into the moved rows) are no FLOPs here.
+
+    ``bias`` (``learned_selection``): the ranking scores are ``score * exp(u)`` (an exp and a product per token)
+    and every pick and slot carries its ``u`` (float32): read per token, written per slot, and the gradient back.
+    ``delay`` (``memory_admission="window_exit"``: ``W / C`` chunks): picks join ``delay`` chunks later; the closed
+    form ranks the same picks (its pool mask differs), the scan merges ``nC - delay`` times instead of ``nC``."""
     n_chunks = -(-length // chunk)
     tokens = batch * length
     n = capacity + picks
     seen = 2 * batch * n_chunks * capacity * (features * s + 12)  # k, v (+ pos int64, score fp32)
     kv = 2 * tokens * features * s
-    compare = batch * n_chunks * (6 * n * n) + picks * tokens * 3  # pairwise ranking; argmax rounds
+    argmax = picks * tokens * 3
     count = n_chunks * picks
+    u = tokens * 4 + batch * n_chunks * capacity * 4 if bias else 0  # u per token in, per slot out (float32)
+    u_vec, u_exp = (tokens, tokens) if bias else (0, 0)  # score * exp(u)
     if count <= 2048:  # ops/selection/chunk.py CLOSED_FORM_MAX_PICKS: the closed form, ranks by one matmul
+        compare = batch * n_chunks * (6 * n * n) + argmax  # pairwise ranking; argmax rounds
         rank = 2.0 * batch * count * count * (n_chunks + 1)
         parts = {"take picks (gather)": 0.0, "rank picks (closed form)": rank}
-        fwd = Cost(rank, tokens * 4 + kv + seen, 0.0, batch * count * count * 4 + compare)
-        bwd = Cost(0.0, seen + kv, 0.0, 0.0)
+        fwd = Cost(rank, tokens * 4 + kv + seen + u, u_exp, batch * count * count * 4 + compare + u_vec)
+        bwd = Cost(0.0, seen + kv + u, 0.0, 0.0)
         return Op("eidetic selection + memory", "selection", fwd, bwd, "", parts)
+    compare = batch * max(n_chunks - delay, 0) * (6 * n * n) + argmax  # one pairwise merge per admission
     parts = {"take picks (gather)": 0.0, "merge into memory (gather)": 0.0}
-    fwd = Cost(0.0, tokens * 4 + kv + seen, 0.0, compare)
-    bwd = Cost(0.0, seen + kv, 0.0, 0.0)
+    fwd = Cost(0.0, tokens * 4 + kv + seen + u, u_exp, compare + u_vec)
+    bwd = Cost(0.0, seen + kv + u, 0.0, 0.0)
     return Op("eidetic selection + merge", "selection", fwd, bwd, "", parts)
 
 
@@ -255,10 +299,13 @@ def parameter_count(config) -> int:
 def step_ops(config, seq_len: int, batch: int = 1, dtype: str = "bf16", kernel_dtype: str | None = None) -> list[Op]:
     """The ops of one training step (forward + backward + AdamW) of ``config`` on ``batch`` sequences of
     ``seq_len`` tokens, each summed over the layers, in step order. ``kernel_dtype``: the dtype the SSD and
-    attention matmuls run in (default ``dtype``)."""
+    attention matmuls run in (default ``dtype``). Counts the options ``config`` holds (the issue-11 fields, the
+    selection score); ``ValueError`` for ``memory_per_kv_head``, which it does not price."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     kernel_dtype = kernel_dtype or dtype
+    if config.memory_per_kv_head and config.eidetic and "bmojo" in config.layers_block_type:
+        raise ValueError("memory_per_kv_head is not priced: step_ops counts one memory per layer")
     if kernel_dtype not in DTYPE_BYTES:
         raise ValueError(f"kernel_dtype must be one of {sorted(DTYPE_BYTES)}, got {kernel_dtype!r}")
     s = DTYPE_BYTES[dtype]
@@ -297,14 +344,20 @@ def step_ops(config, seq_len: int, batch: int = 1, dtype: str = "bf16", kernel_d
         add(norm(d))
         attends = layer_type in ("attention", "bmojo")
         has_ssm = c.layer_has_ssm(layer_type)
-        fading = layer_type == "bmojo" and c.use_fading
-        eidetic = layer_type == "bmojo" and c.eidetic
+        bmojo = layer_type == "bmojo"
+        fading = bmojo and c.use_fading
+        self_key = bmojo and c.fading_self_key  # query i also scores its own fading token f_i
+        eidetic = bmojo and c.eidetic
+        learned = eidetic and c.learned_selection
         if attends:
             shapes = [(d, H * D), (d, Hkv * D), (d, Hkv * D), (H * D, d)]
-            if fading:
+            if fading or self_key:
                 shapes += [(d, Hkv * D), (d, Hkv * D)]  # the fading tokens through the same k/v weights
             add(linears("attention projections q/k/v/o (+ fading k/v)", "projections", shapes))
-            rotated = H * D + Hkv * D + (Hkv * D if fading else 0) + (H * D if eidetic else 0)
+            # rotary on q, k, the fading keys (window and self share them) and, at eidetic_key_distance="window",
+            # the eidetic queries (rotated by 2W; "zero" scores the unrotated q)
+            rotated = H * D + Hkv * D + (Hkv * D if fading or self_key else 0)
+            rotated += H * D if eidetic and c.eidetic_key_distance == "window" else 0
             add(elementwise(T * rotated))
         if has_ssm:
             inner, heads, groups, N = c.ssm_inner_size, c.ssm_num_heads, c.ssm_ngroups, c.ssm_state_size
@@ -321,15 +374,25 @@ def step_ops(config, seq_len: int, batch: int = 1, dtype: str = "bf16", kernel_d
                    Cost(0, 5 * T * inner * s, T * inner, 8 * T * inner), dtype))
         if eidetic:
             F = Hkv * D
-            predictor = linears("eidetic innovation predictor", "selection", [(d, F)], input_grad=False)
-            # its squared error against the (detached) key: read k, write the score; backward reads both again.
-            predictor.fwd = predictor.fwd + Cost(0, T * F * s + T * 4, 0, 2 * T * F)
-            predictor.bwd = predictor.bwd + Cost(0, T * F * s + T * 4, 0, 2 * T * F)
-            add(predictor)
-            add(selection_op(batch, seq_len, F, c.chunk_size, c.selections_per_chunk, c.memory_size, s))
+            target = {"key_prediction": F, "next_input": d}.get(c.selection_score)  # what the predictor predicts
+            if target:  # the baselines ("random", "recency") hold no predictor
+                predictor = linears("eidetic innovation predictor", "selection", [(d, target)], input_grad=False)
+                # its squared error against the (detached) target: read it, write the score; backward reads both.
+                predictor.fwd = predictor.fwd + Cost(0, T * target * s + T * 4, 0, 2 * T * target)
+                predictor.bwd = predictor.bwd + Cost(0, T * target * s + T * 4, 0, 2 * T * target)
+                add(predictor)
+            if learned:  # u = clamp(Linear(d, 1)(h)): trained through the kept tokens' eidetic logits
+                bias = linears("learned selection bias u", "selection", [(d, 1)])
+                bias.fwd = bias.fwd + Cost(0, 0, 0, T)  # the clamp
+                bias.bwd = bias.bwd + Cost(0, 0, 0, T)
+                add(bias)
+            delay = c.window_size // c.chunk_size if c.memory_admission == "window_exit" else 0
+            add(selection_op(batch, seq_len, F, c.chunk_size, c.selections_per_chunk, c.memory_size, s,
+                             bias=learned, delay=delay))
         if attends:
             memory = c.memory_size if eidetic else 0
-            add(attention_op(batch, seq_len, H, Hkv, D, c.window_size, c.chunk_size, fading, memory, s))
+            add(attention_op(batch, seq_len, H, Hkv, D, c.window_size, c.chunk_size, fading, memory, s,
+                             self_key=self_key, key_set_bias=bmojo and c.key_set_bias, slot_bias=learned))
         add(elementwise(T * d))  # the mixer's residual add
         if c.use_mlp:
             add(norm(d))
@@ -381,12 +444,31 @@ def op_times(op: Op, machine: Machine = TRN1) -> dict:
     }
 
 
-def report(preset: str, seq_len: int | None = None, batch: int = 1, dtype: str = "bf16",
-           kernel_dtype: str | None = None, machine: Machine = TRN1) -> dict:
-    """Everything the CLI prints for one preset, as plain data (the ``--json`` output)."""
-    from .configuration_bmojo import preset_config
+# The fields whose default differs from V0_OPTIONS (issue 11); "v0+NAME" prices v0 with NAME at its default.
+ISSUE_11_FIELDS = ("fading_self_key", "key_set_bias", "learned_selection", "eidetic_key_distance", "memory_admission")
+OPTIONS = ("defaults", "v0", *(f"v0+{name}" for name in ISSUE_11_FIELDS))
 
-    config = preset_config(preset)
+
+def options_config(preset: str, options: str = "defaults"):
+    """``preset``'s config with ``options``: as it is (``"defaults"``), with ``V0_OPTIONS`` (``"v0"``, the original
+    design), or v0 with one issue-11 field at its default (``"v0+fading_self_key"``, ...)."""
+    from .configuration_bmojo import V0_OPTIONS, preset_config
+
+    if options not in OPTIONS:
+        raise ValueError(f"options must be one of {list(OPTIONS)}, got {options!r}")
+    if options == "defaults":
+        return preset_config(preset)
+    overrides = dict(V0_OPTIONS)
+    for name in options.split("+")[1:]:
+        del overrides[name]  # the preset's (default) value
+    return preset_config(preset, **overrides)
+
+
+def report(preset: str, seq_len: int | None = None, batch: int = 1, dtype: str = "bf16",
+           kernel_dtype: str | None = None, machine: Machine = TRN1, options: str = "defaults") -> dict:
+    """Everything the CLI prints for one preset, as plain data (the ``--json`` output); ``options``: see
+    ``options_config``."""
+    config = options_config(preset, options)
     seq_len = seq_len or TRAINING_SEQ_LEN[preset]
     ops = step_ops(config, seq_len, batch, dtype, kernel_dtype)
     rows = []
@@ -418,6 +500,7 @@ def report(preset: str, seq_len: int | None = None, batch: int = 1, dtype: str =
     mixing = sum(r["flops_fwd"] + r["flops_bwd"] for r in rows if r["group"] in ("ssd", "attention"))
     return {
         "preset": preset,
+        "options": options,
         "seq_len": seq_len,
         "batch": batch,
         "dtype": dtype,
@@ -454,8 +537,10 @@ def _ms(seconds: float) -> str:
 def markdown(rep: dict) -> str:
     """One preset's table (markdown) and its summary lines."""
     lines = [
-        f"**{rep['preset']}** ({rep['parameters'] / 1e6:.1f}M parameters), {rep['batch']} x {rep['seq_len']} tokens "
-        f"per step per core, {rep['dtype']} (SSD/attention matmuls {rep['kernel_dtype']})",
+        f"**{rep['preset']}**{'' if rep['options'] == 'defaults' else ' (' + rep['options'] + ')'} "
+        f"({rep['parameters'] / 1e6:.1f}M parameters), "
+        f"{rep['batch']} x {rep['seq_len']} tokens per step per core, {rep['dtype']} "
+        f"(SSD/attention matmuls {rep['kernel_dtype']})",
         "",
         "| op | GFLOP | MB | TensorE ms | HBM ms | roofline ms | bound | % of step | ScalarE ms | VectorE ms "
         "| with engines ms | bound | % |",
@@ -508,8 +593,9 @@ def summary(reports: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:
+        name = r["preset"] + ("" if r["options"] == "defaults" else f" ({r['options']})")
         lines.append(
-            f"| {r['preset']} | {r['parameters'] / 1e6:,.1f}M | {r['batch']} x {r['seq_len']} "
+            f"| {name} | {r['parameters'] / 1e6:,.1f}M | {r['batch']} x {r['seq_len']} "
             f"| {r['flops'] / 1e9:,.0f} | {r['bytes'] / 1e9:,.2f} | {_ms(r['step_roofline_s'])} "
             f"| {r['tokens_per_s_roofline']:,.0f} "
             f"| {100 * r['ssd_fraction_roofline']:.1f} | {100 * r['attention_fraction_roofline']:.1f} "
@@ -538,10 +624,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="the step's dtype")
     parser.add_argument("--kernel-dtype", choices=sorted(DTYPE_BYTES),
                         help="dtype of the SSD and attention matmuls (default: --dtype; fp32 = the NKI kernels)")
+    parser.add_argument("--options", choices=OPTIONS, default="defaults", metavar="{defaults,v0,v0+FIELD}",
+                        help="the presets' design options: defaults (issue 11), v0 (the original design, V0_OPTIONS), "
+                        f"or v0 with one field at its default, FIELD one of {', '.join(ISSUE_11_FIELDS)}")
     parser.add_argument("--summary", action="store_true", help="one row per preset instead of the tables")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args(argv)
-    reports = [report(p, args.seq_len, args.batch, args.dtype, args.kernel_dtype) for p in args.preset]
+    reports = [report(p, args.seq_len, args.batch, args.dtype, args.kernel_dtype, options=args.options)
+               for p in args.preset]
     if args.json:
         print(json.dumps(reports, indent=1))
     elif args.summary:
@@ -555,4 +645,7 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["TRN1", "Cost", "Machine", "Op", "attention_op", "main", "report", "selection_op", "ssd_op", "step_ops"]
+__all__ = [
+    "TRN1", "Cost", "Machine", "Op", "attention_op", "main", "options_config", "report", "selection_op", "ssd_op",
+    "step_ops",
+]
