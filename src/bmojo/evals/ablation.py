@@ -395,7 +395,8 @@ def recall_accuracy(model, sets: dict) -> dict:
     }
 
 
-def run_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
+def train_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> tuple[BMojoForCausalLM, float]:
+    """A recall run's training: ``(trained model in eval mode, mean loss of the last 10 steps)``."""
     x, y = recall_sets(s, "train", seed)["train"]
     torch.manual_seed(seed)
     model = BMojoForCausalLM(config)
@@ -410,7 +411,11 @@ def run_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
                 loss = loss + config.innovation_loss_weight * out.innovation_loss
             yield loss
 
-    final_loss = _train(model, lr, s, batches())
+    return model, _train(model, lr, s, batches())
+
+
+def run_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
+    model, final_loss = train_recall(config, lr, seed, s)
     val = recall_accuracy(model, recall_sets(s, "val"))
     return {
         "final_loss": final_loss,
