@@ -7,7 +7,7 @@ import torch
 
 from bmojo import BMojoCache
 from bmojo.configuration_bmojo import V0_OPTIONS
-from bmojo.layers.eidetic import random_score
+from bmojo.layers.eidetic import random_bits, random_score
 from bmojo.ops import use_backend
 from bmojo.ops.selection import INVALID_SCORE, Slots, merge_slots, select_per_chunk, select_per_chunk_ref
 from support import tiny_model, tokens
@@ -159,25 +159,124 @@ def test_recency_memory_holds_exactly_the_newest_picks():
                 assert list(run) == current
 
 
-def test_random_scores_are_reproducible_roughly_uniform_and_ignore_the_input():
+def test_random_scores_are_reproducible_roughly_uniform_and_hash_layer_position_and_token():
+    g = torch.Generator().manual_seed(0)
     positions = torch.arange(1 << 16)
-    a, b = random_score(0, positions), random_score(0, positions)
-    assert torch.equal(a, b) and a.dtype == torch.float32
+    ids = torch.randint(0, 50_000, positions.shape, generator=g)
+    a, b = random_score(0, positions, ids), random_score(0, positions, ids.clone())
+    assert torch.equal(a, b) and a.dtype == torch.float32  # reproducible: a function of its integer inputs only
     assert 0 <= a.min() and a.max() < 1
-    assert (a != random_score(1, positions)).float().mean() > 0.99  # layers draw different scores
+    assert (a != random_score(1, positions, ids)).float().mean() > 0.99  # layers draw different scores
+    assert (a != random_score(0, positions, ids + 1)).float().mean() > 0.99  # other tokens, same positions
+    assert (a != random_score(0, positions + 1, ids)).float().mean() > 0.99  # same tokens, other positions
     counts = torch.histc(a, bins=16, min=0, max=1)
     expected = len(positions) / 16
     assert ((counts - expected).abs() / expected).max() < 0.06, counts  # ~4 standard deviations
     assert abs(a.mean() - 0.5) < 0.005
-    # neighbouring positions are not correlated
+    # neighbouring positions are not correlated, nor are neighbouring token ids at one position
     assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1]) < 0.02
-    # The selection depends only on positions: two different inputs keep the same tokens.
-    model = tiny_model(selection_score="random")
+    one_position = random_score(0, torch.zeros_like(positions), positions)  # every token id at position 0
+    assert ((torch.histc(one_position, bins=16, min=0, max=1) - expected).abs() / expected).max() < 0.06
+    assert abs(torch.corrcoef(torch.stack([one_position[:-1], one_position[1:]]))[0, 1]) < 0.02
+    # broadcasting as in the parallel forward ([1, L] positions, [B, L] ids) == row by row as in decoding
+    rows = ids[:96].view(3, 32)
+    together = random_score(2, torch.arange(32)[None], rows)
+    for r in range(3):
+        for t in range(32):
+            assert together[r, t] == random_score(2, torch.tensor([t]), rows[r, t : t + 1])[0]
+    # int32 arithmetic (an accelerator's ``long``) gives the int64 bits
+    for layer in (0, 1, 47):
+        assert torch.equal(random_bits(layer, positions.int(), ids.int()).long(), random_bits(layer, positions, ids))
+    with pytest.raises(ValueError, match=r'^selection_score="random" needs the token ids'):
+        random_score(0, positions, None)
+
+
+def _layer0_picks(model, x, monkeypatch, **kwargs):
+    """Positions ``[B, nC, k]`` that layer 0's selection picked in the parallel forward of ``x``."""
+    import bmojo.layers.bmojo as layer_module
+
+    recorded = []
+    original = layer_module.select
+
+    def recording(*args, **kw):
+        picks, seen = original(*args, **kw)
+        recorded.append(picks)
+        return picks, seen
+
+    monkeypatch.setattr(layer_module, "select", recording)
     with torch.no_grad():
-        one = model(tokens(1, 41, seed=1), use_cache=True).cache
-        two = model(tokens(1, 41, seed=2), use_cache=True).cache
-    assert _memories(one) == _memories(two)
-    assert _memories(one)[0] != _memories(one)[1]  # but every layer has its own draw
+        model(x, **kwargs)
+    monkeypatch.setattr(layer_module, "select", original)
+    picks = recorded[0]
+    return torch.where(picks.score >= 0, picks.pos, -1)
+
+
+def test_random_selection_differs_between_examples_on_mqar(monkeypatch):
+    """Zoology MQAR keeps its key-value pairs at positions ``0..2N-1`` in every example: a score of (layer,
+    position) alone picked the same positions there in every example (e.g. two keys in chunk 0 of layer 0). The
+    random score draws per example: the modal set of picks over the context is shared by few examples, and two
+    examples pick differently in most chunks; the same tokens give the same picks."""
+    from bmojo.evals.mqar import multiquery_ar
+
+    model = tiny_model(selection_score="random", layers_block_type=["bmojo"], num_hidden_layers=1)
+    cfg = model.config
+    pairs, length, rows = 8, 32, 64
+    x = torch.as_tensor(multiquery_ar(cfg.vocab_size, rows, length, seed=3, num_kv_pairs=pairs).inputs)
+    picks = _layer0_picks(model, x, monkeypatch)
+    context = picks[:, : 2 * pairs // cfg.chunk_size]  # the chunks holding the key-value pairs
+    sets = [tuple(sorted(r.flatten().tolist())) for r in context]
+    modal = max(sets.count(one) for one in set(sets))
+    assert modal / rows <= 0.1, modal  # a positional policy: rows / rows
+    # per chunk, two examples choose the same 2 of 4 positions about 1/6 of the time
+    chunks = [sorted(c.tolist()) for r in picks for c in r]
+    per_row = len(chunks) // rows
+    pairs_of_rows = [(i * per_row + c, (i + 1) * per_row + c) for i in range(rows - 1) for c in range(per_row)]
+    same = sum(chunks[a] == chunks[b] for a, b in pairs_of_rows)
+    assert same / ((rows - 1) * per_row) < 0.35, same
+    # reproducible: every row the same example -> every row the same picks, in a second call too
+    repeated = x[:1].expand(8, -1)
+    again = _layer0_picks(model, repeated, monkeypatch)
+    assert (again == again[:1]).all() and torch.equal(again, _layer0_picks(model, repeated, monkeypatch))
+    assert torch.equal(again[0], picks[0])
+
+
+def test_only_random_scores_receive_the_token_ids_and_a_padded_row_scores_as_unpadded(monkeypatch):
+    """The model hands the (rolled) token ids to the layers only for ``"random"``; a left-padded row's tokens keep
+    their own ids and positions, so its scores, picks, memory and logits are those of the same row unpadded."""
+    seen = []
+
+    def catch(module, args):
+        seen.append(args[1].token_ids)
+
+    for kind in ("key_prediction", "recency"):
+        model = tiny_model(selection_score=kind)
+        handle = model.model.layers[0].register_forward_pre_hook(catch)
+        with torch.no_grad():
+            model(tokens(2, 9))
+        handle.remove()
+        assert seen.pop() is None
+    model = tiny_model(selection_score="random")
+    handle = model.model.layers[0].register_forward_pre_hook(catch)
+    x, pad = tokens(2, 41), 6
+    mask = torch.ones_like(x)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask, use_cache=True)
+        alone = model(x[1:, pad:], use_cache=True)
+    handle.remove()
+    assert torch.equal(seen[0][0], x[0]) and torch.equal(seen[0][1, : 41 - pad], x[1, pad:])  # rolled ids
+    assert _memories(padded.cache, 1) == _memories(alone.cache, 0)
+    torch.testing.assert_close(padded.logits[1:, pad:], alone.logits, rtol=1e-12, atol=1e-12)
+    picks = _layer0_picks(model, x, monkeypatch, attention_mask=mask)
+    done = (41 - pad) // model.config.chunk_size  # the chunks of real tokens only
+    assert torch.equal(picks[1, :done], _layer0_picks(model, x[1:, pad:], monkeypatch)[0, :done])
+    # decoding on from the padded prefill keeps drawing from each row's own tokens and positions
+    with torch.no_grad():
+        rest = model(x[:, -5:], cache=padded.cache).logits
+        want = model(torch.cat([x[1:, pad:], x[1:, -5:]], 1)).logits[:, -5:]
+    torch.testing.assert_close(rest[1:], want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^input_ids is required \(inputs_embeds is not supported\)$"):
+        model(inputs_embeds=torch.zeros(1, 4, model.config.hidden_size, dtype=torch.float64))
 
 
 # --- non-finite safety and float32 scores ---------------------------------------------------------------------------

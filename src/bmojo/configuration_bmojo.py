@@ -82,7 +82,9 @@ class BMojoConfig(PretrainedConfig):
         selection_score (`str`): what ranks tokens for the memory. ``"key_prediction"`` (default, v0): squared
             error of predicting token ``t``'s key from the fading token ``f_{t-1}``; ``"next_input"``: the paper's
             innovation test, the error of predicting the layer input ``h_t`` from ``f_{t-1}``; ``"random"``: a
-            fixed hash of (layer, position), a baseline; ``"recency"``: the position (newest wins), a baseline.
+            hash of (layer, position, token id) in ``[0, 1)``, the random-choice baseline (a different draw in
+            every example, the same in decoding as in the parallel forward); ``"recency"``: the position (newest
+            wins), a baseline.
         learned_selection (`bool`): default ``True`` (v0: ``False``). A learned per-token bias ``u_t`` (linear in
             ``h_t``, zero at initialisation): selection ranks ``score * exp(u_t)`` and a selected token's eidetic
             logit gets ``+ u_t``, so the LM loss teaches which tokens are worth keeping.

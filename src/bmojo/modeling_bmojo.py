@@ -258,7 +258,8 @@ class BMojoModel(BMojoPreTrainedModel):
             lengths = torch.full((bsz,), length, dtype=torch.long, device=input_ids.device)
         positions = torch.arange(length, device=input_ids.device)[None, :]
         doc_start = self._document_starts(input_ids)
-        info = SequenceInfo(positions, self._rope(positions), valid, lengths, bool(use_cache), doc_start)
+        token_ids = input_ids if self._scores_hash_token_ids else None  # rolled: each token keeps its own id
+        info = SequenceInfo(positions, self._rope(positions), valid, lengths, bool(use_cache), doc_start, token_ids)
         x = self.embed_tokens(input_ids)
         hidden_states = [] if output_hidden_states else None
         aux_losses = []
@@ -293,6 +294,13 @@ class BMojoModel(BMojoPreTrainedModel):
         cfg = self.config
         return bool(cfg.memory_reset_at_document and cfg.eidetic and "bmojo" in cfg.layers_block_type)
 
+    @property
+    def _scores_hash_token_ids(self) -> bool:
+        """Whether some layer's selection score hashes the token ids (``selection_score="random"``): only then do
+        the layers receive them (``SequenceInfo.token_ids``, ``step(token_ids=...)``)."""
+        cfg = self.config
+        return bool(cfg.selection_score == "random" and cfg.eidetic and "bmojo" in cfg.layers_block_type)
+
     def _document_starts(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """``[B, L]`` long, the first position of each token's document (``memory_reset_at_document``), else None."""
         if not self._resets_at_documents:
@@ -326,11 +334,12 @@ class BMojoModel(BMojoPreTrainedModel):
             if cache.doc_start is None:
                 raise ValueError("memory_reset_at_document is on but the cache has no doc_start")
             doc_start = cache.doc_start  # this token's document start
+        token_ids = token if self._scores_hash_token_ids else None
         x = self.embed_tokens(token)
         for layer, state in zip(self.layers, cache.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer.step(x, state, positions, rope, doc_start=doc_start)
+            x = layer.step(x, state, positions, rope, doc_start=doc_start, token_ids=token_ids)
         if doc_start is not None:  # after an end-of-document token the next document starts
             cache.doc_start = torch.where(token == self.config.eos_token_id, cache.positions + 1, doc_start)
         cache.positions = cache.positions + 1

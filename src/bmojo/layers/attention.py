@@ -150,10 +150,16 @@ class SlidingWindowAttention(nn.Module):
         return self._project_out(out)
 
     def step(
-        self, h: torch.Tensor, state: AttentionState, positions: torch.Tensor, rope: Rope, doc_start=None
+        self,
+        h: torch.Tensor,
+        state: AttentionState,
+        positions: torch.Tensor,
+        rope: Rope,
+        doc_start=None,
+        token_ids=None,
     ) -> torch.Tensor:
         """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place
-        (``doc_start``: unused, no eidetic memory here)."""
+        (``doc_start``, ``token_ids``: unused, no eidetic memory here)."""
         q, k, v = self._qkv(h[:, None])
         q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
         self._write_ring(state, positions, k_rot, v[:, 0])

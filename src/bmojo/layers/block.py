@@ -39,8 +39,16 @@ class BMojoBlock(nn.Module):
         return self._mlp(x + out), aux, state
 
     def step(
-        self, x: torch.Tensor, state: InferenceState, positions: torch.Tensor, rope: Rope, doc_start=None
+        self,
+        x: torch.Tensor,
+        state: InferenceState,
+        positions: torch.Tensor,
+        rope: Rope,
+        doc_start=None,
+        token_ids=None,
     ) -> torch.Tensor:
         """One token ``x [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place. ``doc_start
-        [B]``: the token's document start (``memory_reset_at_document``), else ``None``."""
-        return self._mlp(x + self.mixer.step(self.input_norm(x), state, positions, rope, doc_start=doc_start))
+        [B]``: the token's document start (``memory_reset_at_document``), else ``None``; ``token_ids [B]``: the
+        token's id (``selection_score="random"``), else ``None``."""
+        h = self.input_norm(x)
+        return self._mlp(x + self.mixer.step(h, state, positions, rope, doc_start=doc_start, token_ids=token_ids))

@@ -147,12 +147,12 @@ class BMojoMixer(SlidingWindowAttention):
         """Innovation score of keys ``k [..., Hkv, D]`` given the previous fading tokens ``f_prev [..., d]``."""
         return innovation_error(self.innovation_predictor, self.innovation_sum, f_prev, k, self.key_features)
 
-    def _scores(self, h, f_prev, k, positions) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _scores(self, h, f_prev, k, positions, token_ids=None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """What selection ranks by, before padding and ``learned_selection``: ``(err, score)`` for tokens ``h [...,
-        d]`` with keys ``k [..., Hkv, D]``, previous fading tokens ``f_prev [..., d]`` and ``positions``
-        (broadcastable to ``[...]``). ``err [...]``: the auxiliary loss's terms (``None`` without a predictor);
-        ``score``: ``[...]``, per head ``[..., Hkv]`` (the key-prediction error of each head's own features; the
-        other kinds give every head the token's score)."""
+        d]`` with keys ``k [..., Hkv, D]``, previous fading tokens ``f_prev [..., d]``, ``positions`` and (for
+        ``"random"``) ``token_ids`` (long, each broadcastable to ``[...]``). ``err [...]``: the auxiliary loss's
+        terms (``None`` without a predictor); ``score``: ``[...]``, per head ``[..., Hkv]`` (the key-prediction
+        error of each head's own features; the other kinds give every head the token's score)."""
         lead = k.shape[:-2]
         if self.selection_score == "key_prediction":
             if self.per_head:
@@ -164,7 +164,7 @@ class BMojoMixer(SlidingWindowAttention):
         if self.selection_score == "next_input":
             err = score = next_input_error(self.input_predictor, f_prev, h)
         elif self.selection_score == "random":
-            err, score = None, random_score(self.layer_idx, positions).expand(lead)
+            err, score = None, random_score(self.layer_idx, positions, token_ids).expand(lead)
         else:  # "recency"
             err, score = None, recency_score(positions).expand(lead)
         return err, score[..., None].expand(*lead, self.num_kv) if self.per_head else score
@@ -217,7 +217,7 @@ class BMojoMixer(SlidingWindowAttention):
         aux = q_eid = memory = eidetic = doc_start = None
         if self.use_eidetic:
             f_prev = F.pad(f, [0, 0, 1, 0])[:, :length]  # f_{t-1}; zeros before the first token
-            err, score = self._scores(h, f_prev, k, info.positions)
+            err, score = self._scores(h, f_prev, k, info.positions, info.token_ids)
             aux = None if err is None else innovation_loss(err, info.valid)
             scores, u = self._ranking(h, score, info.valid)
             doc_start = info.doc_start if self.reset_at_document else None
@@ -249,10 +249,11 @@ class BMojoMixer(SlidingWindowAttention):
         return MixerOutput(out, aux, state)
 
     def step(
-        self, h: torch.Tensor, state: BMojoState, positions: torch.Tensor, rope: Rope, doc_start=None
+        self, h: torch.Tensor, state: BMojoState, positions: torch.Tensor, rope: Rope, doc_start=None, token_ids=None
     ) -> torch.Tensor:
         """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place.
-        ``doc_start [B]`` (long): the token's document start (``memory_reset_at_document``), else ``None``."""
+        ``doc_start [B]`` (long): the token's document start (``memory_reset_at_document``), else ``None``;
+        ``token_ids [B]`` (long): the token's id (``selection_score="random"``), else ``None``."""
         q, k, v = self._qkv(h[:, None])
         q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
@@ -270,7 +271,7 @@ class BMojoMixer(SlidingWindowAttention):
         q_eid = memory = None
         doc_start = doc_start if self.use_eidetic and self.reset_at_document else None
         if self.use_eidetic:
-            _, score = self._scores(h, state.eidetic.prev_f, k, positions[:, 0])
+            _, score = self._scores(h, state.eidetic.prev_f, k, positions[:, 0], token_ids)
             score, u = self._ranking(h, score, None)
             memory = state.eidetic.step(
                 k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size,
@@ -306,7 +307,7 @@ def _fold_info(info: SequenceInfo, num_kv: int) -> SequenceInfo:
     rows = {
         f.name: getattr(info, f.name).repeat_interleave(num_kv, 0)
         for f in dataclasses.fields(info)
-        if f.name in ("valid", "lengths", "doc_start") and getattr(info, f.name) is not None
+        if f.name in ("valid", "lengths", "doc_start", "token_ids") and getattr(info, f.name) is not None
     }
     return dataclasses.replace(info, **rows)
 

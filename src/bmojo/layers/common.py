@@ -4,7 +4,8 @@ of the typed decoding states.
 Every mixer (``Mamba2Mixer``, ``SlidingWindowAttention``, ``BMojoMixer``) has
 
 * ``forward(h [B, L, d], info: SequenceInfo) -> MixerOutput(out [B, L, d], aux_loss or None, state or None)``;
-* ``step(h [B, d], state, positions [B, 1], rope: Rope) -> out [B, d]``, updating ``state`` in place;
+* ``step(h [B, d], state, positions [B, 1], rope: Rope, doc_start=None, token_ids=None) -> out [B, d]``, updating
+  ``state`` in place (``doc_start [B]`` and ``token_ids [B]``: the token's, where some layer needs them);
 * ``allocate_inference_state(config, batch_size, device, dtype)``: the empty state its ``step`` updates,
 
 so that ``BMojoBlock`` runs any of them without asking which it holds.
@@ -40,6 +41,8 @@ class SequenceInfo:
     collect_state: bool
     # [B, L] long: first position of each token's document (memory_reset_at_document), else None
     doc_start: torch.Tensor | None = None
+    # [B, L] long: the (rolled) token ids, for selection_score="random" (the score hashes them), else None
+    token_ids: torch.Tensor | None = None
 
 
 class MixerOutput(NamedTuple):

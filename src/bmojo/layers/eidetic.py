@@ -108,17 +108,36 @@ def next_input_error(predictor: nn.Module, f_prev: torch.Tensor, h: torch.Tensor
 _MASK31 = 0x7FFFFFFF
 
 
-def random_score(layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
-    """``selection_score="random"``: a fixed integer hash of ``(layer_idx, absolute position)`` mapped to ``[0, 1)``
-    (float32, ``positions``' shape): the same token gets the same score in the parallel forward and in decoding.
+def random_score(layer_idx: int, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``selection_score="random"``: the random-choice baseline. An integer hash of ``(layer_idx, absolute
+    position, token id)`` mapped to ``[0, 1)`` (float32, the broadcast shape of ``positions`` and ``token_ids``,
+    both integer; e.g. ``[1, L]`` and ``[B, L]`` in the parallel forward, ``[B]`` and ``[B]`` in a decoding step).
+
+    Every input enters exactly, so a token gets the same score in the parallel forward and in decoding (and in a
+    left-padded row, whose tokens keep their own ids and positions); the token id makes the draw differ between
+    examples, so a task whose structure sits at fixed positions (MQAR's key-value pairs) is not met by a fixed
+    positional policy; the layer index gives each layer its own draw. Not a function of the content beyond the
+    token at that position: two rows with the same token at the same position score it the same.
 
     Every product and sum is cut to 31 bits before the next step, so int32 arithmetic (wrapping) and int64 give the
-    same bits (an accelerator may run ``long`` as int32); the top 24 bits are exact in float32."""
-    x = (positions.long() * 0x2545F491 + (layer_idx + 1) * 0x7F4A7C15) & _MASK31
+    same bits (an accelerator may run ``long`` as int32); the top 24 bits are exact in float32.
+
+    Raises ``ValueError`` when ``token_ids`` is ``None`` (the model passes them for ``"random"`` layers)."""
+    if token_ids is None:
+        raise ValueError('selection_score="random" needs the token ids (SequenceInfo.token_ids / step token_ids)')
+    return (random_bits(layer_idx, positions.long(), token_ids.long()) >> 7).float() / float(1 << 24)
+
+
+def random_bits(layer_idx: int, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``random_score``'s 31-bit hash, in the integer dtype of ``positions`` and ``token_ids`` (int32 or int64:
+    the same bits, as every step is masked to 31 bits and the multipliers are below ``2**31``)."""
+    x = (positions * 0x2545F491 + (((layer_idx + 1) * 0x7F4A7C15) & _MASK31)) & _MASK31
     x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
-    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK31
-    x = x ^ (x >> 15)
-    return (x >> 7).float() / float(1 << 24)
+    x = x ^ ((token_ids * 0x1B873593) & _MASK31)  # the token enters once the position is mixed
+    x = ((x ^ (x >> 16)) * 0x297A2D39) & _MASK31
+    x = ((x ^ (x >> 13)) * 0x2545F491) & _MASK31
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
+    return x ^ (x >> 16)
 
 
 def recency_score(positions: torch.Tensor) -> torch.Tensor:

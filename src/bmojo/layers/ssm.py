@@ -119,10 +119,10 @@ class Mamba2Mixer(nn.Module):
         return MixerOutput(self.out_proj(y), None, state)
 
     def step(
-        self, h: torch.Tensor, state: SSMState, positions: torch.Tensor, rope: Rope, doc_start=None
+        self, h: torch.Tensor, state: SSMState, positions: torch.Tensor, rope: Rope, doc_start=None, token_ids=None
     ) -> torch.Tensor:
-        """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``positions``, ``rope``, ``doc_start``
-        unused: the recurrence carries the order)."""
+        """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``positions``, ``rope``, ``doc_start``,
+        ``token_ids`` unused: the recurrence carries the order)."""
         z, xbc, dt = self._split(self.in_proj(h))
         xbc, conv = dispatch("causal_conv1d_step")(state.conv, xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias)
         state.conv.copy_(conv)
