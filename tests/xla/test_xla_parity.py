@@ -84,3 +84,34 @@ def test_left_padded_prefill_and_decode_match_cpu(models, ids):
             got = xla(ids[:, t : t + 1].to(xa.device()), cache=xla_cache).logits
             torch_xla.sync()
             torch.testing.assert_close(_on_cpu(got), expect, **TOL, msg=f"decode step at position {t}")
+
+
+def test_random_scores_memory_and_logits_match_cpu():
+    """``selection_score="random"`` hashes (layer, position, token id) with 31-bit-masked integer ops: on XLA the
+    scores are the CPU's bit for bit, and a left-padded prefill then decode steps keep the CPU's memory (exact slot
+    positions) and logits."""
+    from bmojo.layers.eidetic import random_score
+
+    g = torch.Generator().manual_seed(5)
+    positions, token_ids = torch.arange(512)[None], torch.randint(0, 50_000, (3, 512), generator=g)
+    got = random_score(1, positions.to(xa.device()), token_ids.to(xa.device()))
+    torch.testing.assert_close(_on_cpu(got), random_score(1, positions, token_ids), rtol=0, atol=0)
+    torch.manual_seed(3)
+    cpu = BMojoForCausalLM(xa.audit_config(selection_score="random", memory_size=2)).eval()
+    xla = xa.to_xla(copy.deepcopy(cpu)).eval()
+    ids = xa.random_ids(g, cpu.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    split = xa.LENGTH - 4
+    with torch.no_grad():
+        cpu_cache = cpu(ids[:, :split], attention_mask=mask[:, :split], use_cache=True).cache
+        xla_cache = xla(ids[:, :split].to(xa.device()), attention_mask=mask[:, :split].to(xa.device()),
+                        use_cache=True).cache  # fmt: skip
+        torch_xla.sync()
+        for t in range(split, xa.LENGTH):
+            expect = cpu(ids[:, t : t + 1], cache=cpu_cache).logits
+            got = xla(ids[:, t : t + 1].to(xa.device()), cache=xla_cache).logits
+            torch_xla.sync()
+            torch.testing.assert_close(_on_cpu(got), expect, **TOL, msg=f"decode step at position {t}")
+    want, have = cpu_cache.layers[0].eidetic, xla_cache.layers[0].eidetic
+    assert torch.equal(_on_cpu(have.mem_pos), want.mem_pos) and torch.equal(_on_cpu(have.mem_score), want.mem_score)
