@@ -74,7 +74,8 @@ def _train_and_decode(model, clip):
     ids, mask, labels = _batch()
     out = model(ids, attention_mask=mask, labels=labels)
     out.loss.backward()
-    result = {name: getattr(out, name).detach() for name in ("loss", "lm_loss", "innovation_loss", "logits")}
+    names = ("loss", "lm_loss", "innovation_loss", "logits")
+    result = {name: getattr(out, name).detach() for name in names if getattr(out, name) is not None}
     result["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     result["grad_norm"] = clip(model.parameters(), MAX_NORM)
     torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1).step()
@@ -204,6 +205,16 @@ def test_tp2_equals_tp1_with_learned_selection(tmp_path):
     merged = merge_state_dicts([r["params"] for r in ranks], config)
     for name, param in ref["params"].items():
         _close(merged[name], param)
+
+
+def test_tp2_equals_tp1_with_random_scores(tmp_path):
+    """``selection_score="random"``: every rank hashes the same (layer, position, token id), so its heads keep the
+    full model's tokens; the left-padded row's tokens keep their own ids (forward, gradients, decoding)."""
+    ref, ranks = _tp2_and_tp1(tmp_path, dict(selection_score="random"))
+    assert "innovation_loss" not in ref  # no predictor, no auxiliary loss
+    for result in ranks:
+        for name in ("loss", "lm_loss", "logits", "grad_norm", "decoded"):
+            _close(result[name], ref[name])
 
 
 def test_zero1_update_equals_adamw(runs):
