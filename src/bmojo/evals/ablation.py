@@ -37,6 +37,8 @@ Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
             and tested with 2, 4 and 8 pairs), the recall shape and budget.
   overwrite key-overwrite MQAR alone (later pairs reassign keys; the answer is the latest value; trained with 4 and 8
             pairs, tested with 2-12), the recall shape and budget.
+  phonebook the generated phonebook lookup alone (entries "first last d1 d2", filler, the query name; the answer is
+            the number's two tokens; 4, 8, 12 entries), the recall shape and budget.
   lm        byte-level LM on the embedded corpus (Python's standard library, as lm_compare) at L=128 with W=16,
             C=8, M=8, k=2: L = 4*M*C/k, so every slot is evicted ~3 times per sequence; d=64, 2 layers; 500 steps of
             16 x 128 tokens; lrs 1e-3, 3e-3. Test: perplexity at L and at 8L, and at 8L with the eidetic memory
@@ -234,6 +236,9 @@ STUDIES = {
     ),
     "overwrite": dict(
         lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="overwrite", tasks=(RECALL_TASKS[2],))
+    ),
+    "phonebook": dict(
+        lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="phonebook", tasks=(RECALL_TASKS[3],))
     ),
     "lm": dict(
         lrs=(1e-3, 3e-3),
