@@ -41,8 +41,8 @@ Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
             the number's two tokens; 4, 8, 12 entries), the recall shape and budget.
   lm        byte-level LM on the embedded corpus (Python's standard library, as lm_compare) at L=128 with W=16,
             C=8, M=8, k=2: L = 4*M*C/k, so every slot is evicted ~3 times per sequence; d=64, 2 layers; 500 steps of
-            16 x 128 tokens; lrs 1e-3, 3e-3. Test: perplexity at L and at 8L, and at 8L with the eidetic memory
-            switched off at evaluation (same weights, ``memory_size=0``: lm_compare's ablation).
+            16 x 128 tokens; lrs 1e-3, 3e-3, 1e-2, 3e-2. Test: perplexity at L and at 8L, and at 8L with the eidetic
+            memory switched off at evaluation (same weights, ``memory_size=0``: lm_compare's ablation).
   capacity  MQAR alone (zoology's), the recall shape; each family at several state sizes (Mamba-2 N, SWA W, B'MOJO
             M, the Transformer's full KV cache); accuracy at 16 pairs against decoding-state bytes
             (``state_bytes``: the float32 tensors of an empty ``BMojoCache``, batch 1), one plot. B'MOJO is the
@@ -241,7 +241,7 @@ STUDIES = {
         lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="phonebook", tasks=(RECALL_TASKS[3],))
     ),
     "lm": dict(
-        lrs=(1e-3, 3e-3),
+        lrs=(1e-3, 3e-3, 1e-2, 3e-2),  # 1e-2 is every variant's best (docs/eidetic.md); 3e-3 was at the edge
         variants=BASELINES,
         settings=Settings(
             study="lm", vocab_size=264, seq_len=128, window=16, chunk=8, memory_size=8, steps=500, batch_size=16
