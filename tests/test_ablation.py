@@ -276,3 +276,25 @@ def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):
     A.main([*common, "--summary-only", "--variants", "mamba2"])
     line = next(x for x in (tmp_path / "recall" / "summary.md").read_text().splitlines() if x.startswith("Regenerate"))
     assert "--summary-only" not in line and "--variants mamba2" in line and "--study recall" in line
+
+
+def test_predictable_gap_study_puts_every_pair_beyond_what_recency_keeps_and_random_keeps_a_sample():
+    from bmojo.evals.coverage import answer_visibility
+
+    s = A.STUDIES["predictable_gap"]["settings"]
+    span = s.window + s.memory_size * s.chunk // s.selections_per_chunk  # what recency can hold past the window
+    assert s.gap == 64 > span and s.seq_len == 120 and [t for t, _, _ in s.tasks] == ["predictable_gap"]
+    sets = A.recall_sets(replace(s, test_examples=24), "test")
+    assert list(sets) == ["predictable_gap kv=2", "predictable_gap kv=4", "predictable_gap kv=8"]
+    held = {}
+    for variant in ("bmojo_new_recency", "bmojo_new_random"):
+        torch.manual_seed(0)
+        model = BMojoForCausalLM(A.matched_config(s, A.ALL_VARIANTS[variant])).eval()
+        held[variant] = 0.0
+        for x, y in sets.values():
+            for layer in answer_visibility(model, (x, y))["layers"].values():
+                assert layer["classes"]["window"]["count"] == 0  # every queried pair is beyond the window
+                held[variant] += layer["slots"]["pair_key"] + layer["slots"]["pair_value"]
+                if variant == "bmojo_new_recency":  # selection by position alone: no query ever sees a pair token
+                    assert layer["classes"]["memory"]["count"] == 0
+    assert held["bmojo_new_recency"] == 0 and held["bmojo_new_random"] > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bmojo.evals.mqar import IGNORE_INDEX, multiquery_ar
-from bmojo.evals.recall import TASKS, generate, long_gap, overwrite, phonebook
+from bmojo.evals.recall import TASKS, generate, long_gap, overwrite, phonebook, predictable_gap
 
 V, L = 128, 64
 
@@ -45,6 +45,33 @@ def test_long_gap_answers_each_pair_beyond_the_gap_and_the_filler_holds_no_key(p
         assert all(y[i] == value_of[x[i]] and i - (2 * pairs - 1) > gap for i in labelled)
         # a key occurs only in its pair and at its query
         assert sorted(i for i, t in enumerate(x) if t in value_of) == sorted(list(range(0, 2 * pairs, 2)) + labelled)
+
+
+@pytest.mark.parametrize("pairs", [2, 4, 8])
+def test_predictable_gap_is_long_gap_mqar_with_a_counting_filler(pairs):
+    gap, length = 64, 120
+    batch = predictable_gap(V, 50, length, seed=3, num_pairs=pairs, gap=gap)
+    offsets = set()
+    for x, y in rows(batch):
+        keys, values = x[0 : 2 * pairs : 2], x[1 : 2 * pairs : 2]
+        value_of = dict(zip(keys, values))
+        labelled = [i for i, t in enumerate(y) if t != IGNORE_INDEX]
+        assert sorted(x[i] for i in labelled) == sorted(keys)  # each key queried once, beyond the gap
+        assert all(y[i] == value_of[x[i]] and i - (2 * pairs - 1) > gap for i in labelled)
+        filler = [i for i in range(2 * pairs, length) if i not in labelled]
+        assert len(filler) == length - 3 * pairs
+        # every filler token continues one counting run over the value tokens: predictable from its position
+        offset = (x[filler[0]] - V // 2 - filler[0]) % (V // 2)
+        assert all(x[i] == V // 2 + (offset + i) % (V // 2) for i in filler)
+        offsets.add(offset)
+        assert not set(keys) & {x[i] for i in filler}  # the filler holds no key
+    assert len(offsets) > 10  # the run starts at a random point per example
+    # the pairs and queries are zoology's (the long-gap generator with the same seed), only the filler differs
+    other = long_gap(V, 50, length, seed=3, num_pairs=pairs, gap=gap)
+    assert torch.equal(batch.labels, other.labels)
+    answers = batch.labels != IGNORE_INDEX
+    assert torch.equal(batch.inputs[:, : 2 * pairs], other.inputs[:, : 2 * pairs])
+    assert torch.equal(batch.inputs[answers], other.inputs[answers])
 
 
 @pytest.mark.parametrize("pairs,updates", [(4, 2), (8, 4), (6, 6), (3, None)])
@@ -95,6 +122,7 @@ def test_phonebook_answers_the_queried_entrys_number(entries):
         (lambda: phonebook(V, 2, L, 0, num_pairs=16), "needs 68 tokens, more than input_seq_len"),
         (lambda: phonebook(V, 2, 63, 0, num_pairs=2), "input_seq_len must be even"),
         (lambda: generate("bogus", V, 2, L, 0, 2), "unknown recall task 'bogus'"),
+        (lambda: predictable_gap(V, 2, L, 0, num_pairs=8, gap=40), "4 \\* num_kv_pairs \\+ gap <= input_seq_len"),
     ],
 )
 def test_bad_arguments(call, message):

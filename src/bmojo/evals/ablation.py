@@ -35,6 +35,12 @@ Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
             chance and the Transformer at 0.40 with 2 pairs (docs/ablation.md).
   long_gap  MQAR's long-gap variant alone (queries 2W+2C after their pairs: beyond window and fading span; trained
             and tested with 2, 4 and 8 pairs), the recall shape and budget.
+  predictable_gap
+            long-gap MQAR whose 64-token gap (and the query region's filler) is a counting run, predictable from its
+            position, at sequence length 120 (trained and tested with 2, 4 and 8 pairs): the gap is longer than the
+            memory's span past the window (M*C/k = 32 tokens), so recency selection keeps filler and random selection
+            a thin sample, while a rule that keeps what the state could not predict keeps the pairs. The task where
+            the selection rule, not learning, is the bottleneck.
   overwrite key-overwrite MQAR alone (later pairs reassign keys; the answer is the latest value; trained with 4 and 8
             pairs, tested with 2-12), the recall shape and budget.
   phonebook the generated phonebook lookup alone (entries "first last d1 d2", filler, the query name; the answer is
@@ -213,10 +219,12 @@ class Settings:
     val_windows: int = 16  # lm: held-out windows of eval_multiple * seq_len tokens, for lr selection
     test_windows: int = 32  # lm: other held-out windows, for the reported numbers
     lm_data: str = "stdlib"  # lm: the embedded corpus (Python's standard library)
+    filler_gap: int = 0  # long_gap / predictable_gap filler length; 0: 2W + 2C
 
     @property
     def gap(self) -> int:
-        return 2 * self.window + 2 * self.chunk  # long-gap queries lie beyond window + fading span
+        # long-gap queries lie beyond window + fading span (2W + 2C) unless a study sets a longer gap
+        return self.filler_gap or 2 * self.window + 2 * self.chunk
 
     @property
     def full_window(self) -> int:
@@ -233,6 +241,15 @@ STUDIES = {
     # the long-gap and key-overwrite variants of MQAR alone, same shape and budget (issue 11's per-task targets)
     "long_gap": dict(
         lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="long_gap", tasks=(RECALL_TASKS[1],))
+    ),
+    # the selection rule as the bottleneck: a 64-token predictable gap is longer than the memory's span of 32 tokens
+    # past the window (M = 16 slots, 2 picks per 4-token chunk), so recency keeps filler and random a thin sample
+    "predictable_gap": dict(
+        lrs=(3e-3, 1e-2),
+        variants=BASELINES,
+        settings=Settings(
+            study="predictable_gap", seq_len=120, filler_gap=64, tasks=(("predictable_gap", (2, 4, 8), (2, 4, 8)),)
+        ),
     ),
     "overwrite": dict(
         lrs=(3e-3, 1e-2), variants=BASELINES, settings=Settings(study="overwrite", tasks=(RECALL_TASKS[2],))

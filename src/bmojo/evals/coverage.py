@@ -280,7 +280,7 @@ def answer_visibility(model, batch, batch_size: int = 100, per_query: bool = Fal
 # ---------------------------------------------------------------------------------------------------------------
 # CLI: train as the ablation driver does, then measure
 # ---------------------------------------------------------------------------------------------------------------
-RECALL_STUDIES = ("mqar", "long_gap", "overwrite", "recall", "capacity")
+RECALL_STUDIES = ("mqar", "long_gap", "predictable_gap", "overwrite", "recall", "capacity")
 
 
 def best_lrs(path: str) -> dict[str, float]:

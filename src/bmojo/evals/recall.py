@@ -1,4 +1,5 @@
-"""Generated recall tasks for the ablation studies: MQAR, long-gap MQAR, key-overwrite MQAR and a phonebook lookup.
+"""Generated recall tasks for the ablation studies: MQAR, long-gap MQAR (random or predictable filler), key-overwrite
+MQAR and a phonebook lookup.
 
 Nothing is downloaded: every example comes from a seeded generator. All four share zoology's conventions (keys from
 ``[1, V/2)``, values from ``[V/2, V)``, next-token labels aligned with the inputs: ``labels[i]`` is the target of
@@ -9,6 +10,12 @@ position ``i``, ``IGNORE_INDEX`` everywhere but at the answers) so one model can
                 (any token, keys included) everywhere else.
     long_gap    MQAR with ``gap`` filler tokens between the pairs and the query region; with ``gap > 2W`` every
                 queried pair lies beyond the window and the fading span of a B'MOJO layer of window ``W``.
+    predictable_gap
+                long-gap MQAR whose filler (the gap and every non-query position after it) is a counting run,
+                ``V/2 + (offset + t) mod (V/2)`` at position ``t`` (``offset`` random per example): after the pairs
+                nothing is surprising. The task where the selection rule is the bottleneck: with a gap longer than
+                the memory's span, recency keeps filler, random keeps a uniform sample of pairs and filler, and a
+                rule that keeps what the state could not predict keeps the pairs (the innovation test, paper §3).
     overwrite   key-overwrite ("forgetting") MQAR, as zoology's ``forgetting_mqar`` poses it: ``n`` pairs, then
                 ``u`` more pairs that give ``u`` of the keys a new value; every key is queried once and the answer
                 is its LATEST value. All ``n + u`` values of an example are distinct, so the stale value is
@@ -18,9 +25,9 @@ position ``i``, ``IGNORE_INDEX`` everywhere but at the answers) so one model can
                 First and last names come from pools of about ``sqrt(n)`` tokens, so no single token names an
                 entry: only the pair does.
 
-In ``long_gap``, ``overwrite`` and ``phonebook`` the filler never holds one of the example's keys (name tokens), so
-a key occurs only in its own pairs and in its query: nothing outside the pairs hints at an answer. (zoology's MQAR
-fills with any token; ``mqar`` keeps that.)
+In ``long_gap``, ``predictable_gap``, ``overwrite`` and ``phonebook`` the filler never holds one of the example's
+keys (name tokens), so a key occurs only in its own pairs and in its query: nothing outside the pairs hints at an
+answer. (zoology's MQAR fills with any token; ``mqar`` keeps that.)
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 
 from .mqar import IGNORE_INDEX, multiquery_ar
 
-TASKS = ("mqar", "long_gap", "overwrite", "phonebook")
+TASKS = ("mqar", "long_gap", "predictable_gap", "overwrite", "phonebook")
 
 
 @dataclass
@@ -94,6 +101,21 @@ def long_gap(
     empty = x == 0  # keys and values are never 0: the zeros are exactly the filler
     inputs = _fill(x, empty, x[:, 0 : 2 * num_pairs : 2], vocab_size, seed)
     return RecallBatch(inputs, b.labels, "long_gap", num_pairs)
+
+
+def predictable_gap(
+    vocab_size: int, num_examples: int, input_seq_len: int, seed: int, num_pairs: int, gap: int
+) -> RecallBatch:
+    """MQAR with ``gap`` filler tokens between the pairs and the query region, and every filler token (the gap and
+    the query region's non-query positions) predictable: position ``t`` holds ``V/2 + (offset + t) mod (V/2)``, a
+    counting run over the value tokens from a per-example random ``offset``. Filler never holds a key (keys are
+    ``< V/2``). Raises ``ValueError`` like ``multiquery_ar`` (too many pairs or too long a gap for the length)."""
+    b = multiquery_ar(vocab_size, num_examples, input_seq_len, seed, num_pairs, random_non_queries=False, gap=gap)
+    half = vocab_size // 2
+    offset = np.random.default_rng(seed).integers(0, vocab_size - half, size=(num_examples, 1))
+    counting = torch.from_numpy(half + (offset + np.arange(input_seq_len)) % (vocab_size - half))
+    # keys and values are never 0: the zeros are exactly the filler
+    return RecallBatch(torch.where(b.inputs == 0, counting, b.inputs), b.labels, "predictable_gap", num_pairs)
 
 
 def overwrite(
@@ -176,11 +198,14 @@ def phonebook(vocab_size: int, num_examples: int, input_seq_len: int, seed: int,
 def generate(
     task: str, vocab_size: int, num_examples: int, input_seq_len: int, seed: int, num_pairs: int, gap: int = 0
 ) -> RecallBatch:
-    """One task's examples by name (``TASKS``); ``gap`` is the long-gap filler length (``long_gap`` only)."""
+    """One task's examples by name (``TASKS``); ``gap`` is the filler length of ``long_gap`` and
+    ``predictable_gap`` (ignored by the others)."""
     if task == "mqar":
         return mqar(vocab_size, num_examples, input_seq_len, seed, num_pairs)
     if task == "long_gap":
         return long_gap(vocab_size, num_examples, input_seq_len, seed, num_pairs, gap)
+    if task == "predictable_gap":
+        return predictable_gap(vocab_size, num_examples, input_seq_len, seed, num_pairs, gap)
     if task == "overwrite":
         return overwrite(vocab_size, num_examples, input_seq_len, seed, num_pairs)
     if task == "phonebook":
