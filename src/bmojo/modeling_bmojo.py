@@ -116,7 +116,7 @@ class BMojoPreTrainedModel(PreTrainedModel):
         if enable and getattr(self, "tensor_parallel", None) is not None:
             raise ValueError(
                 "gradient checkpointing is not supported with tensor parallelism (the model is sharded "
-                f"{self.tensor_parallel}): train without --gradient-checkpointing or with --tp 1"
+                f"{self.tensor_parallel}; the recomputation would repeat its collectives inside the backward, untested)"
             )
         if not (isinstance(every_n_layers, int) and every_n_layers >= 1):
             raise ValueError(f"every_n_layers must be an integer >= 1, got {every_n_layers!r}")
