@@ -3,13 +3,16 @@ in the backward and changes no number; it saves only each block's input; it stay
 to replay (eval, no_grad) or where the forward writes a decoding state; bad use is one ValueError."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
+import yaml
 
 import bmojo.layers.bmojo as bmojo_layer
-from bmojo.configuration_bmojo import V0_OPTIONS
-from support import tiny_model, tokens
+from bmojo.configuration_bmojo import V0_OPTIONS, BMojoConfig
+from bmojo.modeling_bmojo import BMojoModel
+from support import cli, one_error_line, repeated_text, tiny_model, tokens, train_args
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57, which binds use_reentrant=True by default).
 pytestmark = pytest.mark.core
@@ -265,3 +268,49 @@ def test_bad_use_is_one_value_error():
     with pytest.raises(ValueError, match=r"^gradient checkpointing is not supported with tensor parallelism: call"):
         shard_model(_enable(tiny_model(ssm_ngroups=2)), 0, 2, backend=_MeasuringBackend(2))
     assert not any(block.gradient_checkpointing for block in sharded.model.layers)
+
+
+# --- bmojo train --gradient-checkpointing ------------------------------------------------------------------------
+def _train_losses(run) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if row["split"] == "train"]
+
+
+def _corpus(tmp_path):
+    (tmp_path / "corpus").mkdir()  # beside the runs, not above them (a data folder is read recursively)
+    return repeated_text(tmp_path / "corpus")
+
+
+def test_train_flag_checkpoints_every_layer_and_changes_no_number(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path)
+    assert cli(train_args(corpus, tmp_path / "plain", "--steps", "2")) == 0
+    checkpointed = []
+    choose = BMojoModel._checkpointed_layers
+
+    def recording(self, *args):
+        chosen = choose(self, *args)
+        checkpointed.append(len(chosen))
+        return chosen
+
+    monkeypatch.setattr(BMojoModel, "_checkpointed_layers", recording)
+    run = tmp_path / "checkpointed"
+    assert cli(train_args(corpus, run, "--steps", "2", "--gradient-checkpointing")) == 0
+    layers = BMojoConfig.from_pretrained(run).num_hidden_layers
+    assert checkpointed.count(layers) == 2  # the two training steps checkpointed every layer (evaluation: none)
+    assert yaml.safe_load((run / "train_config.yaml").read_text())["gradient_checkpointing"] is True
+    assert _train_losses(run) == _train_losses(tmp_path / "plain")  # float32, one thread: the same numbers
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tp", "2"], "train.gradient_checkpointing (--gradient-checkpointing) is not supported with --tp 2"),
+        (["--device", "xla"], "train.gradient_checkpointing (--gradient-checkpointing) is not supported with "
+                              "--device xla (XLA can undo its recomputation)"),  # fmt: skip
+    ],
+)
+def test_train_flag_is_refused_with_tensor_parallelism_and_on_xla(extra, message, tmp_path, capsys):
+    corpus = _corpus(tmp_path)
+    assert cli(train_args(corpus, tmp_path / "run", "--gradient-checkpointing", *extra)) == 2
+    assert one_error_line(capsys) == message
+    assert not (tmp_path / "run" / "checkpoints").exists()
