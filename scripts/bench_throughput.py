@@ -4,6 +4,7 @@ Mamba2ForCausalLM, all at (about) equal parameter counts, on this CPU.
 
     python scripts/bench_throughput.py --threads 1 2           # writes docs/throughput.{md,json,png}
     python scripts/bench_throughput.py --quick --threads 1     # fewer rounds, shorter decode runs (~10 min)
+    python scripts/bench_throughput.py --checkpointing ...     # also B'MOJO with activation checkpointing
 
 Measures, for each thread count in ``--threads``:
 
@@ -15,6 +16,10 @@ Measures, for each thread count in ``--threads``:
 * decode ms/token after a context of 1K ... 32K tokens, and the bytes of decoding state at that point;
 * the *ideal* FLOP ratio next to every measured ratio (``ideal_train_flops``): what the measured ratio would be if
   every model reached the same FLOP/s, so the efficiency gap is visible.
+
+``--checkpointing`` adds "B'MOJO, activation checkpointing" (the same model after ``gradient_checkpointing_enable()``:
+each layer's forward is recomputed in the backward) to the training rounds and the activation memory; its decoding
+is B'MOJO's (decoding never checkpoints) and is not measured again.
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
@@ -46,6 +51,7 @@ from bmojo.configuration_bmojo import V0_OPTIONS  # noqa: E402
 from bmojo.evals.peers import llama_config, mamba2_config  # noqa: E402
 
 REF = "B'MOJO"
+CHECKPOINTED = "B'MOJO, activation checkpointing"
 TARGETS = "B'MOJO / Llama >= 1.0 at 2K and >= 1.5 at 8K (training tokens/s); >= 0.9x its SWA case at every L"
 
 
@@ -53,9 +59,10 @@ def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_specs(preset: str, overrides: dict, max_length: int) -> dict:
+def build_specs(preset: str, overrides: dict, max_length: int, checkpointing: bool = False) -> dict:
     """Name -> (factory(window=None) -> model, kind, our equivalent config). ``window`` only matters for the
-    full-attention case (``W >= L``; rounded up to a multiple of the chunk)."""
+    full-attention case (``W >= L``; rounded up to a multiple of the chunk). ``checkpointing``: also B'MOJO with
+    activation checkpointing (``CHECKPOINTED``, right after it)."""
     base = preset_config(preset, **overrides)
     target = count(BMojoForCausalLM(base))
     chunk = base.chunk_size
@@ -98,9 +105,16 @@ def build_specs(preset: str, overrides: dict, max_length: int) -> dict:
 
         return Mamba2ForCausalLM(mamba2_config(ours(**ssm).config))
 
+    def checkpointed(window=None):
+        model = ours()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        return model
+
     full = lambda window=None: ours(window or full_window, **attn)
+    extra = {CHECKPOINTED: (checkpointed, "ours", ours().config)} if checkpointing else {}
     return {
         REF: (lambda window=None: ours(), "ours", ours().config),
+        **extra,
         "B'MOJO SWA case": (lambda window=None: ours(**attn), "ours", ours(**attn).config),
         "B'MOJO full-attention case": (full, "ours", full().config),
         "B'MOJO Mamba-2 case": (lambda window=None: ours(**ssm), "ours", ours(**ssm).config),
@@ -133,8 +147,9 @@ def describe(model) -> str:
     return f"{type(model).__name__}: " + " ".join(f"{f}={getattr(c, f)}" for f in fields if hasattr(c, f))
 
 
-def ideal_train_flops(config, length: int) -> float:
-    """FLOPs per token of one training step (3x the forward) of an exact algorithm for ``config``'s model at
+def ideal_train_flops(config, length: int, recompute: bool = False) -> float:
+    """FLOPs per token of one training step (3x the forward; ``recompute``: plus the layers' forward once more, as
+    activation checkpointing does) of an exact algorithm for ``config``'s model at
     length ``L``: 2 per weight (every 2-D projection and the tied output layer), attention 4·H·D per visible key
     (averaged over the positions; a causal Transformer sees (L+1)/2 keys on average, a window min(i+1, W), B'MOJO
     also the W fading keys once past W and M eidetic slots), SSD with chunk l: G·N·l + H·P·l (in-chunk scores and
@@ -166,11 +181,16 @@ def ideal_train_flops(config, length: int) -> float:
                 + (config.memory_size if length > config.window_size else 0)
             )
             mixing += 4 * head * keys + ssd
-    return 3 * (2 * dense + mixing)
+    layers_forward = 2 * (dense - embed.numel()) + mixing  # all but the (tied) embedding / output layer
+    return 3 * (2 * dense + mixing) + (layers_forward if recompute else 0)
 
 
 def activation_bytes(model, x) -> int:
-    """Bytes autograd saves for the backward of one training forward (each storage once, parameters excluded)."""
+    """Bytes autograd saves for the backward of one training forward (each storage once, parameters excluded).
+
+    With activation checkpointing: what the layers keep, i.e. each layer's input (torch's checkpoint saves it
+    through the same hooks) plus what the rest of the model saves; the sequence info the layers share and hold
+    without saving it (positions, rotary angles, token ids: less than one [B, L, d] in all) is not counted."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -329,6 +349,11 @@ def parse_args():
     )
     parser.add_argument("--out", default="docs", help="where throughput.{md,json,png} go")
     parser.add_argument("--quick", action="store_true", help="2 training rounds, 3 decode rounds of 8 tokens")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help=f"also measure {CHECKPOINTED!r} (training tokens/s and activation memory)",
+    )
     parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
     args = parser.parse_args()
     if args.quick:
@@ -342,14 +367,17 @@ def main() -> None:
     if args.layers:
         overrides["layers_block_type"] = [preset_config(args.preset).layers_block_type[0]] * args.layers
     torch.manual_seed(0)
-    specs = build_specs(args.preset, overrides, max(args.train_lengths + args.contexts))
+    specs = build_specs(args.preset, overrides, max(args.train_lengths + args.contexts), args.checkpointing)
     vocab = preset_config(args.preset, **overrides).vocab_size
     models = {name: factory() for name, (factory, _, _) in specs.items()}
     params = {name: count(m) for name, m in models.items()}
     configs = {name: describe(m) for name, m in models.items()}
     for name in models:
         print(f"{name:34s} {params[name] / 1e6:6.2f}M  {configs[name]}")
-    flops = {n: {L: ideal_train_flops(cfg, L) for L in args.train_lengths} for n, (_, _, cfg) in specs.items()}
+    flops = {
+        n: {L: ideal_train_flops(cfg, L, recompute=n == CHECKPOINTED) for L in args.train_lengths}
+        for n, (_, _, cfg) in specs.items()
+    }
     results = {
         "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, without_note(sys.argv[1:]))]),
         "note": args.note,
@@ -383,10 +411,11 @@ def main() -> None:
                 ideal = flops[name][L] / flops[REF][L]
                 print(f"threads {threads} L={L:6d} {name:34s} {tps[name]:8.0f} tokens/s  "
                       f"B'MOJO/this {tps[REF] / tps[name]:.2f}x (ideal {ideal:.2f}x)")  # fmt: skip
-        decode = results["decode_ms_per_token"][threads] = {n: {} for n in models}
+        decoders = {n: spec for n, spec in specs.items() if n != CHECKPOINTED}  # decoding never checkpoints
+        decode = results["decode_ms_per_token"][threads] = {n: {} for n in decoders}
         for context in args.contexts:
-            ms, size = decode_ms_per_token(specs, context, args.decode_steps, 3, vocab)
-            for name in models:
+            ms, size = decode_ms_per_token(decoders, context, args.decode_steps, 3, vocab)
+            for name in decoders:
                 decode[name][context], results["state_bytes"][name][context] = ms[name], size[name]
                 print(f"threads {threads} context {context:6d} {name:34s} {ms[name]:8.2f} ms/token  "
                       f"{size[name] / 2**20:8.2f} MiB state")  # fmt: skip
@@ -421,11 +450,12 @@ def targets(results) -> list[str]:
         lines.append(f"[{threads} thr] decode ms/token B'MOJO/Mamba2, worst context: {worst:.2f}x (target <= 1.5): "
                      f"{'met' if worst <= 1.5 else 'missed'}")  # fmt: skip
     act = results["activation_bytes"]
-    L = max(act[REF])
-    r = act[REF][L] / act[llama][L]
-    lines.append(
-        f"activation memory B'MOJO/Llama at L={L}: {r:.2f}x (target <= 1.0): {'met' if r <= 1.0 else 'missed'}"
-    )
+    L = max(act[REF], key=int)
+    for name in (REF, CHECKPOINTED):
+        if name in act:
+            r = act[name][L] / act[llama][L]
+            lines.append(f"activation memory {name}/Llama at L={L}: {r:.2f}x (target <= 1.0): "
+                         f"{'met' if r <= 1.0 else 'missed'}")  # fmt: skip
     assert names[0] == REF
     return lines
 
@@ -494,7 +524,7 @@ def write_report(results, out: Path) -> None:
             "| model | " + " | ".join(f"t={size_label(c)}" for c in contexts) + " |",
             "|---" * (1 + len(contexts)) + "|",
         ]
-        for n in names:
+        for n in [n for n in names if n in decode]:
             size = results["state_bytes"][n]
             lines.append(
                 f"| {n} | " + " | ".join(f"{decode[n][c]:.2f} ({size[c] / 2**20:.1f})" for c in contexts) + " |"
@@ -508,8 +538,9 @@ def write_report(results, out: Path) -> None:
     for n in names:
         axes[0].plot(lengths, [train[n][L] for L in lengths], marker="o", label=n)
         axes[1].plot(lengths, [act[n][L] / 2**20 for L in lengths], marker="o", label=n)
-        contexts = sorted(decode[n], key=int)
-        axes[2].plot(contexts, [decode[n][c] for c in contexts], marker="o", label=n)
+        if n in decode:
+            contexts = sorted(decode[n], key=int)
+            axes[2].plot(contexts, [decode[n][c] for c in contexts], marker="o", label=n)
     titles = [f"training tokens/s ({threads} thread)", "activation memory (MiB)", f"decode ms/token ({threads} thread)"]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)

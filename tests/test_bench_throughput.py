@@ -1,7 +1,10 @@
-"""scripts/bench_throughput.py prints what each model builds: the issue-11 options of a B'MOJO model included."""
+"""scripts/bench_throughput.py prints what each model builds: the issue-11 options of a B'MOJO model included; its
+--checkpointing model (activation checkpointing) is the one B'MOJO model, checkpointed."""
 
 import importlib.util
 from pathlib import Path
+
+import torch
 
 from bmojo import BMojoForCausalLM, preset_config
 from bmojo.configuration_bmojo import V0_OPTIONS
@@ -22,3 +25,21 @@ def test_describe_names_every_option_that_differs_from_the_original_design():
     assert "options=v0 " in bench.describe(BMojoForCausalLM(preset_config("tiny", **V0_OPTIONS)))
     ssm_only = bench.describe(BMojoForCausalLM(preset_config("tiny", layers_block_type=["ssm", "ssm"])))
     assert "options=" not in ssm_only  # no attention, no options to name
+
+
+def test_checkpointing_adds_the_checkpointed_model_with_its_recompute_flops_and_smaller_activations():
+    specs = bench.build_specs("tiny", {}, 64, checkpointing=True)
+    assert list(specs)[:2] == [bench.REF, bench.CHECKPOINTED]
+    assert bench.CHECKPOINTED not in bench.build_specs("tiny", {}, 64)
+    plain, checkpointed = specs[bench.REF][0](), specs[bench.CHECKPOINTED][0]()
+    assert all(block.gradient_checkpointing for block in checkpointed.model.layers)
+    assert not any(block.gradient_checkpointing for block in plain.model.layers)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randint(3, 64, (1, 64), generator=torch.Generator().manual_seed(0))
+    full, kept = bench.activation_bytes(plain, x), bench.activation_bytes(checkpointed, x)
+    # what a checkpointed model saves includes each layer's [B, L, d] input (float32), and is much less than all
+    inputs = plain.config.num_hidden_layers * 64 * plain.config.hidden_size * 4
+    assert inputs < kept < full / 4, (inputs, kept, full)
+    config = specs[bench.REF][2]
+    base, again = bench.ideal_train_flops(config, 64), bench.ideal_train_flops(config, 64, recompute=True)
+    assert base < again < base * 4 / 3  # one more forward, of the layers only (not the embedding / output layer)

@@ -94,6 +94,11 @@ TRAIN_FLAGS = {
     "--device": dict(metavar="NAME", help="cpu, or xla (Trainium through torch-xla; see neuron/README.md)"),
     "--threads": dict(type=int, metavar="N", help="torch threads per process (0: the cores, shared among processes)"),
     "--bf16": dict(action="store_true", help="bfloat16 autocast"),
+    "--gradient-checkpointing": dict(
+        action="store_true",
+        help="recompute each layer's forward in the backward: activation memory ~ one [batch, seq-len, hidden] "
+        "tensor per layer, for about a third more compute per step (not with --tp or --device xla)",
+    ),
     "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
     "--zero1": dict(action="store_true", help="shard the AdamW state over the data-parallel processes (ZeRO-1)"),
     "--init": dict(

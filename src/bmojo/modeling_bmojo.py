@@ -15,10 +15,22 @@ the distances a model sees on long inputs never exceed those it saw in training.
 Padding. A left-padded batch is rolled so that every row starts at index 0 and padding trails; each row then
 computes exactly what it would alone (chunk boundaries, and with them eidetic selection, align with the row's own
 positions). Outputs are rolled back.
+
+Activation (gradient) checkpointing. ``model.gradient_checkpointing_enable()`` (transformers 5.x also
+``activation_checkpointing_enable(every_n_layers=...)``) marks the decoder blocks; a training forward (``train()``
+mode, gradients enabled) then keeps only each marked block's input and recomputes the block's forward in the
+backward (``torch.utils.checkpoint``, always ``use_reentrant=False``). Selection is a pure function of the block's
+input, positions and token ids (the ``"random"`` score hashes them), so the recomputation picks the same tokens.
+Not checkpointed: ``eval()`` mode, ``torch.no_grad()``, decoding from a cache (it updates the cache in place), and a
+prefill that collects the decoding state (``use_cache=True``: run as is, with a warning). Refused with one
+``ValueError``: a tensor-parallel (sharded) model, and a checkpointed forward on an XLA device (XLA's
+common-subexpression elimination can merge the recomputation back into the forward, so plain
+``torch.utils.checkpoint`` may save nothing there; ``torch_xla.utils.checkpoint`` is not wired in).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput, logging
 
 from .cache import CACHE_ALIASES, CACHE_KWARG, BMojoCache, pop_cache_argument
 from .configuration_bmojo import BMojoConfig
@@ -45,6 +58,8 @@ from .layers import (
 from .layers.eidetic import SelectionBias
 from .ops.common import at_least_fp32
 from .ops.rope import rope_cos_sin
+
+logger = logging.get_logger(__name__)
 
 # Names that other modules import from here.
 BMojoSSM = Mamba2Mixer
@@ -86,8 +101,37 @@ class BMojoPreTrainedModel(PreTrainedModel):
     config_class = BMojoConfig
     base_model_prefix = "model"
     _no_split_modules = ["BMojoBlock"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # per BMojoBlock (see the module docstring)
     _is_stateful = True  # a recurrent state cannot be rolled back: no assisted decoding
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """transformers' hook behind ``gradient_checkpointing_enable()`` / ``_disable()`` (4.57 and 5.x; 5.x also
+        passes ``every_n_layers``): marks blocks ``0, n, 2n, ...`` (``BMojoBlock.gradient_checkpointing``) and gives
+        them ``gradient_checkpointing_func`` with ``use_reentrant=False`` bound (transformers 4.57 binds ``True`` by
+        default; the non-reentrant form is PyTorch's recommended one, and the one tested here).
+
+        Raises ``ValueError`` when enabling on a tensor-parallel (sharded) model or for ``every_n_layers < 1``."""
+        if enable and getattr(self, "tensor_parallel", None) is not None:
+            raise ValueError(
+                "gradient checkpointing is not supported with tensor parallelism (the model is sharded "
+                f"{self.tensor_parallel}; the recomputation would repeat its collectives inside the backward, untested)"
+            )
+        if not (isinstance(every_n_layers, int) and every_n_layers >= 1):
+            raise ValueError(f"every_n_layers must be an integer >= 1, got {every_n_layers!r}")
+        if isinstance(gradient_checkpointing_func, functools.partial):
+            func = functools.partial(
+                gradient_checkpointing_func.func,
+                *gradient_checkpointing_func.args,
+                **{**gradient_checkpointing_func.keywords, "use_reentrant": False},
+            )
+        else:
+            func = functools.partial(gradient_checkpointing_func, use_reentrant=False)
+        blocks = [m for m in self.modules() if isinstance(m, BMojoBlock)]
+        for i, block in enumerate(blocks):
+            block._gradient_checkpointing_func = func
+            block.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -264,10 +308,14 @@ class BMojoModel(BMojoPreTrainedModel):
         hidden_states = [] if output_hidden_states else None
         aux_losses = []
         states = []
+        checkpointed = self._checkpointed_layers(info.collect_state, input_ids.device)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x, aux, state = layer(x, info)
+            if layer in checkpointed:  # keeps x (and info) only; the block's forward runs again in the backward
+                x, aux, state = layer._gradient_checkpointing_func(layer.__call__, x, info)
+            else:
+                x, aux, state = layer(x, info)
             if aux is not None:
                 aux_losses.append(aux)
             states.append(state)
@@ -288,6 +336,27 @@ class BMojoModel(BMojoPreTrainedModel):
         innovation = torch.stack(aux_losses).mean() if aux_losses else None
         out = BMojoModelOutput(x, new_cache, tuple(hidden_states) if hidden_states else None, innovation)
         return out if return_dict else out.to_tuple()
+
+    def _checkpointed_layers(self, collect_state: bool, device: torch.device) -> list[BMojoBlock]:
+        """The blocks whose forward this parallel forward checkpoints: those marked by
+        ``gradient_checkpointing_enable()`` when in training mode with gradients enabled, and none when the
+        forward collects the decoding state (``use_cache=True``; a warning says so).
+
+        Raises ``ValueError`` on an XLA device (see the module docstring)."""
+        marked = [layer for layer in self.layers if layer.gradient_checkpointing and layer.training]
+        if not marked or not torch.is_grad_enabled():
+            return []
+        if device.type == "xla":
+            raise ValueError(
+                "gradient checkpointing is not supported on XLA devices (XLA's common-subexpression elimination can "
+                "undo torch.utils.checkpoint's recomputation): call model.gradient_checkpointing_disable()"
+            )
+        if collect_state:
+            logger.warning_once(
+                "use_cache=True collects the decoding state: this forward runs without gradient checkpointing"
+            )
+            return []
+        return marked
 
     @property
     def _resets_at_documents(self) -> bool:

@@ -35,7 +35,7 @@ RUN_FILE = "train_config.yaml"
 LOCK_FILE = ".lock"
 # Training settings that --resume may change without --allow-changes: they do not alter what a step computes.
 RESUMABLE = (
-    *("out", "steps", "eval_every", "save_every", "threads", "tp", "zero1"),
+    *("out", "steps", "eval_every", "save_every", "threads", "tp", "zero1", "gradient_checkpointing"),
     *("keep_checkpoints", "sample_prompt", "sample_tokens"),
 )
 

@@ -39,6 +39,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 turns clipping off
     bf16: bool = False  # bfloat16 autocast
+    # Recompute each decoder block's forward in the backward (BMojoModel's activation checkpointing): activation
+    # memory ~ one [B, L, d] per layer, for about one more forward of the layers per step; the same numbers.
+    gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "cpu"  # or "xla": Trainium through torch-xla (bmojo.devices)
     threads: int = 0  # torch threads per process; 0 = the cores, shared among the processes
@@ -131,6 +134,9 @@ class TrainConfig:
         except ValueError as exc:
             raise BMojoError(f"train.trainable (--trainable): {exc}") from None
         check(self.device == "cpu" or self.dtype == "float32", "dtype", "float32 on xla")
+        if self.gradient_checkpointing and (self.device == "xla" or self.tp > 1):
+            where = "--device xla (XLA can undo its recomputation)" if self.device == "xla" else f"--tp {self.tp}"
+            raise BMojoError(f"train.gradient_checkpointing (--gradient-checkpointing) is not supported with {where}")
         self._check_parallel(model_config, world_size)
         dp_size = world_size // self.tp
         processes = dp_size * self.grad_accum

@@ -353,6 +353,9 @@ class Trainer:
         if checkpoint is None and cfg.key_set_bias_start is not None:  # a new run (a resumed one has its own)
             set_key_set_biases(self.model, cfg.key_set_bias_start)
         self.trainable = set_trainable(self.model, cfg.trainable)  # before the optimizer: it takes these only
+        if cfg.gradient_checkpointing:  # transformers 5.x names it activation_checkpointing_enable (4.57: gradient_)
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable or self.model.gradient_checkpointing_enable)()
         device.place_model(self.model).train()
         self.teacher = None
         if cfg.teacher:  # frozen, in the student's parameter dtype
@@ -447,6 +450,7 @@ class Trainer:
             f"run {self.out}: {sum(p.numel() for p in self.model.parameters()):,} parameters"
             + (f" ({self.trainable:,} trainable: {cfg.trainable})" if cfg.trainable != "all" else "")
             + (f", distilled from {cfg.teacher}" if cfg.teacher else "")
+            + (", activation checkpointing" if cfg.gradient_checkpointing else "")
             + " on "
             f"{self.device.torch_device} | {len(corpus.tokens):,} tokens ({len(corpus.train_windows):,} train / "
             f"{len(corpus.val_windows):,} val sequences of {cfg.seq_len}) | {self.procs.world_size} process(es) x "

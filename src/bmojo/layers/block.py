@@ -17,7 +17,13 @@ MIXERS = {"ssm": Mamba2Mixer, "attention": SlidingWindowAttention, "bmojo": BMoj
 
 
 class BMojoBlock(nn.Module):
-    """pre-RMSNorm -> mixer -> residual -> pre-RMSNorm -> SwiGLU MLP -> residual (MLP optional)."""
+    """pre-RMSNorm -> mixer -> residual -> pre-RMSNorm -> SwiGLU MLP -> residual (MLP optional).
+
+    ``gradient_checkpointing`` / ``_gradient_checkpointing_func``: set by the model's
+    ``gradient_checkpointing_enable()``; ``BMojoModel.forward`` decides when to use them (transformers' attribute
+    names, so its ``is_gradient_checkpointing`` sees them)."""
+
+    gradient_checkpointing = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()

@@ -101,7 +101,8 @@ def shard_model(model: BMojoForCausalLM, tp_rank: int, tp_size: int, backend="to
     Sliced parameters keep their names, so ``model.state_dict()`` is this rank's entry of ``split_state_dict``.
     ``model.config`` still describes the full model. With ``tp_size == 1`` the model is returned unchanged.
     Decoding works after a parallel prefill (``use_cache=True``); ``BMojoCache.empty`` builds full-size states
-    and does not fit a sharded model.
+    and does not fit a sharded model. Activation checkpointing (``gradient_checkpointing_enable``) is refused with
+    tensor parallelism (untested: the recomputation would repeat the forward's collectives inside the backward).
     """
     config = model.config
     check_tp_size(config, tp_size)
@@ -109,6 +110,11 @@ def shard_model(model: BMojoForCausalLM, tp_rank: int, tp_size: int, backend="to
         raise ValueError(f"tp_rank must lie in [0, {tp_size}), got {tp_rank}")
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError(f"the model is already sharded (rank, size) = {model.tensor_parallel}")
+    if tp_size > 1 and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise ValueError(
+            "gradient checkpointing is not supported with tensor parallelism: call "
+            "model.gradient_checkpointing_disable() before shard_model"
+        )
     if tp_size == 1:
         return model
     backend = resolve_backend(backend, group)

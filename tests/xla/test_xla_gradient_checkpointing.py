@@ -1,0 +1,29 @@
+"""Activation checkpointing is refused on an XLA device: XLA's common-subexpression elimination can merge
+torch.utils.checkpoint's recomputation back into the forward (``BMojoModel._checkpointed_layers``)."""
+
+import pytest
+
+pytestmark = pytest.mark.xla  # needs torch-xla: run by the XLA tier (scripts/test.sh)
+
+torch_xla = pytest.importorskip("torch_xla")
+
+import torch  # noqa: E402
+
+from bmojo import BMojoForCausalLM, preset_config  # noqa: E402
+
+
+def test_a_checkpointed_training_forward_on_xla_is_one_value_error():
+    device = torch_xla.device()
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(preset_config("tiny")).to(device).train()
+    model.gradient_checkpointing_enable()
+    x = torch.randint(3, 64, (1, 16)).to(device)
+    message = (
+        "gradient checkpointing is not supported on XLA devices (XLA's common-subexpression elimination can undo "
+        "torch.utils.checkpoint's recomputation): call model.gradient_checkpointing_disable()"
+    )
+    with pytest.raises(ValueError) as err:
+        model(input_ids=x, labels=x)
+    assert str(err.value) == message
+    with torch.no_grad():  # no backward, nothing to checkpoint: the forward runs
+        assert model(input_ids=x).logits.shape == (1, 16, 64)
