@@ -52,6 +52,9 @@ from bmojo.evals.peers import llama_config, mamba2_config  # noqa: E402
 
 REF = "B'MOJO"
 CHECKPOINTED = "B'MOJO, activation checkpointing"
+# --skip keys -> the name prefix of the models they leave out (the targets' models, B'MOJO, its SWA case, Llama and
+# Mamba2, cannot be skipped)
+SKIPPABLE = {"full": "B'MOJO full-attention case", "ssm-case": "B'MOJO Mamba-2 case", "mistral": "transformers Mistral"}
 TARGETS = "B'MOJO / Llama >= 1.0 at 2K and >= 1.5 at 8K (training tokens/s); >= 0.9x its SWA case at every L"
 
 
@@ -122,6 +125,11 @@ def build_specs(preset: str, overrides: dict, max_length: int, checkpointing: bo
         f"transformers Mistral (W={base.window_size})": (mistral, "hf_mistral", ours(**attn).config),
         "transformers Mamba2": (mamba2, "hf_mamba2", ours(**ssm).config),
     }
+
+
+def skipped(specs: dict, keys) -> dict:
+    """``specs`` without the models named by ``keys`` (``SKIPPABLE``)."""
+    return {n: spec for n, spec in specs.items() if not any(n.startswith(SKIPPABLE[k]) for k in keys)}
 
 
 def describe(model) -> str:
@@ -354,6 +362,14 @@ def parse_args():
         action="store_true",
         help=f"also measure {CHECKPOINTED!r} (training tokens/s and activation memory)",
     )
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=sorted(SKIPPABLE),
+        help="leave these models out (e.g. full: B'MOJO's full-attention case keeps an L x (L + C) score matrix per "
+        "head and layer for the backward, ~12 GiB at L=8K with the cpu preset)",
+    )
     parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
     args = parser.parse_args()
     if args.quick:
@@ -368,6 +384,7 @@ def main() -> None:
         overrides["layers_block_type"] = [preset_config(args.preset).layers_block_type[0]] * args.layers
     torch.manual_seed(0)
     specs = build_specs(args.preset, overrides, max(args.train_lengths + args.contexts), args.checkpointing)
+    specs = skipped(specs, args.skip)
     vocab = preset_config(args.preset, **overrides).vocab_size
     models = {name: factory() for name, (factory, _, _) in specs.items()}
     params = {name: count(m) for name, m in models.items()}

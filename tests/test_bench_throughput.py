@@ -43,3 +43,12 @@ def test_checkpointing_adds_the_checkpointed_model_with_its_recompute_flops_and_
     config = specs[bench.REF][2]
     base, again = bench.ideal_train_flops(config, 64), bench.ideal_train_flops(config, 64, recompute=True)
     assert base < again < base * 4 / 3  # one more forward, of the layers only (not the embedding / output layer)
+
+
+def test_skip_leaves_out_only_the_named_models_and_never_the_targets_models():
+    specs = bench.build_specs("tiny", {}, 64)
+    kept = bench.skipped(specs, ["full", "mistral"])
+    assert set(specs) - set(kept) == {"B'MOJO full-attention case"} | {n for n in specs if "Mistral" in n}
+    assert {bench.REF, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"} <= set(kept)
+    assert not any(any(name.startswith(p) for p in bench.SKIPPABLE.values()) for name in
+                   (bench.REF, bench.CHECKPOINTED, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"))
