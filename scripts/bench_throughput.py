@@ -13,6 +13,10 @@ Measures, for each thread count in ``--threads``:
 * activation memory of a training step at each L: the bytes of the tensors autograd saves for the backward (each
   storage counted once, parameters excluded) - what grows with L; parameters, gradients and AdamW state are equal
   across models (equal parameter counts);
+* with ``--peak-memory``: the peak resident memory of one training step at each L, each model in its own process
+  (the step's activations, gradients, AdamW state and temporaries above the resident weights; Linux's
+  ``/proc/self/clear_refs`` resets the peak): the issue's "peak training memory", which the saved-tensor count
+  understates for a checkpointed model (its backward recomputes one layer's activations at a time);
 * decode ms/token after a context of 1K ... 32K tokens, and the bytes of decoding state at that point;
 * the *ideal* FLOP ratio next to every measured ratio (``ideal_train_flops``): what the measured ratio would be if
   every model reached the same FLOP/s, so the efficiency gap is visible.
@@ -225,6 +229,47 @@ def release_memory() -> None:
         pass
 
 
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing: bool, name: str, length: int,
+                    batch: int, vocab: int) -> int:  # fmt: skip
+    """In a fresh process: the peak resident memory of ``name``'s first training step (forward, backward, AdamW
+    step: activations, gradients, optimizer state, temporaries) above the resident size just before it (weights,
+    the interpreter). Linux: ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to the current size."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_specs(preset, overrides, max_length, checkpointing)[name][0]()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(3, vocab, (batch, length))
+    release_memory()
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    train_step(model, opt, x)
+    return _status_bytes("VmHWM") - before
+
+
+def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -> int:
+    """``peak_step_child`` run in a subprocess (one model per process: a process's peak is its own)."""
+    import subprocess
+
+    job = dict(
+        preset=args.preset, overrides=overrides, max_length=max(args.train_lengths + args.contexts), name=name,
+        checkpointing=args.checkpointing, length=length, batch=args.train_batch, vocab=vocab,
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-child", json.dumps(job)], capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        raise RuntimeError(f"peak memory of {name} at L={length} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def train_step(model, opt, x) -> None:
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
@@ -370,6 +415,13 @@ def parse_args():
         help="leave these models out (e.g. full: B'MOJO's full-attention case keeps an L x (L + C) score matrix per "
         "head and layer for the backward, ~12 GiB at L=8K with the cpu preset)",
     )
+    parser.add_argument(
+        "--peak-memory",
+        action="store_true",
+        help="also measure each model's peak resident memory of a training step at each L (one process per model "
+        "and length; Linux)",
+    )
+    parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)  # internal: one peak_step_child job
     parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
     args = parser.parse_args()
     if args.quick:
@@ -379,6 +431,9 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    if args.peak_child:
+        print(peak_step_child(**json.loads(args.peak_child)))
+        return
     overrides = {k: v for k, v in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab_size)) if v}
     if args.layers:
         overrides["layers_block_type"] = [preset_config(args.preset).layers_block_type[0]] * args.layers
@@ -405,6 +460,7 @@ def main() -> None:
         "ideal_train_flops_per_token": flops,
         "train_batch": args.train_batch,
         "activation_bytes": {n: {} for n in models},
+        "peak_step_bytes": {n: {} for n in models} if args.peak_memory else {},
         "train_tokens_per_s": {},
         "decode_ms_per_token": {},
         "state_bytes": {n: {} for n in models},
@@ -413,10 +469,15 @@ def main() -> None:
         x = torch.randint(3, vocab, (args.train_batch, L))
         for name, model in models.items():
             results["activation_bytes"][name][L] = activation_bytes(model, x)
+            if args.peak_memory:
+                results["peak_step_bytes"][name][L] = peak_step_bytes(args, overrides, name, L, vocab)
         print(
             f"L={L:6d} activations: "
             + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in results["activation_bytes"].items())
         )
+        if args.peak_memory:
+            peaks = results["peak_step_bytes"].items()
+            print(f"L={L:6d} peak step memory: " + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in peaks))
     for threads in args.threads:
         torch.set_num_threads(threads)
         train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
@@ -472,6 +533,12 @@ def targets(results) -> list[str]:
         if name in act:
             r = act[name][L] / act[llama][L]
             lines.append(f"activation memory {name}/Llama at L={L}: {r:.2f}x (target <= 1.0): "
+                         f"{'met' if r <= 1.0 else 'missed'}")  # fmt: skip
+    peak = results.get("peak_step_bytes") or {}
+    for name in (REF, CHECKPOINTED):
+        if name in peak:  # the issue's words: peak training memory
+            r = peak[name][L] / peak[llama][L]
+            lines.append(f"peak training-step memory {name}/Llama at L={L}: {r:.2f}x (target <= 1.0): "
                          f"{'met' if r <= 1.0 else 'missed'}")  # fmt: skip
     assert names[0] == REF
     return lines
@@ -534,6 +601,15 @@ def write_report(results, out: Path) -> None:
             + " | ".join(f"{act[n][L] / 2**20:.0f} ({act[n][L] / act[REF][L]:.2f}×)" for L in lengths)
             + " |"
         )
+    peak = results.get("peak_step_bytes") or {}
+    if peak:
+        lines += ["", "## Peak memory of a training step (MiB resident above the weights, one process per model; "
+                  "ratio to B'MOJO)", ""]  # fmt: skip
+        lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in lengths) + " |",
+                  "|---" * (1 + len(lengths)) + "|"]  # fmt: skip
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(
+                f"{peak[n][L] / 2**20:.0f} ({peak[n][L] / peak[REF][L]:.2f}×)" for L in lengths) + " |")  # fmt: skip
     for threads, decode in results["decode_ms_per_token"].items():
         contexts = sorted(decode[REF], key=int)
         lines += ["", f"## Decoding, {threads} thread(s): ms/token after a context of t tokens (state MiB)", ""]

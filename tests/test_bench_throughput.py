@@ -4,6 +4,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from bmojo import BMojoForCausalLM, preset_config
@@ -52,3 +53,17 @@ def test_skip_leaves_out_only_the_named_models_and_never_the_targets_models():
     assert {bench.REF, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"} <= set(kept)
     assert not any(any(name.startswith(p) for p in bench.SKIPPABLE.values()) for name in
                    (bench.REF, bench.CHECKPOINTED, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"))
+
+
+def test_peak_step_memory_runs_in_its_own_process_and_holds_at_least_the_saved_activations():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(preset="tiny", train_lengths=[256], contexts=[64], checkpointing=False, train_batch=1)
+    peak = bench.peak_step_bytes(args, {}, bench.REF, 256, 64)
+    torch.manual_seed(0)
+    model = bench.build_specs("tiny", {}, 256)[bench.REF][0]()
+    saved = bench.activation_bytes(model, torch.randint(3, 64, (1, 256)))
+    # the step's peak holds the saved activations, the gradients and AdamW's two moments (3x the parameters' bytes)
+    assert peak >= saved + 3 * 4 * bench.count(model), (peak, saved)
+    with pytest.raises(RuntimeError, match="peak memory of nonexistent at L=256 failed"):
+        bench.peak_step_bytes(args, {}, "nonexistent", 256, 64)
