@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import compute_dtype, expand_groups
+from ..common import cast, compute_dtype, expand_groups
 
 
 def ssd_step(
@@ -35,17 +35,17 @@ def ssd_step(
     """
     nheads = x.shape[1]
     dtype = compute_dtype(state, x, dt, A, B, C, D)
-    xf, dtf = x.to(dtype), dt.to(dtype)
-    Bh = expand_groups(B.to(dtype), nheads)  # [b, H, N]
-    Ch = expand_groups(C.to(dtype), nheads)
+    xf, dtf = cast(x, dtype), cast(dt, dtype)
+    Bh = expand_groups(cast(B, dtype), nheads)  # [b, H, N]
+    Ch = expand_groups(cast(C, dtype), nheads)
 
-    decay = torch.exp(dtf * A.to(dtype))  # [b, H]
+    decay = torch.exp(dtf * cast(A, dtype))  # [b, H]
     dBx = (dtf[:, :, None, None] * xf[:, :, :, None]) * Bh[:, :, None, :]  # [b, H, P, N]
-    new_state = decay[:, :, None, None] * state.to(dtype) + dBx
+    new_state = decay[:, :, None, None] * cast(state, dtype) + dBx
     y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
     if D is not None:
-        y = y + D.to(dtype)[:, None] * xf
-    return y.to(x.dtype), new_state
+        y = y + cast(D, dtype)[:, None] * xf
+    return cast(y, x.dtype), new_state
 
 
 def ssd_recurrent(
