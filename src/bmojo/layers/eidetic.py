@@ -370,6 +370,7 @@ class EideticState(InferenceState):
             bias = None if bias is None else bias.repeat_interleave(num_kv, 0)
             doc_start = None if doc_start is None else doc_start.repeat_interleave(num_kv, 0)
             heads = (1, k.shape[-1])
+        rows = k.shape[0]
         mem, run = self.memory, self.running
         joining = run
         if delay:
@@ -392,7 +393,7 @@ class EideticState(InferenceState):
         # position 0, as ``empty_slots``); an empty slot is never kept, so what its key and value held is not read.
         run = run._replace(pos=run.pos.masked_fill(boundary, 0), score=run.score.masked_fill(boundary, INVALID_SCORE))
         new = EideticMemory(
-            k.flatten(-2)[:, None], v.flatten(-2)[:, None], positions, score[:, None],
+            k.reshape(rows, 1, -1), v.reshape(rows, 1, -1), positions, score[:, None],
             None if run.bias is None else cast(bias[:, None], run.bias.dtype),
         )  # fmt: skip
         self._store(self.running, merge_slots(run, new, selections))
