@@ -86,8 +86,9 @@ def bmojo_attention_step(
         masks.append(visible)
         values.append(mem_v)
     mask = torch.cat(masks, dim=-1).view(bsz, 1, 1, -1)  # [B, 1, 1, K]
-    # A tensor fill value in the scores' dtype: a Python float would enter an XLA graph as an f64 scalar.
-    neg = torch.tensor(torch.finfo(ctype).min, dtype=ctype, device=q.device)
+    # A tensor fill value in the scores' dtype (a Python float would enter an XLA graph as an f64 scalar); ``full``
+    # is one op where ``torch.tensor`` dispatches four.
+    neg = torch.full((), torch.finfo(ctype).min, dtype=ctype, device=q.device)
     # Multiplied by the mask so that a fully masked set contributes exact zeros (as in joint_softmax).
     p = torch.softmax(torch.where(mask, torch.cat(scores, dim=-1), neg), dim=-1) * mask
     out, start = None, 0
