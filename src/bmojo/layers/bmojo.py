@@ -275,6 +275,7 @@ class BMojoMixer(SlidingWindowAttention):
             memory = state.eidetic.step(
                 k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size,
                 bias=u, **self.retention, doc_start=doc_start, boundary=info.chunk_start(self.chunk_size),
+                any_boundary=info.any_chunk_start(self.chunk_size),
             )  # fmt: skip
             q_eid = q if self.eidetic_key_distance == "zero" else rotate(q, info.rope.eid_cos, info.rope.eid_sin)
         if doc_start is not None:

@@ -76,6 +76,16 @@ class StepInfo:
             lambda: torch.arange(ring, device=self.positions.device) == torch.remainder(self.positions, ring),
         )
 
+    def any_chunk_start(self, chunk_size: int) -> bool:
+        """Whether some row's token opens a chunk after the first (its boundary work must run), read on the host
+        in eager CPU decoding only: ``True`` on other devices and while tracing or compiling, where a value must not
+        choose the graph (the boundary work then runs in every step, masked by ``chunk_start``; the same values)."""
+        positions = self.positions
+        if positions.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return True
+        # static-graph: ok (eager CPU only, guarded above; a traced or XLA graph never reads it)
+        return self.shared(("any_chunk_start", chunk_size), lambda: bool(self.chunk_start(chunk_size).any()))
+
     def chunk_start(self, chunk_size: int) -> torch.Tensor:
         """``[B, 1]`` bool: whether this token opens a chunk after the first (the chunk before it just ended)."""
         return self.shared(

@@ -348,6 +348,7 @@ class EideticState(InferenceState):
         delay: int = 0,
         doc_start: torch.Tensor | None = None,
         boundary: torch.Tensor | None = None,
+        any_boundary: bool = True,
     ) -> EideticMemory:
         """Token at ``positions [B, 1]`` with key/value ``k, v [B, Hkv, D]``, selection score ``score [B]`` (per
         head: ``[B, Hkv]``), fading token ``f [B, d]`` and (``learned_selection``) logit bias ``bias [B]``: updates
@@ -358,7 +359,8 @@ class EideticState(InferenceState):
         picks of the chunk ``delay`` before it join), slots age by ``decay`` and, given ``doc_start [B]`` (the
         token's document start), slots from earlier documents leave; then the token competes for the current
         chunk's picks. ``boundary [B, 1]`` (bool): whether the token opens a chunk (``StepInfo.chunk_start``, shared
-        by the layers of a step); made from ``positions`` when ``None``."""
+        by the layers of a step); made from ``positions`` when ``None``. ``any_boundary=False`` (known on the host:
+        no row opens a chunk, ``StepInfo.any_chunk_start``) skips the boundary work, which would change nothing."""
         heads = k.shape[-2:]
         if boundary is None:
             boundary = (torch.remainder(positions, chunk_size) == 0) & (positions > 0)  # [B, 1]
@@ -371,6 +373,26 @@ class EideticState(InferenceState):
             doc_start = None if doc_start is None else doc_start.repeat_interleave(num_kv, 0)
             heads = (1, k.shape[-1])
         rows = k.shape[0]
+        run = self.running
+        if any_boundary:
+            self._chunk_boundary(boundary, chunk_size, selections, capacity, decay, delay, doc_start)
+            # At a boundary the finished chunk's picks have left: its slots compete as empty ones (score
+            # INVALID_SCORE, position 0, as ``empty_slots``); an empty slot is never kept, so its key is not read.
+            run = run._replace(
+                pos=run.pos.masked_fill(boundary, 0), score=run.score.masked_fill(boundary, INVALID_SCORE)
+            )
+        new = EideticMemory(
+            k.reshape(rows, 1, -1), v.reshape(rows, 1, -1), positions, score[:, None],
+            None if run.bias is None else cast(bias[:, None], run.bias.dtype),
+        )  # fmt: skip
+        self._store(self.running, merge_slots(run, new, selections))
+        self.prev_f.copy_(f)
+        memory = self.memory
+        return memory._replace(k=memory.k.unflatten(-1, heads), v=memory.v.unflatten(-1, heads))
+
+    def _chunk_boundary(self, boundary, chunk_size, selections, capacity, decay, delay, doc_start) -> None:
+        """In the rows where ``boundary [rows, 1]``: the picks of the chunk that ended (or, with ``delay``, of the
+        oldest waiting chunk, the rest queueing) join the memory; other rows keep their state as it is."""
         mem, run = self.memory, self.running
         joining = run
         if delay:
@@ -389,14 +411,3 @@ class EideticState(InferenceState):
 
             self._store(wait, map_slots(shifted, queued, wait))
         self._store(mem, merged)
-        # At a boundary the finished chunk's picks have left: its slots compete as empty ones (score INVALID_SCORE,
-        # position 0, as ``empty_slots``); an empty slot is never kept, so what its key and value held is not read.
-        run = run._replace(pos=run.pos.masked_fill(boundary, 0), score=run.score.masked_fill(boundary, INVALID_SCORE))
-        new = EideticMemory(
-            k.reshape(rows, 1, -1), v.reshape(rows, 1, -1), positions, score[:, None],
-            None if run.bias is None else cast(bias[:, None], run.bias.dtype),
-        )  # fmt: skip
-        self._store(self.running, merge_slots(run, new, selections))
-        self.prev_f.copy_(f)
-        memory = self.memory
-        return memory._replace(k=memory.k.unflatten(-1, heads), v=memory.v.unflatten(-1, heads))
