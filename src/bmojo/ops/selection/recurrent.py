@@ -89,20 +89,18 @@ def merge_slots(
     empty = kept_score < 0
     if rows is not None:
         empty = empty & rows
-    # One expanded index and mask per trailing shape (keys and values share theirs): a step runs few ops per tensor.
-    shared = {}
 
-    def move(x, y):  # the kept rows of cat(x, y); empty slots hold zeros
-        both = torch.cat([x, y], dim=1)
-        if both.dim() == 2:
-            return torch.gather(both, 1, index).masked_fill(empty, 0)
-        if both.shape[2:] not in shared:
-            ones = [1] * (both.dim() - 2)
-            shared[both.shape[2:]] = (
-                index.view(*index.shape, *ones).expand(-1, -1, *both.shape[2:]), empty.view(*empty.shape, *ones)
-            )
-        idx, mask = shared[both.shape[2:]]
-        return torch.gather(both, 1, idx).masked_fill(mask, 0)
+    def expanded(x):  # index and mask broadcast to the rows of x [B, n, ...]
+        ones = [1] * (x.dim() - 2)
+        return index.view(*index.shape, *ones).expand(-1, -1, *x.shape[2:]), empty.view(*empty.shape, *ones)
+
+    # Keys and values share theirs: a decoding step is bound by its count of ops.
+    at_k = expanded(a.k)
+    at_v = at_k if a.v.shape == a.k.shape else expanded(a.v)
+
+    def move(x, y, at=(index, empty)):  # the kept rows of cat(x, y); empty slots hold zeros
+        idx, mask = at
+        return torch.gather(torch.cat([x, y], dim=1), 1, idx).masked_fill(mask, 0)
 
     bias = None if a.bias is None or b.bias is None else move(a.bias, b.bias)
-    return EideticMemory(move(a.k, b.k), move(a.v, b.v), torch.gather(pos, 1, index), kept_score, bias)
+    return EideticMemory(move(a.k, b.k, at_k), move(a.v, b.v, at_v), torch.gather(pos, 1, index), kept_score, bias)
