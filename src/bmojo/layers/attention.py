@@ -139,12 +139,20 @@ class SlidingWindowAttention(nn.Module):
     @staticmethod
     def _write_ring(state: AttentionState, info: StepInfo, k_rot, v, k_fade=None, v_fade=None) -> None:
         """Store the token's key and value (``[B, Hkv, D]``; and its fading ones, where given) in its ring slot."""
-        write = info.ring_slot(state.ring_pos.shape[1])  # [B, R], the same for every layer of the step
-        cell = info.shared(("ring_cell", write.shape[1]), lambda: write[..., None, None])
+        ring = state.ring_pos.shape[1]
         pairs = [(state.ring_k, k_rot), (state.ring_v, v), (state.ring_kf, k_fade), (state.ring_vf, v_fade)]
+        pairs = [(buffer, value) for buffer, value in pairs if value is not None]
+        if info.eager_cpu:  # write the slot only (selecting the whole ring would read and write all of it)
+            index = info.ring_index(ring)
+            for buffer, value in pairs:
+                buffer.index_put_(index, cast(value, buffer.dtype))
+            state.ring_pos.index_put_(index, info.positions[:, 0])
+            return
+        # A static graph: select over the whole ring with the slot mask (no scatter in the graph).
+        write = info.ring_slot(ring)  # [B, R], the same for every layer of the step
+        cell = info.shared(("ring_cell", ring), lambda: write[..., None, None])
         for buffer, value in pairs:
-            if value is not None:
-                buffer.copy_(torch.where(cell, cast(value[:, None], buffer.dtype), buffer))
+            buffer.copy_(torch.where(cell, cast(value[:, None], buffer.dtype), buffer))
         state.ring_pos.copy_(torch.where(write, info.positions, state.ring_pos))
 
     def _attend_step(self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None,

@@ -76,15 +76,32 @@ class StepInfo:
             lambda: torch.arange(ring, device=self.positions.device) == torch.remainder(self.positions, ring),
         )
 
+    @property
+    def eager_cpu(self) -> bool:
+        """Whether this step runs op by op on the CPU: not on XLA, not traced, not compiled. Only there may a step
+        read a value on the host or write a state by index; a graph keeps the static, masked form (same values)."""
+        if self.positions.device.type != "cpu":
+            return False
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+
     def any_chunk_start(self, chunk_size: int) -> bool:
         """Whether some row's token opens a chunk after the first (its boundary work must run), read on the host
-        in eager CPU decoding only: ``True`` on other devices and while tracing or compiling, where a value must not
-        choose the graph (the boundary work then runs in every step, masked by ``chunk_start``; the same values)."""
-        positions = self.positions
-        if positions.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        in eager CPU decoding only: ``True`` elsewhere (``eager_cpu``), where a value must not choose the graph (the
+        boundary work then runs in every step, masked by ``chunk_start``; the same values)."""
+        if not self.eager_cpu:
             return True
         # static-graph: ok (eager CPU only, guarded above; a traced or XLA graph never reads it)
         return self.shared(("any_chunk_start", chunk_size), lambda: bool(self.chunk_start(chunk_size).any()))
+
+    def ring_index(self, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, slot)``, ``[B]`` long each: every row's ring slot for this token (``t % R``), as indices."""
+        return self.shared(
+            ("ring_index", ring),
+            lambda: (
+                torch.arange(self.positions.shape[0], device=self.positions.device),
+                torch.remainder(self.positions[:, 0], ring),
+            ),
+        )
 
     def chunk_start(self, chunk_size: int) -> torch.Tensor:
         """``[B, 1]`` bool: whether this token opens a chunk after the first (the chunk before it just ended)."""
