@@ -54,6 +54,7 @@ from .layers import (
     Rope,
     SequenceInfo,
     SlidingWindowAttention,
+    StepInfo,
 )
 from .layers.eidetic import SelectionBias
 from .ops.common import at_least_fp32
@@ -237,13 +238,16 @@ class BMojoModel(BMojoPreTrainedModel):
                 )
 
     def _rope(self, positions: torch.Tensor) -> Rope:
-        """Angles for ``positions [B or 1, L]`` and the fixed eidetic rotation (``2W``)."""
+        """Angles for ``positions [B or 1, L]`` and the fixed eidetic rotation (``2W``; ``None`` where no layer
+        rotates its eidetic queries, ``eidetic_key_distance="zero"``)."""
         cfg = self.config
         dtype = self.embed_tokens.weight.dtype
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
-        eid_cos, eid_sin = rope_cos_sin(
-            torch.full((1, 1), 2 * cfg.window_size, device=positions.device), cfg.head_dim, cfg.rope_theta, dtype
-        )
+        eid_cos = eid_sin = None
+        if cfg.eidetic and cfg.eidetic_key_distance == "window" and "bmojo" in cfg.layers_block_type:
+            eid_cos, eid_sin = rope_cos_sin(
+                torch.full((1, 1), 2 * cfg.window_size, device=positions.device), cfg.head_dim, cfg.rope_theta, dtype
+            )
         return Rope(cos, sin, eid_cos, eid_sin)
 
     # Long on purpose: the parallel forward in order (checks, padding roll, layers, roll back, cache).
@@ -397,18 +401,18 @@ class BMojoModel(BMojoPreTrainedModel):
         ``hidden_states``, if a list, receives every layer's input and then the final hidden state (each ``[B, d]``).
         """
         positions = cache.positions[:, None]  # [B, 1]: the shape of a parallel forward's [1, L]
-        rope = self._rope(positions)
         doc_start = None
         if self._resets_at_documents:
             if cache.doc_start is None:
                 raise ValueError("memory_reset_at_document is on but the cache has no doc_start")
             doc_start = cache.doc_start  # this token's document start
         token_ids = token if self._scores_hash_token_ids else None
+        info = StepInfo(positions, self._rope(positions), doc_start, token_ids)  # shared by every layer
         x = self.embed_tokens(token)
         for layer, state in zip(self.layers, cache.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer.step(x, state, positions, rope, doc_start=doc_start, token_ids=token_ids)
+            x = layer.step(x, state, info)
         if doc_start is not None:  # after an end-of-document token the next document starts
             cache.doc_start = torch.where(token == self.config.eos_token_id, cache.positions + 1, doc_start)
         cache.positions = cache.positions + 1

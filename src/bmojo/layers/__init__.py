@@ -5,14 +5,15 @@
 * ``eidetic``: the eidetic memory (innovation score, selection, retention) and ``EideticState``;
 * ``bmojo``: the B'MOJO layer composing the three, and ``BMojoState``;
 * ``block``: norm -> mixer -> residual -> MLP; ``MIXERS`` maps a layer type to its mixer;
-* ``common``: the call shape every mixer shares (``SequenceInfo``, ``MixerOutput``, ``Rope``, ``InferenceState``);
+* ``common``: the call shape every mixer shares (``SequenceInfo``, ``StepInfo``, ``MixerOutput``, ``Rope``,
+  ``InferenceState``);
 * ``norm``, ``mlp``: RMSNorms and the SwiGLU MLP.
 """
 
 from .attention import AttentionState, SlidingWindowAttention
 from .block import MIXERS, BMojoBlock
 from .bmojo import BMojoMixer, BMojoState
-from .common import InferenceState, MixerOutput, Rope, SequenceInfo
+from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo
 from .eidetic import EideticState, PartialSum, SumGradientOverShards
 from .mlp import BMojoMLP
 from .norm import BMojoGatedRMSNorm, BMojoRMSNorm
@@ -36,5 +37,6 @@ __all__ = [
     "SSMState",
     "SequenceInfo",
     "SlidingWindowAttention",
+    "StepInfo",
     "SumGradientOverShards",
 ]

@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 
 from ..ops import dispatch
-from ..ops.rope import apply_rope
+from ..ops.common import cast
+from ..ops.rope import apply_rope, rotate
 from ..ops.selection import EideticMemory
-from .common import InferenceState, MixerOutput, Rope, SequenceInfo
+from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo
 
 
 @dataclass
@@ -128,18 +129,31 @@ class SlidingWindowAttention(nn.Module):
 
         return AttentionState(take(k), take(v), pos.masked_fill(pos < 0, -1), take(k_fade), take(v_fade))
 
-    def _write_ring(self, state: AttentionState, positions: torch.Tensor, k_rot, v) -> torch.Tensor:
-        """Store token ``positions [B, 1]``'s key and value in its slot; returns the slot mask ``[B, R]``."""
-        ring = state.ring_pos.shape[1]
-        write = torch.arange(ring, device=k_rot.device)[None, :] == torch.remainder(positions, ring)
-        self._put(state.ring_k, write, k_rot)
-        self._put(state.ring_v, write, v)
-        state.ring_pos.copy_(torch.where(write, positions, state.ring_pos))
-        return write
+    @staticmethod
+    def _rotate(rope: Rope, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """One decoding step's query/key heads ``xs [B, H_n, D]`` rotated at the token's position (``rope.cos,
+        rope.sin [B, 1, D/2]``), all in one rotation over their concatenated heads."""
+        rotated = rotate(torch.cat(xs, dim=-2), rope.cos, rope.sin)
+        return list(torch.split(rotated, [x.shape[-2] for x in xs], dim=-2))
 
     @staticmethod
-    def _put(buffer: torch.Tensor, write: torch.Tensor, value: torch.Tensor) -> None:
-        buffer.copy_(torch.where(write[..., None, None], value[:, None].to(buffer.dtype), buffer))
+    def _write_ring(state: AttentionState, info: StepInfo, k_rot, v, k_fade=None, v_fade=None) -> None:
+        """Store the token's key and value (``[B, Hkv, D]``; and its fading ones, where given) in its ring slot."""
+        ring = state.ring_pos.shape[1]
+        pairs = [(state.ring_k, k_rot), (state.ring_v, v), (state.ring_kf, k_fade), (state.ring_vf, v_fade)]
+        pairs = [(buffer, value) for buffer, value in pairs if value is not None]
+        if info.eager_cpu:  # write the slot only (selecting the whole ring would read and write all of it)
+            index = info.ring_index(ring)
+            for buffer, value in pairs:
+                buffer.index_put_(index, cast(value, buffer.dtype))
+            state.ring_pos.index_put_(index, info.positions[:, 0])
+            return
+        # A static graph: select over the whole ring with the slot mask (no scatter in the graph).
+        write = info.ring_slot(ring)  # [B, R], the same for every layer of the step
+        cell = info.shared(("ring_cell", ring), lambda: write[..., None, None])
+        for buffer, value in pairs:
+            buffer.copy_(torch.where(cell, cast(value[:, None], buffer.dtype), buffer))
+        state.ring_pos.copy_(torch.where(write, info.positions, state.ring_pos))
 
     def _attend_step(self, q_rot, positions, state: AttentionState, q_eid=None, memory: EideticMemory | None = None,
                      **options):
@@ -149,18 +163,9 @@ class SlidingWindowAttention(nn.Module):
         )
         return self._project_out(out)
 
-    def step(
-        self,
-        h: torch.Tensor,
-        state: AttentionState,
-        positions: torch.Tensor,
-        rope: Rope,
-        doc_start=None,
-        token_ids=None,
-    ) -> torch.Tensor:
-        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place
-        (``doc_start``, ``token_ids``: unused, no eidetic memory here)."""
-        q, k, v = self._qkv(h[:, None])
-        q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
-        self._write_ring(state, positions, k_rot, v[:, 0])
-        return self._attend_step(q_rot, positions, state)
+    def step(self, h: torch.Tensor, state: AttentionState, info: StepInfo) -> torch.Tensor:
+        """One token per row: ``h [B, d]`` at ``info.positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place."""
+        q, k, v = self._qkv(h)
+        q_rot, k_rot = self._rotate(info.rope, q, k)
+        self._write_ring(state, info, k_rot, v)
+        return self._attend_step(q_rot, info.positions, state)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .attention import SlidingWindowAttention
 from .bmojo import BMojoMixer
-from .common import InferenceState, Rope, SequenceInfo
+from .common import InferenceState, SequenceInfo, StepInfo
 from .mlp import BMojoMLP
 from .norm import BMojoRMSNorm
 from .ssm import Mamba2Mixer
@@ -44,17 +44,7 @@ class BMojoBlock(nn.Module):
         out, aux, state = self.mixer(self.input_norm(x), info)
         return self._mlp(x + out), aux, state
 
-    def step(
-        self,
-        x: torch.Tensor,
-        state: InferenceState,
-        positions: torch.Tensor,
-        rope: Rope,
-        doc_start=None,
-        token_ids=None,
-    ) -> torch.Tensor:
-        """One token ``x [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place. ``doc_start
-        [B]``: the token's document start (``memory_reset_at_document``), else ``None``; ``token_ids [B]``: the
-        token's id (``selection_score="random"``), else ``None``."""
-        h = self.input_norm(x)
-        return self._mlp(x + self.mixer.step(h, state, positions, rope, doc_start=doc_start, token_ids=token_ids))
+    def step(self, x: torch.Tensor, state: InferenceState, info: StepInfo) -> torch.Tensor:
+        """One token ``x [B, d]`` at ``info.positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place (``info``:
+        the step's positions, rotary angles, document starts and token ids, shared by every layer)."""
+        return self._mlp(x + self.mixer.step(self.input_norm(x), state, info))

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.rope import apply_rope
+from ..ops.rope import apply_rope, rotate
 from .attention import AttentionState, SlidingWindowAttention
-from .common import InferenceState, MixerOutput, Rope, SequenceInfo, state_field
+from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo, state_field
 from .eidetic import (
     EideticState,
     PartialSum,
@@ -248,36 +248,36 @@ class BMojoMixer(SlidingWindowAttention):
             out = self._attend(q_rot, k_rot, v, info, k_fade, v_fade, q_eid, memory, **options)
         return MixerOutput(out, aux, state)
 
-    def step(
-        self, h: torch.Tensor, state: BMojoState, positions: torch.Tensor, rope: Rope, doc_start=None, token_ids=None
-    ) -> torch.Tensor:
-        """One token per row: ``h [B, d]`` at ``positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place.
-        ``doc_start [B]`` (long): the token's document start (``memory_reset_at_document``), else ``None``;
-        ``token_ids [B]`` (long): the token's id (``selection_score="random"``), else ``None``."""
-        q, k, v = self._qkv(h[:, None])
-        q_rot, k_rot = apply_rope(q, rope.cos, rope.sin)[:, 0], apply_rope(k, rope.cos, rope.sin)[:, 0]
-        q, k, v = q[:, 0], k[:, 0], v[:, 0]
-        write = self._write_ring(state.attention, positions, k_rot, v)
-        f = self.ssm.step(h, state.ssm, positions, rope) if self.ssm is not None else None
+    # Long on purpose: one decoding step in order (projections, SSM, rotation, ring, memory, attention).
+    def step(self, h: torch.Tensor, state: BMojoState, info: StepInfo) -> torch.Tensor:
+        """One token per row: ``h [B, d]`` at ``info.positions [B, 1]`` -> ``[B, d]``; updates ``state`` in place
+        (``info.doc_start``: with ``memory_reset_at_document``; ``info.token_ids``: for ``selection_score="random"``).
+        """
+        positions = info.positions
+        q, k, v = self._qkv(h)
+        f = self.ssm.step(h, state.ssm) if self.ssm is not None else None
         options = self._key_set_biases()
+        kf = vf = None
         if self.use_fading or self.fading_self_key:
-            kf, vf = self._kv(f[:, None])
-            kf, vf = apply_rope(kf, rope.cos, rope.sin)[:, 0], vf[:, 0]
-            if self.use_fading:
-                self._put(state.attention.ring_kf, write, kf)
-                self._put(state.attention.ring_vf, write, vf)
-            if self.fading_self_key:
+            kf, vf = self._kv(f)  # the fading path shares the key/value weights
+            q_rot, k_rot, kf = self._rotate(info.rope, q, k, kf)
+            if self.fading_self_key:  # the token's own fading token, rotated at its position: distance 0
                 options.update(k_self=kf, v_self=vf)
+        else:
+            q_rot, k_rot = self._rotate(info.rope, q, k)
+        self._write_ring(state.attention, info, k_rot, v, *((kf, vf) if self.use_fading else ()))
         q_eid = memory = None
-        doc_start = doc_start if self.use_eidetic and self.reset_at_document else None
+        doc_start = info.doc_start if self.use_eidetic and self.reset_at_document else None
         if self.use_eidetic:
-            _, score = self._scores(h, state.eidetic.prev_f, k, positions[:, 0], token_ids)
+            flat = info.shared("positions [B]", lambda: positions[:, 0])
+            _, score = self._scores(h, state.eidetic.prev_f, k, flat, info.token_ids)
             score, u = self._ranking(h, score, None)
             memory = state.eidetic.step(
                 k, v, score, f, positions, self.chunk_size, self.selections, self.memory_size,
-                bias=u, **self.retention, doc_start=doc_start,
+                bias=u, **self.retention, doc_start=doc_start, boundary=info.chunk_start(self.chunk_size),
+                any_boundary=info.any_chunk_start(self.chunk_size),
             )  # fmt: skip
-            q_eid = self._eidetic_query(q[:, None], rope)[:, 0]
+            q_eid = q if self.eidetic_key_distance == "zero" else rotate(q, info.rope.eid_cos, info.rope.eid_sin)
         if doc_start is not None:
             options["doc_start"] = doc_start
         if self.per_head:

@@ -4,8 +4,8 @@ of the typed decoding states.
 Every mixer (``Mamba2Mixer``, ``SlidingWindowAttention``, ``BMojoMixer``) has
 
 * ``forward(h [B, L, d], info: SequenceInfo) -> MixerOutput(out [B, L, d], aux_loss or None, state or None)``;
-* ``step(h [B, d], state, positions [B, 1], rope: Rope, doc_start=None, token_ids=None) -> out [B, d]``, updating
-  ``state`` in place (``doc_start [B]`` and ``token_ids [B]``: the token's, where some layer needs them);
+* ``step(h [B, d], state, info: StepInfo) -> out [B, d]``, updating ``state`` in place (``StepInfo``: the token's
+  position, rotary angles, document start and id, and what every layer of the step shares);
 * ``allocate_inference_state(config, batch_size, device, dtype)``: the empty state its ``step`` updates,
 
 so that ``BMojoBlock`` runs any of them without asking which it holds.
@@ -22,12 +22,13 @@ import torch
 
 class Rope(NamedTuple):
     """Rotary angles: ``cos, sin [B or 1, L, D/2]`` at the tokens' positions; ``eid_cos, eid_sin [1, 1, D/2]``: the
-    fixed rotation of eidetic scores (every eidetic key is scored as if it sat ``2W`` before the query)."""
+    fixed rotation of eidetic scores (every eidetic key is scored as if it sat ``2W`` before the query), ``None``
+    where no layer uses it (``eidetic_key_distance="zero"``)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    eid_cos: torch.Tensor
-    eid_sin: torch.Tensor
+    eid_cos: torch.Tensor | None
+    eid_sin: torch.Tensor | None
 
 
 @dataclass
@@ -43,6 +44,71 @@ class SequenceInfo:
     doc_start: torch.Tensor | None = None
     # [B, L] long: the (rolled) token ids, for selection_score="random" (the score hashes them), else None
     token_ids: torch.Tensor | None = None
+
+
+@dataclass
+class StepInfo:
+    """What every mixer needs to know about the token of a decoding step (one per row), built once per step by the
+    model: ``positions [B, 1]`` (long), ``rope`` (``cos, sin [B, 1, D/2]``; ``eid_cos, eid_sin`` ``None`` where no
+    layer rotates eidetic queries), ``doc_start [B]`` (``memory_reset_at_document``) and ``token_ids [B]``
+    (``selection_score="random"``), else ``None``.
+
+    A decoding step runs a few ops per tensor, so it is bound by their count: what only depends on the positions
+    (the ring slot written, the chunk boundary) is made once per step for every layer (``shared``), not per layer.
+    """
+
+    positions: torch.Tensor
+    rope: Rope
+    doc_start: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    _shared: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def shared(self, key, make):
+        """``make()``, made on the first call with ``key`` in this step and reused by every later one."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def ring_slot(self, ring: int) -> torch.Tensor:
+        """``[B, R]`` bool: the slot of a ring of ``ring`` slots that this token's key and value go to (``t % R``)."""
+        return self.shared(
+            ("ring_slot", ring),
+            lambda: torch.arange(ring, device=self.positions.device) == torch.remainder(self.positions, ring),
+        )
+
+    @property
+    def eager_cpu(self) -> bool:
+        """Whether this step runs op by op on the CPU: not on XLA, not traced, not compiled. Only there may a step
+        read a value on the host or write a state by index; a graph keeps the static, masked form (same values)."""
+        if self.positions.device.type != "cpu":
+            return False
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+    def any_chunk_start(self, chunk_size: int) -> bool:
+        """Whether some row's token opens a chunk after the first (its boundary work must run), read on the host
+        in eager CPU decoding only: ``True`` elsewhere (``eager_cpu``), where a value must not choose the graph (the
+        boundary work then runs in every step, masked by ``chunk_start``; the same values)."""
+        if not self.eager_cpu:
+            return True
+        # static-graph: ok (eager CPU only, guarded above; a traced or XLA graph never reads it)
+        return self.shared(("any_chunk_start", chunk_size), lambda: bool(self.chunk_start(chunk_size).any()))
+
+    def ring_index(self, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, slot)``, ``[B]`` long each: every row's ring slot for this token (``t % R``), as indices."""
+        return self.shared(
+            ("ring_index", ring),
+            lambda: (
+                torch.arange(self.positions.shape[0], device=self.positions.device),
+                torch.remainder(self.positions[:, 0], ring),
+            ),
+        )
+
+    def chunk_start(self, chunk_size: int) -> torch.Tensor:
+        """``[B, 1]`` bool: whether this token opens a chunk after the first (the chunk before it just ended)."""
+        return self.shared(
+            ("chunk_start", chunk_size),
+            lambda: (torch.remainder(self.positions, chunk_size) == 0) & (self.positions > 0),
+        )
 
 
 class MixerOutput(NamedTuple):
@@ -106,7 +172,3 @@ def state_field(state_type: type[InferenceState]):
     """A dataclass field holding a nested state of ``state_type`` (or ``None``)."""
     return dataclasses.field(default=None, metadata={"state": state_type})
 
-
-def where_rows(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row select: ``cond [B, 1]`` bool chooses between ``a`` and ``b`` (``[B, ...]``)."""
-    return torch.where(cond.view(-1, *([1] * (a.dim() - 1))), a, b)

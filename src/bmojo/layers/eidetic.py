@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import dispatch
-from ..ops.common import compute_dtype
+from ..ops.common import cast, compute_dtype
 from ..ops.selection import INVALID_SCORE, EideticMemory, empty_slots, map_slots, merge_slots
-from .common import InferenceState, where_rows
+from .common import InferenceState
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,9 @@ def _prediction(predictor: nn.Module, x: torch.Tensor) -> torch.Tensor:
     forward then rank tokens alike); a sharded one (tensor parallelism) runs as it is and is upcast after."""
     ctype = compute_dtype(x)
     if isinstance(predictor, nn.Linear):
-        bias = None if predictor.bias is None else predictor.bias.to(ctype)
-        return F.linear(x.to(ctype), predictor.weight.to(ctype), bias)
-    return predictor(x).to(ctype)
+        bias = None if predictor.bias is None else cast(predictor.bias, ctype)
+        return F.linear(cast(x, ctype), cast(predictor.weight, ctype), bias)
+    return cast(predictor(x), ctype)
 
 
 def innovation_error(
@@ -89,7 +89,7 @@ def innovation_error(
     Inputs are detached: the auxiliary loss trains the predictor only, and no gradient flows through the (hard)
     selection."""
     pred = _prediction(predictor, f_prev.detach())
-    sq = (pred - k.detach().flatten(-2).to(pred.dtype)).pow(2)
+    sq = (pred - cast(k.detach().flatten(-2), pred.dtype)).pow(2)
     err = partial_sum(sq.sum(-1)) / key_features
     if not per_head:
         return err
@@ -102,7 +102,7 @@ def next_input_error(predictor: nn.Module, f_prev: torch.Tensor, h: torch.Tensor
     features; float32 at least. Inputs are detached as in ``innovation_error``. Under tensor parallelism ``h``,
     ``f_prev`` and the predictor are replicated: no sum over shards."""
     pred = _prediction(predictor, f_prev.detach())
-    return (pred - h.detach().to(pred.dtype)).pow(2).mean(-1)
+    return (pred - cast(h.detach(), pred.dtype)).pow(2).mean(-1)
 
 
 _MASK31 = 0x7FFFFFFF
@@ -172,9 +172,9 @@ def selection_scores(
     """Scores the selection ranks by: ``err`` detached, float32, times ``exp(bias)`` when given (``bias`` broadcasts
     against ``err``), ``INVALID_SCORE`` at padding and wherever it is not finite (a non-finite score never gets
     selected)."""
-    scores = err.detach().float()
+    scores = cast(err.detach(), torch.float32)
     if bias is not None:
-        scores = scores * torch.exp(bias.detach().float())
+        scores = scores * torch.exp(cast(bias.detach(), torch.float32))
     invalid = ~torch.isfinite(scores)
     if valid is not None:
         invalid = invalid | ~valid.view(*valid.shape, *([1] * (scores.dim() - valid.dim())))
@@ -347,6 +347,8 @@ class EideticState(InferenceState):
         decay: float = 1.0,
         delay: int = 0,
         doc_start: torch.Tensor | None = None,
+        boundary: torch.Tensor | None = None,
+        any_boundary: bool = True,
     ) -> EideticMemory:
         """Token at ``positions [B, 1]`` with key/value ``k, v [B, Hkv, D]``, selection score ``score [B]`` (per
         head: ``[B, Hkv]``), fading token ``f [B, d]`` and (``learned_selection``) logit bias ``bias [B]``: updates
@@ -356,37 +358,56 @@ class EideticState(InferenceState):
         At a chunk boundary the finished chunk's picks join the memory first (with ``delay``, they queue and the
         picks of the chunk ``delay`` before it join), slots age by ``decay`` and, given ``doc_start [B]`` (the
         token's document start), slots from earlier documents leave; then the token competes for the current
-        chunk's picks."""
+        chunk's picks. ``boundary [B, 1]`` (bool): whether the token opens a chunk (``StepInfo.chunk_start``, shared
+        by the layers of a step); made from ``positions`` when ``None``. ``any_boundary=False`` (known on the host:
+        no row opens a chunk, ``StepInfo.any_chunk_start``) skips the boundary work, which would change nothing."""
         heads = k.shape[-2:]
+        if boundary is None:
+            boundary = (torch.remainder(positions, chunk_size) == 0) & (positions > 0)  # [B, 1]
         if self.per_head:  # every (row, head) is a row of its own
             num_kv = k.shape[1]
             k, v, score = k.flatten(0, 1)[:, None], v.flatten(0, 1)[:, None], score.flatten()
             positions = positions.repeat_interleave(num_kv, 0)
+            boundary = boundary.repeat_interleave(num_kv, 0)
             bias = None if bias is None else bias.repeat_interleave(num_kv, 0)
             doc_start = None if doc_start is None else doc_start.repeat_interleave(num_kv, 0)
             heads = (1, k.shape[-1])
         rows = k.shape[0]
-        boundary = (torch.remainder(positions, chunk_size) == 0) & (positions > 0)  # [rows, 1]
+        run = self.running
+        if any_boundary:
+            self._chunk_boundary(boundary, chunk_size, selections, capacity, decay, delay, doc_start)
+            # At a boundary the finished chunk's picks have left: its slots compete as empty ones (score
+            # INVALID_SCORE, position 0, as ``empty_slots``); an empty slot is never kept, so its key is not read.
+            run = run._replace(
+                pos=run.pos.masked_fill(boundary, 0), score=run.score.masked_fill(boundary, INVALID_SCORE)
+            )
+        new = EideticMemory(
+            k.reshape(rows, 1, -1), v.reshape(rows, 1, -1), positions, score[:, None],
+            None if run.bias is None else cast(bias[:, None], run.bias.dtype),
+        )  # fmt: skip
+        self._store(self.running, merge_slots(run, new, selections))
+        self.prev_f.copy_(f)
+        memory = self.memory
+        return memory._replace(k=memory.k.unflatten(-1, heads), v=memory.v.unflatten(-1, heads))
+
+    def _chunk_boundary(self, boundary, chunk_size, selections, capacity, decay, delay, doc_start) -> None:
+        """In the rows where ``boundary [rows, 1]``: the picks of the chunk that ended (or, with ``delay``, of the
+        oldest waiting chunk, the rest queueing) join the memory; other rows keep their state as it is."""
         mem, run = self.memory, self.running
         joining = run
         if delay:
             wait = self.waiting
             joining = map_slots(lambda t: t[:, :selections], wait)  # the oldest waiting chunk (views)
             queued = map_slots(lambda t, r: torch.cat([t[:, selections:], r], dim=1), wait, run)
-        merged = merge_slots(mem, joining, capacity, chunk_size=chunk_size, decay=decay, doc_start=doc_start)
-        if delay:  # after the merge: storing overwrites the tensors ``joining`` views
-            self._store(wait, map_slots(lambda a, b: where_rows(boundary, a, b), queued, wait))
-        bias_dtype = None if run.bias is None else run.bias.dtype
-        fresh = empty_slots(
-            rows, selections, run.k.shape[-1], device=k.device, dtype=run.k.dtype, bias_dtype=bias_dtype
+        # The merge happens in boundary rows only; the others keep their memory as it is.
+        merged = merge_slots(
+            mem, joining, capacity, chunk_size=chunk_size, decay=decay, doc_start=doc_start, rows=boundary
         )
-        self._store(mem, map_slots(lambda a, b: where_rows(boundary, a, b), merged, mem))
-        run = map_slots(lambda a, b: where_rows(boundary, a, b), fresh, run)
-        new = EideticMemory(
-            k.flatten(-2)[:, None], v.flatten(-2)[:, None], positions, score[:, None],
-            None if run.bias is None else bias[:, None].to(run.bias.dtype),
-        )  # fmt: skip
-        self._store(self.running, merge_slots(run, new, selections))
-        self.prev_f.copy_(f)
-        memory = self.memory
-        return memory._replace(k=memory.k.unflatten(-1, heads), v=memory.v.unflatten(-1, heads))
+        if delay:  # after the merge: storing overwrites the tensors ``joining`` views
+            cell = boundary[..., None]  # [rows, 1, 1] for keys and values, [rows, 1] for the rest
+
+            def shifted(a, b):
+                return torch.where(cell if a.dim() == 3 else boundary, a, b)
+
+            self._store(wait, map_slots(shifted, queued, wait))
+        self._store(mem, merged)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.common import at_least_fp32
+from ..ops.common import at_least_fp32, cast
 
 
 class BMojoRMSNorm(nn.Module):
@@ -17,7 +17,7 @@ class BMojoRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = at_least_fp32(x)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return cast(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype) * self.weight
 
 
 class BMojoGatedRMSNorm(nn.Module):
@@ -39,4 +39,4 @@ class BMojoGatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x = (at_least_fp32(y) * F.silu(at_least_fp32(z))).unflatten(-1, (self.groups, -1))
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return x.to(y.dtype) * self.weight
+        return cast(x, y.dtype) * self.weight

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..ops import dispatch
 from ..ops.common import at_least_fp32, compute_dtype
 from ..ops.conv import conv_state_from_inputs
-from .common import InferenceState, MixerOutput, Rope, SequenceInfo
+from .common import InferenceState, MixerOutput, SequenceInfo, StepInfo
 from .norm import BMojoGatedRMSNorm
 
 
@@ -118,11 +118,9 @@ class Mamba2Mixer(nn.Module):
             state = SSMState(conv=conv_state_from_inputs(conv_in, info.lengths, self.conv_kernel), ssm=final)
         return MixerOutput(self.out_proj(y), None, state)
 
-    def step(
-        self, h: torch.Tensor, state: SSMState, positions: torch.Tensor, rope: Rope, doc_start=None, token_ids=None
-    ) -> torch.Tensor:
-        """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``positions``, ``rope``, ``doc_start``,
-        ``token_ids`` unused: the recurrence carries the order)."""
+    def step(self, h: torch.Tensor, state: SSMState, info: StepInfo | None = None) -> torch.Tensor:
+        """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``info`` unused: the recurrence carries
+        the order)."""
         z, xbc, dt = self._split(self.in_proj(h))
         xbc, conv = dispatch("causal_conv1d_step")(state.conv, xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias)
         state.conv.copy_(conv)

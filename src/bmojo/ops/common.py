@@ -21,9 +21,15 @@ def compute_dtype(*tensors: Tensor | torch.dtype | None) -> torch.dtype:
     return torch.float32
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, or ``x`` itself when it has that dtype already: the same tensor without an ``aten::to``
+    call (a decoding step would otherwise dispatch hundreds of these no-op casts per token)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in ``compute_dtype(x)``: float32 for bf16/fp16/fp32 inputs, float64 stays float64."""
-    return x.to(compute_dtype(x))
+    return cast(x, compute_dtype(x))
 
 
 def expand_groups(t: Tensor, nheads: int) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import compute_dtype
+from .common import cast, compute_dtype
 
 
 def rope_cos_sin(
@@ -20,6 +20,11 @@ def rope_cos_sin(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, L, H, D]`` by ``cos, sin [B or 1, L, D/2]`` (broadcast over heads); returns ``x.dtype``."""
-    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
-    cos, sin = cos[..., None, :], sin[..., None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return rotate(x, cos[..., None, :], sin[..., None, :])
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with ``cos, sin`` already broadcastable against ``x [..., D]``'s halves ``[..., D/2]`` (one
+    decoding step: ``x [B, H, D]`` against ``[B, 1, D/2]``); returns ``x.dtype``."""
+    x1, x2 = cast(x, cos.dtype).chunk(2, dim=-1)
+    return cast(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1), x.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..common import cast
+
 
 def joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
     """One softmax over the concatenation of several key sets.
@@ -22,4 +24,4 @@ def joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
         # Multiply by the mask so a fully masked block contributes exact zeros.
         out = out + val(p[..., start : start + width] * m)
         start += width
-    return out.to(out_dtype)
+    return cast(out, out_dtype)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..common import compute_dtype
+from ..common import cast, compute_dtype
 from ..selection.common import EideticMemory
-from .common import joint_softmax
 
 
 def bmojo_attention_step(
@@ -53,38 +52,49 @@ def bmojo_attention_step(
     scale = head_dim**-0.5 if scale is None else scale
     ctype = compute_dtype(q)
 
-    def score(qq, kk):  # qq [B,H,D], kk [B,K,Hkv,D] -> [B,Hkv,G,K]
-        return torch.einsum("bagd,bkad->bagk", qq.view(bsz, num_kv, groups, head_dim).to(ctype), kk.to(ctype)) * scale
+    # One token's step is per-op-overhead bound: every key set is scored by its own einsum, but masks, softmax and
+    # the masking of the probabilities run once over the concatenated sets (the order of joint_softmax's blocks).
+    def score(qq, kk, bias=None):  # qq [B,Hkv,G,D], kk [B,K,Hkv,D] -> [B,Hkv,G,K] (+ bias [H] per head)
+        sc = torch.einsum("bagd,bkad->bagk", qq, cast(kk, ctype)) * scale
+        return sc if bias is None else sc + cast(bias, ctype).view(1, num_kv, groups, 1)
 
-    def weighted(vv):
-        return lambda p: torch.einsum("bagk,bkad->bagd", p, vv.to(ctype))
+    def grouped(qq):  # [B, H, D] -> [B, Hkv, G, D]
+        return cast(qq, ctype).view(bsz, num_kv, groups, head_dim)
 
-    def biased(sc, bias):  # sc [B, Hkv, G, K] + bias [H] per head
-        return sc if bias is None else sc + bias.to(ctype).view(1, num_kv, groups, 1)
-
-    rel = positions[:, None] - ring_pos  # [B, R]
-    filled = ring_pos >= 0
-    scores = [score(q, ring_k)]
-    masks = [(filled & (rel >= 0) & (rel < window))[:, None, None]]
-    values = [weighted(ring_v)]
+    q_g = grouped(q)
+    now = positions[:, None]  # [B, 1]
+    # Ring slots by band: 0 = the window [i-W+1, i], 1 = the fading span [i-2W+1, i-W]; empty slots (-1) in none.
+    band = torch.div(torch.where(ring_pos >= 0, now - ring_pos, -1), window, rounding_mode="floor")  # [B, R]
+    scores, masks, values = [score(q_g, ring_k)], [band == 0], [ring_v]
     if ring_k_fade is not None:
-        scores.append(biased(score(q, ring_k_fade), fading_bias))
-        masks.append((filled & (rel >= window) & (rel < 2 * window))[:, None, None])
-        values.append(weighted(ring_v_fade))
+        scores.append(score(q_g, ring_k_fade, fading_bias))
+        masks.append(band == 1)
+        values.append(ring_v_fade)
     if k_self is not None:  # the query's own fading token, at distance 0: always visible
-        scores.append(biased(score(q, k_self[:, None]), self_bias))
-        masks.append(torch.ones(bsz, 1, 1, 1, dtype=torch.bool, device=q.device))
-        values.append(weighted(v_self[:, None]))
+        scores.append(score(q_g, k_self[:, None], self_bias))
+        masks.append(torch.ones(bsz, 1, dtype=torch.bool, device=q.device))
+        values.append(v_self[:, None])
     if memory is not None:
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
-        eid = biased(score(q_eid, mem_k), eidetic_bias)
+        eid = score(grouped(q_eid), mem_k, eidetic_bias)
         if memory.bias is not None:  # per slot [B, M] (learned selection)
-            eid = eid + memory.bias.to(ctype)[:, None, None, :]
+            eid = eid + cast(memory.bias, ctype).view(bsz, 1, 1, -1)
         scores.append(eid)
-        visible = mem_valid & (mem_pos <= positions[:, None] - window)
+        visible = mem_valid & (mem_pos <= now - window)
         if doc_start is not None:
             visible = visible & (mem_pos >= doc_start[:, None])
-        masks.append(visible[:, None, None])
-        values.append(weighted(mem_v))
-    out = joint_softmax(scores, masks, values, q.dtype)
-    return out.reshape(bsz, num_heads, head_dim)
+        masks.append(visible)
+        values.append(mem_v)
+    mask = torch.cat(masks, dim=-1).view(bsz, 1, 1, -1)  # [B, 1, 1, K]
+    # A tensor fill value in the scores' dtype (a Python float would enter an XLA graph as an f64 scalar); ``full``
+    # is one op where ``torch.tensor`` dispatches four.
+    neg = torch.full((), torch.finfo(ctype).min, dtype=ctype, device=q.device)
+    # Multiplied by the mask so that a fully masked set contributes exact zeros (as in joint_softmax).
+    p = torch.softmax(torch.where(mask, torch.cat(scores, dim=-1), neg), dim=-1) * mask
+    out, start = None, 0
+    for sc, vv in zip(scores, values):
+        width = sc.shape[-1]
+        part = torch.einsum("bagk,bkad->bagd", p[..., start : start + width], cast(vv, ctype))
+        out = part if out is None else out + part
+        start += width
+    return cast(out, q.dtype).reshape(bsz, num_heads, head_dim)

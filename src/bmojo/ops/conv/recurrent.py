@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..common import cast
+
 
 def causal_conv1d_step(
     conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
@@ -22,8 +24,8 @@ def causal_conv1d_step(
         y:              [b, D] in x.dtype
         new_conv_state: [b, D, K-1] in conv_state.dtype, a new tensor (input not modified)
     """
-    window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # [b, D, K]
-    y = (window * weight.to(x.dtype)).sum(-1)
+    window = torch.cat([cast(conv_state, x.dtype), x.unsqueeze(-1)], dim=-1)  # [b, D, K]
+    y = (window * cast(weight, x.dtype)).sum(-1)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y, window[..., 1:].to(conv_state.dtype)
+        y = y + cast(bias, x.dtype)
+    return y, cast(window[..., 1:], conv_state.dtype)

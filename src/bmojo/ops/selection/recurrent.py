@@ -42,12 +42,6 @@ def retention_key(score: torch.Tensor, pos: torch.Tensor, chunk_size: int | None
     return torch.where(score > 0, positive, floor)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, n, ...]`` rows ``index [B, S]`` (long) -> ``[B, S, ...]``: a fixed-shape gather along dim 1, whose
-    gradient reaches exactly the gathered rows."""
-    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
-
-
 def merge_slots(
     a: EideticMemory,
     b: EideticMemory,
@@ -56,6 +50,7 @@ def merge_slots(
     chunk_size: int | None = None,
     decay: float = 1.0,
     doc_start: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> EideticMemory:
     """Keep the ``capacity`` best entries of ``a`` and ``b`` (``[B, S_a, ...]``, ``[B, S_b, ...]``).
 
@@ -64,27 +59,48 @@ def merge_slots(
     ``doc_start [B]`` (long), entries whose position lies before it are dropped first (become empty: the score is
     set to ``INVALID_SCORE``). Slots that end up empty (score ``< 0``) hold zero keys, values and bias. ``bias`` is
     carried when both hold one. Requires ``S_a + S_b >= capacity``.
+
+    ``rows [B, 1]`` (bool, or ``None`` for all): merge only in these rows; every other row returns ``a`` exactly as
+    it is (decoding merges at chunk boundaries only, in a static graph). Requires ``S_a == capacity``; raises
+    ``ValueError`` otherwise.
     """
+    if rows is not None and a.pos.shape[1] != capacity:
+        raise ValueError(f"merge_slots(rows=...) keeps a in the other rows: a has {a.pos.shape[1]} slots, "
+                         f"capacity is {capacity}")
     pos = torch.cat([a.pos, b.pos], dim=1)
     score = torch.cat([a.score, b.score], dim=1)
     if doc_start is not None:  # memory_reset_at_document: slots of finished documents leave at this merge
-        score = torch.where(pos >= doc_start[:, None], score, torch.full_like(score, INVALID_SCORE))
+        dropped = pos < doc_start[:, None]
+        score = score.masked_fill(dropped if rows is None else dropped & rows, INVALID_SCORE)
     n = score.shape[1]
     entry = torch.arange(n, device=score.device)
+    slot = torch.arange(capacity, device=score.device)
     key = retention_key(score, pos, chunk_size, decay)
     s_i, s_j = key[:, :, None], key[:, None, :]
     p_i, p_j = pos[:, :, None], pos[:, None, :]
     # beats[b, i, j]: entry j ranks before entry i
     beats = (s_j > s_i) | ((s_j == s_i) & ((p_j < p_i) | ((p_j == p_i) & (entry[None, :] < entry[:, None]))))
     rank = beats.sum(dim=-1)  # [B, n], a permutation of 0..n-1
-    place = rank[:, None, :] == torch.arange(capacity, device=score.device)[None, :, None]  # [B, capacity, n]
+    place = rank[:, None, :] == slot[:, None]  # [B, capacity, n]
     index = torch.where(place, entry, 0).sum(-1)  # [B, capacity]: the entry of rank s (exactly one per slot)
-    kept_score = gather_rows(score, index)
-    kept = kept_score >= 0
+    if rows is not None:  # elsewhere slot s keeps entry s, a's own
+        index = torch.where(rows, index, slot)
+    kept_score = torch.gather(score, 1, index)
+    empty = kept_score < 0
+    if rows is not None:
+        empty = empty & rows
 
-    def move(x, y):
-        rows = gather_rows(torch.cat([x, y], dim=1), index)
-        return torch.where(kept.view(*kept.shape, *([1] * (rows.dim() - 2))), rows, torch.zeros_like(rows))
+    def expanded(x):  # index and mask broadcast to the rows of x [B, n, ...]
+        ones = [1] * (x.dim() - 2)
+        return index.view(*index.shape, *ones).expand(-1, -1, *x.shape[2:]), empty.view(*empty.shape, *ones)
+
+    # Keys and values share theirs: a decoding step is bound by its count of ops.
+    at_k = expanded(a.k)
+    at_v = at_k if a.v.shape == a.k.shape else expanded(a.v)
+
+    def move(x, y, at=(index, empty)):  # the kept rows of cat(x, y); empty slots hold zeros
+        idx, mask = at
+        return torch.gather(torch.cat([x, y], dim=1), 1, idx).masked_fill(mask, 0)
 
     bias = None if a.bias is None or b.bias is None else move(a.bias, b.bias)
-    return EideticMemory(move(a.k, b.k), move(a.v, b.v), gather_rows(pos, index), kept_score, bias)
+    return EideticMemory(move(a.k, b.k, at_k), move(a.v, b.v, at_v), torch.gather(pos, 1, index), kept_score, bias)

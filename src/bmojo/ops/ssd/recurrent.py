@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import compute_dtype, expand_groups
+from ..common import cast, compute_dtype, expand_groups
 
 
 def ssd_step(
@@ -33,19 +33,21 @@ def ssd_step(
         new_state: [b, H, P, N] float32 (float64 if inputs are float64), a new tensor;
                    ``state`` is not modified (the caller copies it into its cache).
     """
-    nheads = x.shape[1]
+    batch, nheads, headdim = x.shape
     dtype = compute_dtype(state, x, dt, A, B, C, D)
-    xf, dtf = x.to(dtype), dt.to(dtype)
-    Bh = expand_groups(B.to(dtype), nheads)  # [b, H, N]
-    Ch = expand_groups(C.to(dtype), nheads)
+    xf, dtf = cast(x, dtype), cast(dt, dtype)
+    Bh = expand_groups(cast(B, dtype), nheads)  # [b, H, N]
+    Ch = expand_groups(cast(C, dtype), nheads)
 
-    decay = torch.exp(dtf * A.to(dtype))  # [b, H]
-    dBx = (dtf[:, :, None, None] * xf[:, :, :, None]) * Bh[:, :, None, :]  # [b, H, P, N]
-    new_state = decay[:, :, None, None] * state.to(dtype) + dBx
+    decay = torch.exp(dtf * cast(A, dtype))  # [b, H]
+    # Views, not x[:, :, None, None]: one op each (a step is bound by its count of ops).
+    dt_cell = dtf.view(batch, nheads, 1, 1)
+    dBx = (dt_cell * xf.view(batch, nheads, headdim, 1)) * Bh.view(batch, nheads, 1, -1)  # [b, H, P, N]
+    new_state = decay.view(batch, nheads, 1, 1) * cast(state, dtype) + dBx
     y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
     if D is not None:
-        y = y + D.to(dtype)[:, None] * xf
-    return y.to(x.dtype), new_state
+        y = y + cast(D, dtype).view(nheads, 1) * xf
+    return cast(y, x.dtype), new_state
 
 
 def ssd_recurrent(
