@@ -238,10 +238,12 @@ def _status_bytes(field: str) -> int:
 
 
 def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing: bool, name: str, length: int,
-                    batch: int, vocab: int) -> int:  # fmt: skip
-    """In a fresh process: the peak resident memory of ``name``'s first training step (forward, backward, AdamW
-    step: activations, gradients, optimizer state, temporaries) above the resident size just before it (weights,
-    the interpreter). Linux: ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to the current size."""
+                    batch: int, vocab: int) -> tuple[int, int]:  # fmt: skip
+    """In a fresh process: ``(peak, activations)``. ``peak``: the peak resident memory of ``name``'s first training
+    step (forward, backward, AdamW step: activations, gradients, optimizer state, temporaries) above the resident
+    size just before it (weights, the interpreter); Linux: ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to
+    the current size. ``activations``: ``activation_bytes`` of the same model and input, measured after the step
+    (so that no model's graph ever shares a process with another's: at 8K they do not fit in 24 GiB together)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_specs(preset, overrides, max_length, checkpointing)[name][0]()
@@ -251,10 +253,11 @@ def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing
     before = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     train_step(model, opt, x)
-    return _status_bytes("VmHWM") - before
+    peak = _status_bytes("VmHWM") - before
+    return peak, activation_bytes(model, x)
 
 
-def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -> int:
+def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -> tuple[int, int]:
     """``peak_step_child`` run in a subprocess (one model per process: a process's peak is its own)."""
     import subprocess
 
@@ -267,7 +270,8 @@ def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -
     )
     if out.returncode:
         raise RuntimeError(f"peak memory of {name} at L={length} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+    peak, activations = json.loads(out.stdout.strip().splitlines()[-1])
+    return peak, activations
 
 
 def train_step(model, opt, x) -> None:
@@ -432,7 +436,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     if args.peak_child:
-        print(peak_step_child(**json.loads(args.peak_child)))
+        print(json.dumps(peak_step_child(**json.loads(args.peak_child))))
         return
     overrides = {k: v for k, v in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab_size)) if v}
     if args.layers:
@@ -468,9 +472,11 @@ def main() -> None:
     for L in args.train_lengths:
         x = torch.randint(3, vocab, (args.train_batch, L))
         for name, model in models.items():
-            results["activation_bytes"][name][L] = activation_bytes(model, x)
-            if args.peak_memory:
-                results["peak_step_bytes"][name][L] = peak_step_bytes(args, overrides, name, L, vocab)
+            if args.peak_memory:  # both in a child process per model
+                peak, results["activation_bytes"][name][L] = peak_step_bytes(args, overrides, name, L, vocab)
+                results["peak_step_bytes"][name][L] = peak
+            else:
+                results["activation_bytes"][name][L] = activation_bytes(model, x)
         print(
             f"L={L:6d} activations: "
             + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in results["activation_bytes"].items())

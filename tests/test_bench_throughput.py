@@ -59,10 +59,11 @@ def test_peak_step_memory_runs_in_its_own_process_and_holds_at_least_the_saved_a
     from types import SimpleNamespace
 
     args = SimpleNamespace(preset="tiny", train_lengths=[256], contexts=[64], checkpointing=False, train_batch=1)
-    peak = bench.peak_step_bytes(args, {}, bench.REF, 256, 64)
+    peak, child_saved = bench.peak_step_bytes(args, {}, bench.REF, 256, 64)
     torch.manual_seed(0)
     model = bench.build_specs("tiny", {}, 256)[bench.REF][0]()
     saved = bench.activation_bytes(model, torch.randint(3, 64, (1, 256)))
+    assert child_saved == saved  # the child measures what this process measures (same model, same shapes)
     # the step's peak holds the saved activations, the gradients and AdamW's two moments (3x the parameters' bytes)
     assert peak >= saved + 3 * 4 * bench.count(model), (peak, saved)
     with pytest.raises(RuntimeError, match="peak memory of nonexistent at L=256 failed"):
