@@ -373,13 +373,13 @@ def decode_ms_per_token(specs, context, steps, rounds, vocab):
 
 
 def without_note(argv: list[str]) -> list[str]:
-    """The arguments with ``--note``'s text left out (the note is printed on its own)."""
+    """The arguments without ``--note`` and its text (the command line gets ``--note TEXT`` at its end, unquoted;
+    the note is printed on its own)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg == "--note":
-            out.append("--note TEXT")
             skip = True
         elif not arg.startswith("--note="):
             out.append(arg)
@@ -455,7 +455,8 @@ def main() -> None:
         for n, (_, _, cfg) in specs.items()
     }
     results = {
-        "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, without_note(sys.argv[1:]))]),
+        "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, without_note(sys.argv[1:]))])
+        + (" --note TEXT" if args.note else ""),
         "note": args.note,
         "preset": args.preset,
         "overrides": overrides,

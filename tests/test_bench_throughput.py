@@ -70,3 +70,7 @@ def test_peak_step_memory_runs_in_its_own_process_and_holds_at_least_the_saved_a
     assert peak >= saved + 3 * 4 * bench.count(model), (peak, saved)
     with pytest.raises(RuntimeError, match="peak memory of nonexistent at L=256 failed"):
         bench.peak_step_bytes(args, {}, "nonexistent", 256, 64)
+
+
+def test_the_recorded_command_leaves_the_note_text_out():
+    assert bench.without_note(["--quick", "--note", "a b", "--out", "d", "--note=c"]) == ["--quick", "--out", "d"]
