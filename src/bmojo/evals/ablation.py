@@ -154,6 +154,8 @@ VARIANTS.update(
     bmojo_new_innovation=dict(learned_selection=False),
     bmojo_new_random=dict(learned_selection=False, selection_score="random"),
     bmojo_new_recency=dict(learned_selection=False, selection_score="recency"),
+    # the learned bias on a random score: what learned selection does without the innovation score
+    bmojo_new_random_learned=dict(selection_score="random"),
 )
 BASELINES = ("mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0")
 
