@@ -31,6 +31,12 @@ Transformer holds its whole context). transformers' Llama gets a DynamicCache ho
 layer (Mistral's holds its window); Mamba2's state has a fixed size, so a 64-token prefill stands in for any ``t``.
 
 Each model's configuration is printed and stored in the JSON. Only ratios are meant to be quoted.
+
+Nothing measured is lost: after every measurement the results so far are written to ``OUT/throughput.partial.json``
+(removed when the run finishes), and a ``--peak-memory`` child that fails (out of memory: the kernel kills it) is
+listed under "Failed measurements" while the run goes on. Render a partial or finished JSON again with
+
+    python scripts/bench_throughput.py --report-only docs/throughput_130m/throughput.partial.json
 """
 
 from __future__ import annotations
@@ -257,20 +263,34 @@ def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing
     return peak, activation_bytes(model, x)
 
 
-def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -> tuple[int, int]:
-    """``peak_step_child`` run in a subprocess (one model per process: a process's peak is its own)."""
+def run_child(argv: list[str], what: str) -> str:
+    """Run ``argv`` and return its stdout; ``RuntimeError("<what> failed: <why>")`` if it fails, ``why`` being the
+    last line of its stderr or, for a process killed by a signal (the kernel's out-of-memory killer sends SIGKILL),
+    the signal's name."""
+    import signal
     import subprocess
 
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode < 0:
+        sig = signal.Signals(-out.returncode).name
+        why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
+        raise RuntimeError(f"{what} failed: {why}")
+    if out.returncode:
+        last = out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"]
+        raise RuntimeError(f"{what} failed: {last[0]}")
+    return out.stdout
+
+
+def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -> tuple[int, int]:
+    """``peak_step_child`` run in a subprocess (one model per process: a process's peak is its own)."""
     job = dict(
         preset=args.preset, overrides=overrides, max_length=max(args.train_lengths + args.contexts), name=name,
         checkpointing=args.checkpointing, length=length, batch=args.train_batch, vocab=vocab,
     )  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, __file__, "--peak-child", json.dumps(job)], capture_output=True, text=True, check=False
+    stdout = run_child(
+        [sys.executable, __file__, "--peak-child", json.dumps(job)], f"peak memory of {name} at L={length}"
     )
-    if out.returncode:
-        raise RuntimeError(f"peak memory of {name} at L={length} failed: {out.stderr.strip().splitlines()[-1:]}")
-    peak, activations = json.loads(out.stdout.strip().splitlines()[-1])
+    peak, activations = json.loads(stdout.strip().splitlines()[-1])
     return peak, activations
 
 
@@ -425,11 +445,19 @@ def parse_args():
         help="also measure each model's peak resident memory of a training step at each L (one process per model "
         "and length; Linux)",
     )
+    parser.add_argument(
+        "--report-only",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: rewrite the report (md, png) next to a throughput.json or throughput.partial.json",
+    )
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)  # internal: one peak_step_child job
     parser.add_argument("--note", default="", help="a line about the machine, copied into the report")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.decode_steps = 2, 8
+    if args.report_only and not Path(args.report_only).is_file():
+        parser.error(f"--report-only: no such file: {args.report_only}")
     return args
 
 
@@ -437,6 +465,10 @@ def main() -> None:
     args = parse_args()
     if args.peak_child:
         print(json.dumps(peak_step_child(**json.loads(args.peak_child))))
+        return
+    if args.report_only:  # a partial run's report goes next to, never over, a finished one's
+        source = Path(args.report_only)
+        write_report(json.loads(source.read_text()), source.parent, source.name.removesuffix(".json"))
         return
     overrides = {k: v for k, v in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab_size)) if v}
     if args.layers:
@@ -469,22 +501,27 @@ def main() -> None:
         "train_tokens_per_s": {},
         "decode_ms_per_token": {},
         "state_bytes": {n: {} for n in models},
+        "failures": [],
     }
+    out = Path(args.out)
     for L in args.train_lengths:
         x = torch.randint(3, vocab, (args.train_batch, L))
         for name, model in models.items():
-            if args.peak_memory:  # both in a child process per model
-                peak, results["activation_bytes"][name][L] = peak_step_bytes(args, overrides, name, L, vocab)
-                results["peak_step_bytes"][name][L] = peak
+            if args.peak_memory:  # both in a child process per model; a child that fails is recorded, not fatal
+                try:
+                    peak, saved = peak_step_bytes(args, overrides, name, L, vocab)
+                except RuntimeError as err:
+                    print(err)
+                    results["failures"].append(str(err))
+                    peak = saved = None
+                results["activation_bytes"][name][L], results["peak_step_bytes"][name][L] = saved, peak
             else:
                 results["activation_bytes"][name][L] = activation_bytes(model, x)
-        print(
-            f"L={L:6d} activations: "
-            + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in results["activation_bytes"].items())
-        )
+            save_partial(results, out)
+        print(f"L={L:6d} activations: " + ", ".join(f"{n} {mib(b[L])}" for n, b in results["activation_bytes"].items()))
         if args.peak_memory:
             peaks = results["peak_step_bytes"].items()
-            print(f"L={L:6d} peak step memory: " + ", ".join(f"{n} {b[L] / 2**20:.0f} MiB" for n, b in peaks))
+            print(f"L={L:6d} peak step memory: " + ", ".join(f"{n} {mib(b[L])}" for n, b in peaks))
     for threads in args.threads:
         torch.set_num_threads(threads)
         train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
@@ -496,6 +533,7 @@ def main() -> None:
                 ideal = flops[name][L] / flops[REF][L]
                 print(f"threads {threads} L={L:6d} {name:34s} {tps[name]:8.0f} tokens/s  "
                       f"B'MOJO/this {tps[REF] / tps[name]:.2f}x (ideal {ideal:.2f}x)")  # fmt: skip
+            save_partial(results, out)
         decoders = {n: spec for n, spec in specs.items() if n != CHECKPOINTED}  # decoding never checkpoints
         decode = results["decode_ms_per_token"][threads] = {n: {} for n in decoders}
         for context in args.contexts:
@@ -504,50 +542,84 @@ def main() -> None:
                 decode[name][context], results["state_bytes"][name][context] = ms[name], size[name]
                 print(f"threads {threads} context {context:6d} {name:34s} {ms[name]:8.2f} ms/token  "
                       f"{size[name] / 2**20:8.2f} MiB state")  # fmt: skip
+            save_partial(results, out)
     results["targets"] = targets(results)
     for line in results["targets"]:
         print(line)
-    write_report(results, Path(args.out))
+    write_report(results, out)
+    (out / PARTIAL).unlink(missing_ok=True)
+
+
+PARTIAL = "throughput.partial.json"
+
+
+def save_partial(results, out: Path) -> None:
+    """Everything measured so far, to ``out/throughput.partial.json``, replaced atomically after every measurement:
+    a crash, an out-of-memory kill or Ctrl-C loses only the measurement in flight. ``--report-only`` renders it
+    (cells not measured show as "-"); a finished run removes it."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (PARTIAL + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / PARTIAL)
+
+
+def mib(nbytes) -> str:
+    """``nbytes`` in MiB, or "-" for a measurement that is missing or failed."""
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+
+def cell(table: dict, name: str, key):
+    """``table[name][key]`` whether the keys are ints (a run) or strings (its JSON); None if missing or failed."""
+    row = table.get(name) or {}
+    return row.get(key, row.get(str(key)))
+
+
+def ratio(table: dict, name: str, other: str, key):
+    """``table[name][key] / table[other][key]``, None unless both were measured."""
+    a, b = cell(table, name, key), cell(table, other, key)
+    return None if a is None or b is None else a / b
 
 
 def targets(results) -> list[str]:
-    """The issue's targets, each with the measured ratio and met / missed."""
+    """The issue's targets, each with the measured ratio and met / missed ("not measured" where a value is missing:
+    a failed or unfinished run)."""
     lines = []
-    names = list(results["parameters"])
-    llama, mamba2 = "transformers Llama", "transformers Mamba2"
-    swa = "B'MOJO SWA case"
+    llama, mamba2, swa = "transformers Llama", "transformers Mamba2", "B'MOJO SWA case"
+
+    def verdict(label: str, r, goal: str, met: bool) -> None:
+        lines.append(f"{label}: not measured (target {goal})" if r is None
+                     else f"{label}: {r:.2f}x (target {goal}): {'met' if met else 'missed'}")  # fmt: skip
+
     for threads, train in results["train_tokens_per_s"].items():
-        lengths = sorted(train[REF])
         for L, goal in ((2048, 1.0), (8192, 1.5)):
-            if L in train[REF]:
-                r = train[REF][L] / train[llama][L]
-                lines.append(f"[{threads} thr] training tokens/s B'MOJO/Llama at L={L}: {r:.2f}x (target >= {goal}): "
-                             f"{'met' if r >= goal else 'missed'}")  # fmt: skip
-        worst = min(train[REF][L] / train[swa][L] for L in lengths)
-        lines.append(f"[{threads} thr] B'MOJO/own SWA case, worst L: {worst:.2f}x (target >= 0.9): "
-                     f"{'met' if worst >= 0.9 else 'missed'}")  # fmt: skip
-        decode = results["decode_ms_per_token"][threads]
-        contexts = sorted(decode[REF])
-        spread = max(decode[REF].values()) / min(decode[REF].values())
-        lines.append(f"[{threads} thr] B'MOJO decode ms/token max/min over {contexts[0]}..{contexts[-1]}: {spread:.2f} "
-                     f"(target <= 1.10): {'met' if spread <= 1.10 else 'missed'}")  # fmt: skip
-        worst = max(decode[REF][c] / decode[mamba2][c] for c in contexts)
-        lines.append(f"[{threads} thr] decode ms/token B'MOJO/Mamba2, worst context: {worst:.2f}x (target <= 1.5): "
-                     f"{'met' if worst <= 1.5 else 'missed'}")  # fmt: skip
-    act = results["activation_bytes"]
-    L = max(act[REF], key=int)
-    for name in (REF, CHECKPOINTED):
-        if name in act:
-            r = act[name][L] / act[llama][L]
-            lines.append(f"activation memory {name}/Llama at L={L}: {r:.2f}x (target <= 1.0): "
-                         f"{'met' if r <= 1.0 else 'missed'}")  # fmt: skip
-    peak = results.get("peak_step_bytes") or {}
-    for name in (REF, CHECKPOINTED):
-        if name in peak:  # the issue's words: peak training memory
-            r = peak[name][L] / peak[llama][L]
-            lines.append(f"peak training-step memory {name}/Llama at L={L}: {r:.2f}x (target <= 1.0): "
-                         f"{'met' if r <= 1.0 else 'missed'}")  # fmt: skip
-    assert names[0] == REF
+            if cell(train, REF, L) is not None:
+                r = ratio(train, REF, llama, L)
+                verdict(f"[{threads} thr] training tokens/s B'MOJO/Llama at L={L}", r, f">= {goal}", r and r >= goal)
+        ratios = [r for r in (ratio(train, REF, swa, L) for L in train.get(REF, {})) if r is not None]
+        worst = min(ratios, default=None)
+        verdict(f"[{threads} thr] B'MOJO/own SWA case, worst L", worst, ">= 0.9", worst and worst >= 0.9)
+    for threads, decode in results["decode_ms_per_token"].items():
+        contexts = sorted(decode.get(REF) or {}, key=int)
+        if not contexts:
+            continue
+        ms = [cell(decode, REF, c) for c in contexts]
+        spread = max(ms) / min(ms) if len(ms) > 1 else None
+        verdict(f"[{threads} thr] B'MOJO decode ms/token max/min over {contexts[0]}..{contexts[-1]}", spread,
+                "<= 1.10", spread and spread <= 1.10)  # fmt: skip
+        ratios = [ratio(decode, REF, mamba2, c) for c in contexts]
+        worst = None if None in ratios else max(ratios)
+        verdict(
+            f"[{threads} thr] decode ms/token B'MOJO/Mamba2, worst context", worst, "<= 1.5", worst and worst <= 1.5
+        )
+    act, peak = results["activation_bytes"], results.get("peak_step_bytes") or {}
+    lengths = sorted(act.get(REF) or {}, key=int)
+    if lengths:
+        L = lengths[-1]
+        for kind, table in (("activation memory", act), ("peak training-step memory", peak)):
+            for name in (REF, CHECKPOINTED):
+                if name in table:  # peak: the issue's words, "peak training memory"
+                    r = ratio(table, name, llama, L)
+                    verdict(f"{kind} {name}/Llama at L={L}", r, "<= 1.0", r is not None and r <= 1.0)
     return lines
 
 
@@ -556,14 +628,24 @@ def size_label(tokens) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def write_report(results, out: Path) -> None:
+def with_ratio(table: dict, name: str, key) -> str:
+    """A memory cell: MiB (ratio to B'MOJO), "-" for what was not measured."""
+    value, ratio_to_ref = cell(table, name, key), ratio(table, name, REF, key)
+    if value is None:
+        return "-"
+    return f"{value / 2**20:.0f} ({'-' if ratio_to_ref is None else f'{ratio_to_ref:.2f}×'})"
+
+
+def write_report(results, out: Path, stem: str = "throughput") -> None:
+    """``out/<stem>.{json,md,png}``; a partial run's report goes to ``throughput.partial.*`` (``--report-only``), next
+    to, never over, a finished run's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     names = list(results["parameters"])
     flops, act = results["ideal_train_flops_per_token"], results["activation_bytes"]
     lengths = sorted(act[REF], key=int)
@@ -572,6 +654,15 @@ def write_report(results, out: Path) -> None:
         "",
         f"Regenerate: `{results['command']}`. {results['note']}",
         "",
+        *(
+            [
+                "**Partial results of an unfinished run** (from `throughput.partial.json`): `-` marks what was not "
+                "measured.",
+                "",
+            ]
+            if "targets" not in results
+            else []
+        ),  # fmt: skip
         "Absolute numbers depend on the machine; quote the ratios, which are measured side by side in one run (the",
         "models alternate within every round). **B'MOJO/model** > 1 means B'MOJO is that many times faster; the",
         "*ideal* ratio in brackets is the inverse FLOP ratio (`ideal_train_flops`): what the measured ratio would be",
@@ -593,9 +684,10 @@ def write_report(results, out: Path) -> None:
         lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in tl) + " |", "|---" * (1 + len(tl)) + "|"]
         for n in names:
             cells = [
-                f"{train[n][L]:.0f} · {train[REF][L] / train[n][L]:.2f}× ({flops[n][L] / flops[REF][L]:.2f}×)"
+                "-" if cell(train, n, L) is None else
+                f"{cell(train, n, L):.0f} · {ratio(train, REF, n, L):.2f}× ({ratio(flops, n, REF, L):.2f}×)"
                 for L in tl
-            ]
+            ]  # fmt: skip
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Activation memory of a training step (MiB saved for the backward; ratio to B'MOJO)", ""]
     lines += [
@@ -603,11 +695,7 @@ def write_report(results, out: Path) -> None:
         "|---" * (1 + len(lengths)) + "|",
     ]
     for n in names:
-        lines.append(
-            f"| {n} | "
-            + " | ".join(f"{act[n][L] / 2**20:.0f} ({act[n][L] / act[REF][L]:.2f}×)" for L in lengths)
-            + " |"
-        )
+        lines.append(f"| {n} | " + " | ".join(with_ratio(act, n, L) for L in lengths) + " |")
     peak = results.get("peak_step_bytes") or {}
     if peak:
         lines += ["", "## Peak memory of a training step (MiB resident above the weights, one process per model; "
@@ -615,8 +703,7 @@ def write_report(results, out: Path) -> None:
         lines += ["| model | " + " | ".join(f"L={size_label(L)}" for L in lengths) + " |",
                   "|---" * (1 + len(lengths)) + "|"]  # fmt: skip
         for n in names:
-            lines.append(f"| {n} | " + " | ".join(
-                f"{peak[n][L] / 2**20:.0f} ({peak[n][L] / peak[REF][L]:.2f}×)" for L in lengths) + " |")  # fmt: skip
+            lines.append(f"| {n} | " + " | ".join(with_ratio(peak, n, L) for L in lengths) + " |")
     for threads, decode in results["decode_ms_per_token"].items():
         contexts = sorted(decode[REF], key=int)
         lines += ["", f"## Decoding, {threads} thread(s): ms/token after a context of t tokens (state MiB)", ""]
@@ -626,21 +713,28 @@ def write_report(results, out: Path) -> None:
         ]
         for n in [n for n in names if n in decode]:
             size = results["state_bytes"][n]
-            lines.append(
-                f"| {n} | " + " | ".join(f"{decode[n][c]:.2f} ({size[c] / 2**20:.1f})" for c in contexts) + " |"
-            )
-    lines += ["", "## Targets (issue 12)", ""] + [f"* {t}" for t in results["targets"]]
-    (out / "throughput.md").write_text("\n".join(lines) + "\n\n![throughput](throughput.png)\n")
+            lines.append(f"| {n} | " + " | ".join(
+                "-" if cell(decode, n, c) is None else f"{cell(decode, n, c):.2f} ({size[c] / 2**20:.1f})"
+                for c in contexts) + " |")  # fmt: skip
+    lines += ["", "## Targets (issue 12)", ""] + [f"* {t}" for t in results.get("targets") or targets(results)]
+    if results.get("failures"):
+        lines += ["", "## Failed measurements", ""] + [f"* {f}" for f in results["failures"]]
+    (out / f"{stem}.md").write_text("\n".join(lines) + f"\n\n![throughput]({stem}.png)\n")
 
-    threads = next(iter(results["train_tokens_per_s"]))
+    threads = next(iter(results["train_tokens_per_s"]), None)  # None: a partial run that measured memory only
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    train, decode = results["train_tokens_per_s"][threads], results["decode_ms_per_token"][threads]
+    train, decode = results["train_tokens_per_s"].get(threads, {}), results["decode_ms_per_token"].get(threads, {})
+
+    def points(table, n, keys, scale=1.0):  # the measured ones (missing or failed: left out)
+        kv = [(int(k), cell(table, n, k)) for k in keys]
+        kv = [(k, v / scale) for k, v in kv if v is not None]
+        return [k for k, _ in kv], [v for _, v in kv]
+
     for n in names:
-        axes[0].plot(lengths, [train[n][L] for L in lengths], marker="o", label=n)
-        axes[1].plot(lengths, [act[n][L] / 2**20 for L in lengths], marker="o", label=n)
+        axes[0].plot(*points(train, n, sorted(train.get(REF) or {}, key=int)), marker="o", label=n)
+        axes[1].plot(*points(act, n, lengths, 2**20), marker="o", label=n)
         if n in decode:
-            contexts = sorted(decode[n], key=int)
-            axes[2].plot(contexts, [decode[n][c] for c in contexts], marker="o", label=n)
+            axes[2].plot(*points(decode, n, sorted(decode[n], key=int)), marker="o", label=n)
     titles = [f"training tokens/s ({threads} thread)", "activation memory (MiB)", f"decode ms/token ({threads} thread)"]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
@@ -650,13 +744,9 @@ def write_report(results, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    print(f"wrote {out / 'throughput.md'}, {out / 'throughput.json'}, {out / 'throughput.png'}")
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    print(f"wrote {out / stem}.md, {out / stem}.json, {out / stem}.png")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--report-only"]:  # rewrite docs/throughput.{md,png} from an existing JSON
-        data = json.loads(Path(sys.argv[2]).read_text())
-        write_report(data, Path(sys.argv[2]).parent)
-    else:
-        main()
+    main()

@@ -1,7 +1,11 @@
 """scripts/bench_throughput.py prints what each model builds: the issue-11 options of a B'MOJO model included; its
---checkpointing model (activation checkpointing) is the one B'MOJO model, checkpointed."""
+--checkpointing model (activation checkpointing) is the one B'MOJO model, checkpointed. A run loses nothing it
+measured: a failed peak-memory child is recorded and the run goes on; a crash leaves the partial results, which
+--report-only renders next to (never over) a finished report."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +55,10 @@ def test_skip_leaves_out_only_the_named_models_and_never_the_targets_models():
     kept = bench.skipped(specs, ["full", "mistral"])
     assert set(specs) - set(kept) == {"B'MOJO full-attention case"} | {n for n in specs if "Mistral" in n}
     assert {bench.REF, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"} <= set(kept)
-    assert not any(any(name.startswith(p) for p in bench.SKIPPABLE.values()) for name in
-                   (bench.REF, bench.CHECKPOINTED, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"))
+    assert not any(
+        any(name.startswith(p) for p in bench.SKIPPABLE.values())
+        for name in (bench.REF, bench.CHECKPOINTED, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2")
+    )
 
 
 def test_peak_step_memory_runs_in_its_own_process_and_holds_at_least_the_saved_activations():
@@ -74,3 +80,91 @@ def test_peak_step_memory_runs_in_its_own_process_and_holds_at_least_the_saved_a
 
 def test_the_recorded_command_leaves_the_note_text_out():
     assert bench.without_note(["--quick", "--note", "a b", "--out", "d", "--note=c"]) == ["--quick", "--out", "d"]
+
+
+def test_a_failed_child_process_is_named_in_one_line_whatever_the_way_it_failed():
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"  # what the out-of-memory killer does
+    with pytest.raises(RuntimeError, match=r"^job failed: killed by SIGKILL \(out of memory\?\)$"):
+        bench.run_child([sys.executable, "-c", killed], "job")
+    with pytest.raises(RuntimeError, match=r"^job failed: killed by SIGTERM$"):
+        bench.run_child([sys.executable, "-c", killed.replace("SIGKILL", "SIGTERM")], "job")
+    with pytest.raises(RuntimeError, match=r"^job failed: ValueError: bad$"):
+        bench.run_child([sys.executable, "-c", "raise ValueError('bad')"], "job")
+    with pytest.raises(RuntimeError, match=r"^job failed: exit status 3$"):
+        bench.run_child([sys.executable, "-c", "raise SystemExit(3)"], "job")
+    assert bench.run_child([sys.executable, "-c", "print('[1, 2]')"], "job") == "[1, 2]\n"
+
+
+TINY_RUN = ["--preset", "tiny", "--train-lengths", "64", "--contexts", "64", "--threads", "1", "--rounds", "1",
+            "--decode-steps", "2", "--skip", "full", "ssm-case", "mistral"]  # fmt: skip
+
+
+def run_main(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", *argv])
+    torch_threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def test_a_peak_memory_child_that_fails_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
+    llama = "transformers Llama"
+
+    def peak_step_bytes(args, overrides, name, length, vocab):  # the real one runs a child; here Llama's is killed
+        if name == llama:
+            raise RuntimeError(f"peak memory of {name} at L={length} failed: killed by SIGKILL (out of memory?)")
+        return 3 * 2**20, 2**20
+
+    monkeypatch.setattr(bench, "peak_step_bytes", peak_step_bytes)
+    run_main(monkeypatch, *TINY_RUN, "--peak-memory", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "throughput.json").read_text())
+    failure = "peak memory of transformers Llama at L=64 failed: killed by SIGKILL (out of memory?)"
+    assert results["failures"] == [failure]
+    assert results["peak_step_bytes"][llama]["64"] is None and results["peak_step_bytes"][bench.REF]["64"] == 3 * 2**20
+    assert set(results["train_tokens_per_s"]["1"][llama]) == {"64"}  # the models were measured after the failure
+    assert "peak training-step memory B'MOJO/Llama at L=64: not measured (target <= 1.0)" in results["targets"]
+    report = (tmp_path / "throughput.md").read_text()
+    assert f"## Failed measurements\n\n* {failure}" in report
+    assert f"| {llama} | - |" in report and "Partial results" not in report
+    assert not (tmp_path / bench.PARTIAL).exists()  # a finished run removes its partial results
+
+
+def test_a_crash_keeps_what_was_measured_and_report_only_renders_it_next_to_the_finished_report(monkeypatch, tmp_path):
+    finished = '{"an earlier": "finished run"}'
+    (tmp_path / "throughput.json").write_text(finished)
+
+    def decode_ms_per_token(*args):
+        raise KeyboardInterrupt  # Ctrl-C while decoding, after memory and training were measured
+
+    monkeypatch.setattr(bench, "decode_ms_per_token", decode_ms_per_token)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, *TINY_RUN, "--out", str(tmp_path))
+    partial = json.loads((tmp_path / bench.PARTIAL).read_text())
+    models = list(partial["parameters"])
+    assert {n: set(v) for n, v in partial["train_tokens_per_s"]["1"].items()} == {n: {"64"} for n in models}
+    assert all(partial["activation_bytes"][n]["64"] > 0 for n in models)
+    assert partial["decode_ms_per_token"] == {} and "targets" not in partial  # nothing decoded, not finished
+
+    run_main(monkeypatch, "--report-only", str(tmp_path / bench.PARTIAL))
+    report = (tmp_path / "throughput.partial.md").read_text()
+    assert "**Partial results of an unfinished run**" in report and "![throughput](throughput.partial.png)" in report
+    swa = (
+        partial["train_tokens_per_s"]["1"][bench.REF]["64"]
+        / partial["train_tokens_per_s"]["1"]["B'MOJO SWA case"]["64"]
+    )
+    assert f"* [1 thr] B'MOJO/own SWA case, worst L: {swa:.2f}x (target >= 0.9)" in report
+    assert (tmp_path / "throughput.partial.png").stat().st_size > 0
+    assert (tmp_path / "throughput.json").read_text() == finished and not (tmp_path / "throughput.md").exists()
+
+
+def test_report_only_names_a_missing_file_in_one_line(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--report-only", "no/such/throughput.json")
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("--report-only: no such file: no/such/throughput.json")
+    )
