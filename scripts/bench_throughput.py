@@ -456,9 +456,28 @@ def parse_args():
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.decode_steps = 2, 8
-    if args.report_only and not Path(args.report_only).is_file():
-        parser.error(f"--report-only: no such file: {args.report_only}")
+    if args.report_only:
+        args.report = read_results(args.report_only, parser.error)
     return args
+
+
+REPORT_KEYS = ("command", "preset", "parameters", "activation_bytes", "train_tokens_per_s", "decode_ms_per_token")
+
+
+def read_results(path: str, error) -> dict:
+    """A throughput JSON (finished or partial) for ``--report-only``; ``error(message)`` (argparse's: one line, exit
+    status 2) if the file is missing, not JSON, or not this benchmark's results."""
+    source = Path(path)
+    if not source.is_file():
+        error(f"--report-only: no such file: {path}")
+    try:
+        results = json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        error(f"--report-only: {path} is not JSON ({err})")
+    missing = [key for key in REPORT_KEYS if not isinstance(results, dict) or key not in results]
+    if missing:
+        error(f"--report-only: {path} is not a bench_throughput.py result (no {', '.join(missing)})")
+    return results
 
 
 def main() -> None:
@@ -468,7 +487,7 @@ def main() -> None:
         return
     if args.report_only:  # a partial run's report goes next to, never over, a finished one's
         source = Path(args.report_only)
-        write_report(json.loads(source.read_text()), source.parent, source.name.removesuffix(".json"))
+        write_report(args.report, source.parent, source.name.removesuffix(".json"))
         return
     overrides = {k: v for k, v in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab_size)) if v}
     if args.layers:

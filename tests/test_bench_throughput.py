@@ -158,13 +158,31 @@ def test_a_crash_keeps_what_was_measured_and_report_only_renders_it_next_to_the_
     assert (tmp_path / "throughput.json").read_text() == finished and not (tmp_path / "throughput.md").exists()
 
 
-def test_report_only_names_a_missing_file_in_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (None, "no such file: {path}"),
+        (
+            "{not json",
+            "{path} is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        ),
+        (
+            "[1, 2]",
+            "{path} is not a bench_throughput.py result (no command, preset, parameters, activation_bytes, "
+            "train_tokens_per_s, decode_ms_per_token)",
+        ),
+        (
+            '{"command": "x", "preset": "cpu", "parameters": {}}',
+            "{path} is not a bench_throughput.py result (no activation_bytes, train_tokens_per_s, decode_ms_per_token)",
+        ),
+    ],
+)
+def test_report_only_names_what_is_wrong_with_its_file_in_one_line(monkeypatch, capsys, tmp_path, content, why):
+    path = tmp_path / "throughput.json"
+    if content is not None:
+        path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        run_main(monkeypatch, "--report-only", "no/such/throughput.json")
+        run_main(monkeypatch, "--report-only", str(path))
     assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .splitlines()[-1]
-        .endswith("--report-only: no such file: no/such/throughput.json")
-    )
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--report-only: " + why.format(path=path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["throughput.json"])
