@@ -744,24 +744,30 @@ def write_report(results, out: Path, stem: str = "throughput") -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     train, decode = results["train_tokens_per_s"].get(threads, {}), results["decode_ms_per_token"].get(threads, {})
 
-    def points(table, n, keys, scale=1.0):  # the measured ones (missing or failed: left out)
+    def plot(ax, table, n, keys, scale=1.0):  # the measured points only (missing or failed: left out)
         kv = [(int(k), cell(table, n, k)) for k in keys]
         kv = [(k, v / scale) for k, v in kv if v is not None]
-        return [k for k, _ in kv], [v for _, v in kv]
+        if kv:
+            ax.plot([k for k, _ in kv], [v for _, v in kv], marker="o", label=n)
 
     for n in names:
-        axes[0].plot(*points(train, n, sorted(train.get(REF) or {}, key=int)), marker="o", label=n)
-        axes[1].plot(*points(act, n, lengths, 2**20), marker="o", label=n)
-        if n in decode:
-            axes[2].plot(*points(decode, n, sorted(decode[n], key=int)), marker="o", label=n)
-    titles = [f"training tokens/s ({threads} thread)", "activation memory (MiB)", f"decode ms/token ({threads} thread)"]
+        plot(axes[0], train, n, sorted(train.get(REF) or {}, key=int))
+        plot(axes[1], act, n, lengths, 2**20)
+        plot(axes[2], decode, n, sorted(decode.get(n) or {}, key=int))
+    per_thread = "" if threads is None else f" ({threads} thread)"
+    titles = [f"training tokens/s{per_thread}", "activation memory (MiB)", f"decode ms/token{per_thread}"]
     for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        if not ax.has_data():  # a partial run: nothing measured here yet (a log scale needs data)
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence / context length")
-        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=110)
     print(f"wrote {out / stem}.md, {out / stem}.json, {out / stem}.png")

@@ -158,6 +158,24 @@ def test_a_crash_keeps_what_was_measured_and_report_only_renders_it_next_to_the_
     assert (tmp_path / "throughput.json").read_text() == finished and not (tmp_path / "throughput.md").exists()
 
 
+def test_report_only_renders_a_run_killed_after_its_memory_phase(monkeypatch, tmp_path):
+    def train_tokens_per_s(*args):
+        raise MemoryError  # the first training round at a length that does not fit
+
+    monkeypatch.setattr(bench, "train_tokens_per_s", train_tokens_per_s)
+    with pytest.raises(MemoryError):
+        run_main(monkeypatch, *TINY_RUN, "--out", str(tmp_path))
+    partial = json.loads((tmp_path / bench.PARTIAL).read_text())
+    assert partial["train_tokens_per_s"] == {} and partial["decode_ms_per_token"] == {}
+    run_main(monkeypatch, "--report-only", str(tmp_path / bench.PARTIAL))
+    report = (tmp_path / "throughput.partial.md").read_text()
+    saved = partial["activation_bytes"]
+    ratio = saved["transformers Llama"]["64"] / saved[bench.REF]["64"]
+    assert f"| transformers Llama | {saved['transformers Llama']['64'] / 2**20:.0f} ({ratio:.2f}×) |" in report
+    assert "## Training" not in report and "## Decoding" not in report
+    assert (tmp_path / "throughput.partial.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     "content, why",
     [
