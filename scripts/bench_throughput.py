@@ -406,20 +406,35 @@ def without_note(argv: list[str]) -> list[str]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="model shape (default: cpu)")
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's depth (a scaled-down shape)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary")
-    parser.add_argument("--train-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--train-batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
+    parser.add_argument(
+        "--layers", type=positive_int, default=None, help="override the preset's depth (a scaled-down shape)"
+    )
+    parser.add_argument("--vocab-size", type=positive_int, default=None, help="override the preset's vocabulary")
+    parser.add_argument("--train-lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--train-batch", type=positive_int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--decode-steps", type=positive_int, default=16)
+    parser.add_argument(
+        "--threads", type=positive_int, nargs="+", default=[1, 2], help="torch thread counts to measure"
+    )
     parser.add_argument(
         "--later-lengths",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         help="training lengths for the thread counts after the first (default: --train-lengths)",
@@ -456,6 +471,8 @@ def parse_args():
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.decode_steps = 2, 8
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} is a file, not a folder")
     if args.report_only:
         args.report = read_results(args.report_only, parser.error)
     return args

@@ -204,3 +204,21 @@ def test_report_only_names_what_is_wrong_with_its_file_in_one_line(monkeypatch, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--report-only: " + why.format(path=path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["throughput.json"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train-lengths", "1024", "0"], "argument --train-lengths: '0' is not a positive integer"),
+        (["--threads", "two"], "argument --threads: 'two' is not an integer"),
+        (["--rounds", "-1"], "argument --rounds: '-1' is not a positive integer"),
+        (["--contexts", "1.5"], "argument --contexts: '1.5' is not an integer"),
+        (["--out", "pyproject.toml"], "--out: pyproject.toml is a file, not a folder"),
+    ],
+)
+def test_bad_arguments_stop_the_run_with_one_line_naming_the_flag(monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, *argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench_throughput.py: error: {message}"
