@@ -36,7 +36,7 @@ Nothing measured is lost: after every measurement the results so far are written
 (removed when the run finishes), and a ``--peak-memory`` child that fails (out of memory: the kernel kills it) is
 listed under "Failed measurements" while the run goes on. Render a partial or finished JSON again with
 
-    python scripts/bench_throughput.py --report-only docs/throughput_130m/throughput.partial.json
+    python scripts/bench_throughput.py --report-only docs/throughput_130m_8k/throughput.partial.json
 """
 
 from __future__ import annotations
