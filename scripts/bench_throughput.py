@@ -57,6 +57,8 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x: cache keyword renames
 
 from bmojo import BMojoCache, BMojoForCausalLM, preset_config  # noqa: E402 (after the warnings filter)
+from bmojo.checkpoint import write_text_atomic  # noqa: E402
+from bmojo.cli import _int_at_least  # noqa: E402 (the CLI's integer flags' parser and wording)
 from bmojo.configuration_bmojo import V0_OPTIONS  # noqa: E402
 from bmojo.evals.peers import llama_config, mamba2_config  # noqa: E402
 
@@ -406,15 +408,7 @@ def without_note(argv: list[str]) -> list[str]:
     return out
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 
 
 def parse_args():
@@ -594,9 +588,7 @@ def save_partial(results, out: Path) -> None:
     a crash, an out-of-memory kill or Ctrl-C loses only the measurement in flight. ``--report-only`` renders it
     (cells not measured show as "-"); a finished run removes it."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (PARTIAL + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / PARTIAL)
+    write_text_atomic(out / PARTIAL, json.dumps(results, indent=2))
 
 
 def mib(nbytes) -> str:

@@ -209,10 +209,10 @@ def test_report_only_names_what_is_wrong_with_its_file_in_one_line(monkeypatch, 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--train-lengths", "1024", "0"], "argument --train-lengths: '0' is not a positive integer"),
-        (["--threads", "two"], "argument --threads: 'two' is not an integer"),
-        (["--rounds", "-1"], "argument --rounds: '-1' is not a positive integer"),
-        (["--contexts", "1.5"], "argument --contexts: '1.5' is not an integer"),
+        (["--train-lengths", "1024", "0"], "argument --train-lengths: must be at least 1, got 0"),
+        (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+        (["--rounds", "-1"], "argument --rounds: must be at least 1, got -1"),
+        (["--contexts", "1.5"], "argument --contexts: expected an integer, got '1.5'"),
         (["--out", "pyproject.toml"], "--out: pyproject.toml is a file, not a folder"),
     ],
 )
