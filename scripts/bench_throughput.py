@@ -5,6 +5,7 @@ Mamba2ForCausalLM, all at (about) equal parameter counts, on this CPU.
     python scripts/bench_throughput.py --threads 1 2           # writes docs/throughput.{md,json,png}
     python scripts/bench_throughput.py --quick --threads 1     # fewer rounds, shorter decode runs (~10 min)
     python scripts/bench_throughput.py --checkpointing ...     # also B'MOJO with activation checkpointing
+    python scripts/bench_throughput.py --selective-recompute ... # also B'MOJO recomputing its attention and SSD ops
 
 Measures, for each thread count in ``--threads``:
 
@@ -23,7 +24,9 @@ Measures, for each thread count in ``--threads``:
 
 ``--checkpointing`` adds "B'MOJO, activation checkpointing" (the same model after ``gradient_checkpointing_enable()``:
 each layer's forward is recomputed in the backward) to the training rounds and the activation memory; its decoding
-is B'MOJO's (decoding never checkpoints) and is not measured again.
+is B'MOJO's (decoding never checkpoints) and is not measured again. ``--selective-recompute`` likewise adds "B'MOJO,
+selective recompute" (after ``selective_recompute_enable()``: the attention and SSD ops are recomputed in the
+backward, the rest of the layer is kept).
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
@@ -64,6 +67,7 @@ from bmojo.evals.peers import llama_config, mamba2_config  # noqa: E402
 
 REF = "B'MOJO"
 CHECKPOINTED = "B'MOJO, activation checkpointing"
+RECOMPUTED = "B'MOJO, selective recompute"
 # --skip keys -> the name prefix of the models they leave out (the targets' models, B'MOJO, its SWA case, Llama and
 # Mamba2, cannot be skipped)
 SKIPPABLE = {"full": "B'MOJO full-attention case", "ssm-case": "B'MOJO Mamba-2 case", "mistral": "transformers Mistral"}
@@ -74,10 +78,13 @@ def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_specs(preset: str, overrides: dict, max_length: int, checkpointing: bool = False) -> dict:
+def build_specs(
+    preset: str, overrides: dict, max_length: int, checkpointing: bool = False, selective_recompute: bool = False
+) -> dict:
     """Name -> (factory(window=None) -> model, kind, our equivalent config). ``window`` only matters for the
     full-attention case (``W >= L``; rounded up to a multiple of the chunk). ``checkpointing``: also B'MOJO with
-    activation checkpointing (``CHECKPOINTED``, right after it)."""
+    activation checkpointing (``CHECKPOINTED``, right after it); ``selective_recompute``: also B'MOJO recomputing
+    its attention and SSD ops (``RECOMPUTED``, after those)."""
     base = preset_config(preset, **overrides)
     target = count(BMojoForCausalLM(base))
     chunk = base.chunk_size
@@ -125,8 +132,15 @@ def build_specs(preset: str, overrides: dict, max_length: int, checkpointing: bo
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         return model
 
+    def recomputed(window=None):
+        model = ours()
+        model.selective_recompute_enable()
+        return model
+
     full = lambda window=None: ours(window or full_window, **attn)
     extra = {CHECKPOINTED: (checkpointed, "ours", ours().config)} if checkpointing else {}
+    if selective_recompute:
+        extra[RECOMPUTED] = (recomputed, "ours", ours().config)
     return {
         REF: (lambda window=None: ours(), "ours", ours().config),
         **extra,
@@ -167,9 +181,10 @@ def describe(model) -> str:
     return f"{type(model).__name__}: " + " ".join(f"{f}={getattr(c, f)}" for f in fields if hasattr(c, f))
 
 
-def ideal_train_flops(config, length: int, recompute: bool = False) -> float:
+def ideal_train_flops(config, length: int, recompute: bool = False, recompute_ops: bool = False) -> float:
     """FLOPs per token of one training step (3x the forward; ``recompute``: plus the layers' forward once more, as
-    activation checkpointing does) of an exact algorithm for ``config``'s model at
+    activation checkpointing does; ``recompute_ops``: plus the attention and SSD ops' forward once more, as selective
+    recompute does) of an exact algorithm for ``config``'s model at
     length ``L``: 2 per weight (every 2-D projection and the tied output layer), attention 4·H·D per visible key
     (averaged over the positions; a causal Transformer sees (L+1)/2 keys on average, a window min(i+1, W), B'MOJO
     also the W fading keys once past W and M eidetic slots), SSD with chunk l: G·N·l + H·P·l (in-chunk scores and
@@ -202,7 +217,7 @@ def ideal_train_flops(config, length: int, recompute: bool = False) -> float:
             )
             mixing += 4 * head * keys + ssd
     layers_forward = 2 * (dense - embed.numel()) + mixing  # all but the (tied) embedding / output layer
-    return 3 * (2 * dense + mixing) + (layers_forward if recompute else 0)
+    return 3 * (2 * dense + mixing) + (layers_forward if recompute else 0) + (mixing if recompute_ops else 0)
 
 
 def activation_bytes(model, x) -> int:
@@ -246,7 +261,7 @@ def _status_bytes(field: str) -> int:
 
 
 def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing: bool, name: str, length: int,
-                    batch: int, vocab: int) -> tuple[int, int]:  # fmt: skip
+                    batch: int, vocab: int, selective_recompute: bool = False) -> tuple[int, int]:  # fmt: skip
     """In a fresh process: ``(peak, activations)``. ``peak``: the peak resident memory of ``name``'s first training
     step (forward, backward, AdamW step: activations, gradients, optimizer state, temporaries) above the resident
     size just before it (weights, the interpreter); Linux: ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to
@@ -254,7 +269,7 @@ def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing
     (so that no model's graph ever shares a process with another's: at 8K they do not fit in 24 GiB together)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_specs(preset, overrides, max_length, checkpointing)[name][0]()
+    model = build_specs(preset, overrides, max_length, checkpointing, selective_recompute)[name][0]()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(3, vocab, (batch, length))
     release_memory()
@@ -288,6 +303,7 @@ def peak_step_bytes(args, overrides: dict, name: str, length: int, vocab: int) -
     job = dict(
         preset=args.preset, overrides=overrides, max_length=max(args.train_lengths + args.contexts), name=name,
         checkpointing=args.checkpointing, length=length, batch=args.train_batch, vocab=vocab,
+        selective_recompute=getattr(args, "selective_recompute", False),
     )  # fmt: skip
     stdout = run_child(
         [sys.executable, __file__, "--peak-child", json.dumps(job)], f"peak memory of {name} at L={length}"
@@ -441,6 +457,11 @@ def parse_args():
         help=f"also measure {CHECKPOINTED!r} (training tokens/s and activation memory)",
     )
     parser.add_argument(
+        "--selective-recompute",
+        action="store_true",
+        help=f"also measure {RECOMPUTED!r} (training tokens/s and activation memory)",
+    )
+    parser.add_argument(
         "--skip",
         nargs="+",
         default=[],
@@ -504,7 +525,9 @@ def main() -> None:
     if args.layers:
         overrides["layers_block_type"] = [preset_config(args.preset).layers_block_type[0]] * args.layers
     torch.manual_seed(0)
-    specs = build_specs(args.preset, overrides, max(args.train_lengths + args.contexts), args.checkpointing)
+    specs = build_specs(
+        args.preset, overrides, max(args.train_lengths + args.contexts), args.checkpointing, args.selective_recompute
+    )
     specs = skipped(specs, args.skip)
     vocab = preset_config(args.preset, **overrides).vocab_size
     models = {name: factory() for name, (factory, _, _) in specs.items()}
@@ -513,7 +536,8 @@ def main() -> None:
     for name in models:
         print(f"{name:34s} {params[name] / 1e6:6.2f}M  {configs[name]}")
     flops = {
-        n: {L: ideal_train_flops(cfg, L, recompute=n == CHECKPOINTED) for L in args.train_lengths}
+        n: {L: ideal_train_flops(cfg, L, recompute=n == CHECKPOINTED, recompute_ops=n == RECOMPUTED)
+            for L in args.train_lengths}
         for n, (_, _, cfg) in specs.items()
     }
     results = {
@@ -564,7 +588,8 @@ def main() -> None:
                 print(f"threads {threads} L={L:6d} {name:34s} {tps[name]:8.0f} tokens/s  "
                       f"B'MOJO/this {tps[REF] / tps[name]:.2f}x (ideal {ideal:.2f}x)")  # fmt: skip
             save_partial(results, out)
-        decoders = {n: spec for n, spec in specs.items() if n != CHECKPOINTED}  # decoding never checkpoints
+        # decoding never checkpoints nor recomputes: those models decode as B'MOJO does
+        decoders = {n: spec for n, spec in specs.items() if n not in (CHECKPOINTED, RECOMPUTED)}
         decode = results["decode_ms_per_token"][threads] = {n: {} for n in decoders}
         for context in args.contexts:
             ms, size = decode_ms_per_token(decoders, context, args.decode_steps, 3, vocab)
@@ -644,7 +669,7 @@ def targets(results) -> list[str]:
     if lengths:
         L = lengths[-1]
         for kind, table in (("activation memory", act), ("peak training-step memory", peak)):
-            for name in (REF, CHECKPOINTED):
+            for name in (REF, CHECKPOINTED, RECOMPUTED):
                 if name in table:  # peak: the issue's words, "peak training memory"
                     r = ratio(table, name, llama, L)
                     verdict(f"{kind} {name}/Llama at L={L}", r, "<= 1.0", r is not None and r <= 1.0)

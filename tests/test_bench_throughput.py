@@ -50,6 +50,24 @@ def test_checkpointing_adds_the_checkpointed_model_with_its_recompute_flops_and_
     assert base < again < base * 4 / 3  # one more forward, of the layers only (not the embedding / output layer)
 
 
+def test_selective_recompute_adds_the_recomputing_model_with_its_flops_and_smaller_activations():
+    specs = bench.build_specs("tiny", {}, 64, checkpointing=True, selective_recompute=True)
+    assert list(specs)[:3] == [bench.REF, bench.CHECKPOINTED, bench.RECOMPUTED]
+    assert bench.RECOMPUTED not in bench.build_specs("tiny", {}, 64, checkpointing=True)
+    plain, recomputed = specs[bench.REF][0](), specs[bench.RECOMPUTED][0]()
+    mixers = [m for m in recomputed.modules() if hasattr(m, "recompute_ops")]
+    assert mixers and all(m.recompute_ops == {"attention", "ssd"} for m in mixers)
+    assert not any(m.recompute_ops for m in plain.modules() if hasattr(m, "recompute_ops"))
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randint(3, 64, (1, 64), generator=torch.Generator().manual_seed(0))
+    full, kept = bench.activation_bytes(plain, x), bench.activation_bytes(recomputed, x)
+    assert kept < 0.8 * full, (kept, full)  # the ops' key sets and chunk matrices are not kept
+    config = specs[bench.REF][2]
+    base = bench.ideal_train_flops(config, 64)
+    ops, layers = (bench.ideal_train_flops(config, 64, **{k: True}) for k in ("recompute_ops", "recompute"))
+    assert base < ops < layers  # one more forward of the two ops only: less than one of whole layers
+
+
 def test_skip_leaves_out_only_the_named_models_and_never_the_targets_models():
     specs = bench.build_specs("tiny", {}, 64)
     kept = bench.skipped(specs, ["full", "mistral"])
@@ -57,7 +75,8 @@ def test_skip_leaves_out_only_the_named_models_and_never_the_targets_models():
     assert {bench.REF, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2"} <= set(kept)
     assert not any(
         any(name.startswith(p) for p in bench.SKIPPABLE.values())
-        for name in (bench.REF, bench.CHECKPOINTED, "B'MOJO SWA case", "transformers Llama", "transformers Mamba2")
+        for name in (bench.REF, bench.CHECKPOINTED, bench.RECOMPUTED, "B'MOJO SWA case", "transformers Llama",
+                     "transformers Mamba2")  # fmt: skip
     )
 
 

@@ -314,3 +314,178 @@ def test_train_flag_is_refused_with_tensor_parallelism_and_on_xla(extra, message
     assert cli(train_args(corpus, tmp_path / "run", "--gradient-checkpointing", *extra)) == 2
     assert one_error_line(capsys) == message
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- selective recompute: the attention and SSD ops only ---------------------------------------------------------
+def _op_probe(monkeypatch):
+    """Wrap the ops the mixers run through ``run_op``: count each op's calls and record the storages that autograd
+    saves while the op runs (``inside``) and outside it, as ``_saved_bytes`` does for the blocks."""
+    import bmojo.layers.common as mixer_common
+
+    calls = {op: 0 for op in mixer_common.RECOMPUTABLE_OPS}
+    depth = [0]
+    given = {}  # storage -> bytes of every tensor the ops were given (what a recomputation must keep)
+
+    def probing(op):
+        fn = mixer_common_dispatch(op)
+
+        def run(*args, **kwargs):
+            calls[op] += 1
+            for t in _tensors([*args, *kwargs.values()]):
+                given[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return run
+
+    mixer_common_dispatch = mixer_common.dispatch
+    monkeypatch.setattr(mixer_common, "dispatch", probing)
+    return calls, depth, given
+
+
+def _saved_around_ops(model, x, depth) -> dict[str, int]:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parts = {"inside": {}, "outside": {}}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            parts["inside" if depth[0] else "outside"][storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=x, labels=x).loss
+    union = {**parts["inside"], **parts["outside"]}
+    return {"inside": sum(parts["inside"].values()), "total": sum(union.values()), "loss": loss}
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_selective_recompute_changes_no_loss_and_no_gradient(overrides):
+    model = tiny_model(**overrides).train()
+    x = tokens(2, 36)
+    x[0, 11] = x[1, 20] = 5
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    plain = _step(model, x, mask)
+    model.selective_recompute_enable()
+    mixers = [m for m in model.modules() if hasattr(m, "recompute_ops")]
+    assert mixers and all(m.recompute_ops == {"attention", "ssd"} for m in mixers)
+    recomputed = _step(model, x, mask)
+    _enable(model)  # and both together: the block's recomputation recomputes its ops once more in the backward
+    both = _step(model, x, mask)
+    for run in (recomputed, both):
+        assert set(run[4]) == set(plain[4]) == {n for n, p in model.named_parameters()}
+        torch.testing.assert_close(run[:4], plain[:4], rtol=1e-12, atol=1e-12)
+        for name, grad in plain[4].items():
+            torch.testing.assert_close(run[4][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("ops", [("attention", "ssd"), ("attention",), ("ssd",)])
+def test_selective_recompute_keeps_nothing_of_the_ops_and_runs_them_again_in_the_backward(ops, monkeypatch):
+    calls, depth, given = _op_probe(monkeypatch)
+    # every layer type: attention layers run the attention op, ssm layers the SSD op, bmojo layers both
+    model = tiny_model(num_hidden_layers=4, layers_block_type=MIXED).train()
+    runs = {"attention": 3, "ssd": 3}  # per forward: bmojo, attention, bmojo / bmojo, ssm, bmojo
+    x = tokens(2, 64)
+    plain = _saved_around_ops(model, x, depth)
+    plain["loss"].backward()
+    assert calls == runs  # the backward of the plain model runs no op again
+    assert plain["inside"] > plain["total"] / 3  # the ops' intermediates: a large part of what a step keeps
+    model.selective_recompute_enable(ops)
+    for op in calls:
+        calls[op] = 0
+    given.clear()
+    recomputed = _saved_around_ops(model, x, depth)
+    assert calls == runs  # the forward: once each
+    recomputed["loss"].backward()
+    assert calls == {op: n * (2 if op in ops else 1) for op, n in runs.items()}  # the backward recomputed `ops`
+    # A recomputed op saves nothing (checkpoint's own hooks take its intermediates and drop them) but keeps its inputs
+    # (the layer's q/k/v, fading keys, memory, the SSD's x/dt/B/C: of [B, L, d]'s order, a few times smaller than
+    # what the ops kept inside); the others save what they did; everything else is saved as before.
+    if ops == ("attention", "ssd"):
+        assert recomputed["inside"] == 0
+        inputs = sum(given.values())
+        assert inputs < plain["inside"] / 3
+        assert recomputed["total"] <= plain["total"] - plain["inside"] + inputs
+    else:
+        assert 0 < recomputed["inside"] < plain["inside"]
+        assert recomputed["total"] < plain["total"]
+    torch.testing.assert_close(recomputed["loss"], plain["loss"], rtol=0, atol=0)
+
+
+def test_selective_recompute_is_off_in_eval_and_without_grad(monkeypatch):
+    calls, _, _ = _op_probe(monkeypatch)
+    model = tiny_model(layers_block_type=["bmojo", "ssm"]).train()
+    model.selective_recompute_enable()
+    x = tokens(1, 20)
+
+    def ssd_calls(run) -> int:
+        before = calls["ssd"]
+        run()
+        return calls["ssd"] - before
+
+    def train_step():
+        model(input_ids=x, labels=x).loss.backward()
+
+    assert ssd_calls(train_step) == 4  # two SSM blocks, forward and recomputation
+    model.eval()
+    assert ssd_calls(train_step) == 2  # eval mode: nothing recomputed
+    model.train()
+    with torch.no_grad():
+        assert ssd_calls(lambda: model(input_ids=x)) == 2
+    model.selective_recompute_disable()
+    assert not any(m.recompute_ops for m in model.modules() if hasattr(m, "recompute_ops"))
+    assert ssd_calls(train_step) == 2
+
+
+def test_selective_recompute_bad_use_is_one_value_error():
+    from bmojo.parallel.memory import _MeasuringBackend
+    from bmojo.parallel.tensor_parallel import shard_model
+
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"^selective recompute: unknown op 'mlp'; choose from attention, ssd$"):
+        model.selective_recompute_enable(("attention", "mlp"))
+    assert not any(m.recompute_ops for m in model.modules() if hasattr(m, "recompute_ops"))  # nothing half-set
+    model.selective_recompute_enable("ssd")  # one name alone is one op, not its letters
+    assert {m.recompute_ops for m in model.modules() if hasattr(m, "recompute_ops")} == {frozenset({"ssd"})}
+    sharded = shard_model(tiny_model(ssm_ngroups=2), 0, 2, backend=_MeasuringBackend(2))
+    with pytest.raises(ValueError, match=r"^selective recompute is not supported with tensor parallelism \("):
+        sharded.selective_recompute_enable()
+    plain = tiny_model(ssm_ngroups=2)
+    plain.selective_recompute_enable()
+    with pytest.raises(ValueError, match=r"^selective recompute is not supported with tensor parallelism: call"):
+        shard_model(plain, 0, 2, backend=_MeasuringBackend(2))
+
+
+def test_train_flag_recomputes_the_ops_and_changes_no_number(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path)
+    assert cli(train_args(corpus, tmp_path / "plain", "--steps", "2")) == 0
+    calls, _, _ = _op_probe(monkeypatch)
+    run = tmp_path / "recomputed"
+    assert cli(train_args(corpus, run, "--steps", "2", "--selective-recompute")) == 0
+    assert yaml.safe_load((run / "train_config.yaml").read_text())["selective_recompute"] is True
+    assert _train_losses(run) == _train_losses(tmp_path / "plain")  # float32, one thread: the same numbers
+    calls_recomputed = dict(calls)
+    for op in calls:
+        calls[op] = 0
+    assert cli(train_args(corpus, tmp_path / "plain2", "--steps", "2")) == 0
+    # the same evaluations, and each training step's ops once more
+    assert calls_recomputed["attention"] > calls["attention"] and calls_recomputed["ssd"] > calls["ssd"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tp", "2"], "train.selective_recompute (--selective-recompute) is not supported with --tp 2"),
+        (["--device", "xla"], "train.selective_recompute (--selective-recompute) is not supported with "
+                              "--device xla (XLA can undo its recomputation)"),  # fmt: skip
+    ],
+)
+def test_selective_recompute_flag_is_refused_with_tensor_parallelism_and_on_xla(extra, message, tmp_path, capsys):
+    corpus = _corpus(tmp_path)
+    assert cli(train_args(corpus, tmp_path / "run", "--selective-recompute", *extra)) == 2
+    assert one_error_line(capsys) == message
+    assert not (tmp_path / "run" / "checkpoints").exists()

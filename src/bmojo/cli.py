@@ -99,6 +99,11 @@ TRAIN_FLAGS = {
         help="recompute each layer's forward in the backward: activation memory ~ one [batch, seq-len, hidden] "
         "tensor per layer, for about a third more compute per step (not with --tp or --device xla)",
     ),
+    "--selective-recompute": dict(
+        action="store_true",
+        help="recompute only the attention and SSD ops in the backward: about half the activation memory, for one "
+        "more forward of those ops per step (not with --tp or --device xla)",
+    ),
     "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
     "--zero1": dict(action="store_true", help="shard the AdamW state over the data-parallel processes (ZeRO-1)"),
     "--init": dict(

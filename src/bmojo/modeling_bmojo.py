@@ -26,6 +26,11 @@ prefill that collects the decoding state (``use_cache=True``: run as is, with a 
 ``ValueError``: a tensor-parallel (sharded) model, and a checkpointed forward on an XLA device (XLA's
 common-subexpression elimination can merge the recomputation back into the forward, so plain
 ``torch.utils.checkpoint`` may save nothing there; ``torch_xla.utils.checkpoint`` is not wired in).
+
+Selective recompute. ``model.selective_recompute_enable()`` recomputes only the attention op and the SSD op in the
+backward (their key sets and chunk matrices are most of what a layer keeps; their inputs are little): about half the
+saved activations for one more forward of those two ops. Same scope and refusals as checkpointing; see
+``layers.common.run_op``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from .layers import (
     SlidingWindowAttention,
     StepInfo,
 )
+from .layers.common import RECOMPUTABLE_OPS
 from .layers.eidetic import SelectionBias
 from .ops.common import at_least_fp32
 from .ops.rope import rope_cos_sin
@@ -133,6 +139,36 @@ class BMojoPreTrainedModel(PreTrainedModel):
         for i, block in enumerate(blocks):
             block._gradient_checkpointing_func = func
             block.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
+
+    def selective_recompute_enable(self, ops: tuple[str, ...] = RECOMPUTABLE_OPS) -> None:
+        """Recompute the given sequence ops (``"attention"``, ``"ssd"``; default both) in the backward instead of
+        keeping their intermediates (selective activation recomputation, ``layers.common.run_op``): every layer then
+        keeps the op's inputs only, the backward runs the op's forward once more, and every number stays the same.
+        It applies where gradient checkpointing does (a training forward with gradients enabled) and combines with
+        it. What it saves and costs: ``docs/results.md`` (the throughput study's "selective recompute" rows).
+
+        Raises ``ValueError`` for an op not in ``RECOMPUTABLE_OPS`` and on a tensor-parallel (sharded) model
+        (untested there); a recomputed forward on an XLA device raises ``ValueError`` (see ``run_op``)."""
+        ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        unknown = [op for op in ops if op not in RECOMPUTABLE_OPS]
+        if unknown:
+            choices = ", ".join(RECOMPUTABLE_OPS)
+            raise ValueError(f"selective recompute: unknown op {unknown[0]!r}; choose from {choices}")
+        if getattr(self, "tensor_parallel", None) is not None:
+            raise ValueError(
+                f"selective recompute is not supported with tensor parallelism (the model is sharded "
+                f"{self.tensor_parallel}; untested)"
+            )
+        self._set_recompute_ops(frozenset(ops))
+
+    def selective_recompute_disable(self) -> None:
+        """Keep every op's intermediates again (the default)."""
+        self._set_recompute_ops(frozenset())
+
+    def _set_recompute_ops(self, ops: frozenset[str]) -> None:
+        for module in self.modules():
+            if hasattr(module, "recompute_ops"):
+                module.recompute_ops = ops
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

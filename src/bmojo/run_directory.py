@@ -36,7 +36,7 @@ LOCK_FILE = ".lock"
 # Training settings that --resume may change without --allow-changes: they do not alter what a step computes.
 RESUMABLE = (
     *("out", "steps", "eval_every", "save_every", "threads", "tp", "zero1", "gradient_checkpointing"),
-    *("keep_checkpoints", "sample_prompt", "sample_tokens"),
+    *("selective_recompute", "keep_checkpoints", "sample_prompt", "sample_tokens"),
 )
 
 

@@ -42,6 +42,9 @@ class TrainConfig:
     # Recompute each decoder block's forward in the backward (BMojoModel's activation checkpointing): activation
     # memory ~ one [B, L, d] per layer, for about one more forward of the layers per step; the same numbers.
     gradient_checkpointing: bool = False
+    # Recompute the attention and SSD ops in the backward (BMojoModel's selective_recompute_enable): about half the
+    # saved activations, for one more forward of those two ops per step; the same numbers.
+    selective_recompute: bool = False
     seed: int = 0
     device: str = "cpu"  # or "xla": Trainium through torch-xla (bmojo.devices)
     threads: int = 0  # torch threads per process; 0 = the cores, shared among the processes
@@ -137,6 +140,9 @@ class TrainConfig:
         if self.gradient_checkpointing and (self.device == "xla" or self.tp > 1):
             where = "--device xla (XLA can undo its recomputation)" if self.device == "xla" else f"--tp {self.tp}"
             raise BMojoError(f"train.gradient_checkpointing (--gradient-checkpointing) is not supported with {where}")
+        if self.selective_recompute and (self.device == "xla" or self.tp > 1):
+            where = "--device xla (XLA can undo its recomputation)" if self.device == "xla" else f"--tp {self.tp}"
+            raise BMojoError(f"train.selective_recompute (--selective-recompute) is not supported with {where}")
         self._check_parallel(model_config, world_size)
         dp_size = world_size // self.tp
         processes = dp_size * self.grad_accum

@@ -356,6 +356,8 @@ class Trainer:
         if cfg.gradient_checkpointing:  # transformers 5.x names it activation_checkpointing_enable (4.57: gradient_)
             enable = getattr(self.model, "activation_checkpointing_enable", None)
             (enable or self.model.gradient_checkpointing_enable)()
+        if cfg.selective_recompute:
+            self.model.selective_recompute_enable()
         device.place_model(self.model).train()
         self.teacher = None
         if cfg.teacher:  # frozen, in the student's parameter dtype
@@ -451,6 +453,7 @@ class Trainer:
             + (f" ({self.trainable:,} trainable: {cfg.trainable})" if cfg.trainable != "all" else "")
             + (f", distilled from {cfg.teacher}" if cfg.teacher else "")
             + (", activation checkpointing" if cfg.gradient_checkpointing else "")
+            + (", selective recompute" if cfg.selective_recompute else "")
             + " on "
             f"{self.device.torch_device} | {len(corpus.tokens):,} tokens ({len(corpus.train_windows):,} train / "
             f"{len(corpus.val_windows):,} val sequences of {cfg.seq_len}) | {self.procs.world_size} process(es) x "

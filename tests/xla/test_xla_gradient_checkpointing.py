@@ -1,5 +1,6 @@
-"""Activation checkpointing is refused on an XLA device: XLA's common-subexpression elimination can merge
-torch.utils.checkpoint's recomputation back into the forward (``BMojoModel._checkpointed_layers``)."""
+"""Activation checkpointing and selective recompute are refused on an XLA device: XLA's common-subexpression
+elimination can merge torch.utils.checkpoint's recomputation back into the forward (``BMojoModel._checkpointed_layers``,
+``layers.common.run_op``)."""
 
 import pytest
 
@@ -26,4 +27,21 @@ def test_a_checkpointed_training_forward_on_xla_is_one_value_error():
         model(input_ids=x, labels=x)
     assert str(err.value) == message
     with torch.no_grad():  # no backward, nothing to checkpoint: the forward runs
+        assert model(input_ids=x).logits.shape == (1, 16, 64)
+
+
+def test_a_selectively_recomputed_training_forward_on_xla_is_one_value_error():
+    device = torch_xla.device()
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(preset_config("tiny")).to(device).train()
+    model.selective_recompute_enable()
+    x = torch.randint(3, 64, (1, 16)).to(device)
+    message = (
+        "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
+        "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
+    )
+    with pytest.raises(ValueError) as err:
+        model(input_ids=x, labels=x)
+    assert str(err.value) == message
+    with torch.no_grad():  # no backward, nothing to recompute: the forward runs
         assert model(input_ids=x).logits.shape == (1, 16, 64)

@@ -16,7 +16,7 @@ from ..ops import dispatch
 from ..ops.common import cast
 from ..ops.rope import apply_rope, rotate
 from ..ops.selection import EideticMemory
-from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo
+from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo, run_op
 
 
 @dataclass
@@ -39,6 +39,8 @@ class SlidingWindowAttention(nn.Module):
     """
 
     state_type = AttentionState
+    # sequence ops recomputed in the backward (``run_op``; set by the model's ``selective_recompute_enable``)
+    recompute_ops: frozenset[str] = frozenset()
     # Whether the layer type can carry fading keys / an eidetic memory (the config may still turn them off).
     use_fading = False
     use_eidetic = False
@@ -97,9 +99,9 @@ class SlidingWindowAttention(nn.Module):
                 **options):
         """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``; ``options``: the op's
         keywords for the key-set biases and the self fading key (B'MOJO layers)."""
-        out = dispatch("attention")(
-            q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory, key_mask=info.valid,
-            **options,
+        out = run_op(
+            self, "attention", q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory,
+            key_mask=info.valid, **options,
         )
         return self._project_out(out)
 

@@ -9,6 +9,9 @@ Every mixer (``Mamba2Mixer``, ``SlidingWindowAttention``, ``BMojoMixer``) has
 * ``allocate_inference_state(config, batch_size, device, dtype)``: the empty state its ``step`` updates,
 
 so that ``BMojoBlock`` runs any of them without asking which it holds.
+
+Mixers call their sequence ops through ``run_op``, which can recompute an op in the backward instead of keeping its
+intermediates (``recompute_ops``; ``BMojoPreTrainedModel.selective_recompute_enable``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import dispatch
+
+# The sequence ops a mixer may recompute in the backward (``run_op``): their intermediates are most of what a B'MOJO
+# layer keeps for the backward (the attention's concatenated key sets, the SSD's chunk matrices), their inputs little.
+RECOMPUTABLE_OPS = ("attention", "ssd")
 
 
 class Rope(NamedTuple):
@@ -109,6 +119,29 @@ class StepInfo:
             ("chunk_start", chunk_size),
             lambda: (torch.remainder(self.positions, chunk_size) == 0) & (self.positions > 0),
         )
+
+
+def run_op(mixer: torch.nn.Module, op: str, *args, **kwargs):
+    """``dispatch(op)(*args, **kwargs)``, recomputed in the backward when ``op`` is in ``mixer.recompute_ops`` and
+    the call records a graph for a backward (``mixer.training`` and gradients enabled).
+
+    Recomputed (selective activation recomputation; Korthikanti et al., "Reducing Activation Recomputation in Large
+    Transformer Models", 2022, Sec. 4.2, there for the attention core): the op's inputs are kept, its intermediates
+    are not, and the backward runs its forward once more (``torch.utils.checkpoint``, non-reentrant). The ops are pure
+    functions of their inputs, so every number is the same.
+
+    Raises ``ValueError`` for a recomputed op on an XLA device (XLA's common-subexpression elimination can merge the
+    recomputation back into the forward; ``torch_xla.utils.checkpoint`` is not wired in).
+    """
+    fn = dispatch(op)
+    if op not in mixer.recompute_ops or not (mixer.training and torch.is_grad_enabled()):
+        return fn(*args, **kwargs)
+    if args[0].device.type == "xla":
+        raise ValueError(
+            "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
+            "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
+        )
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 class MixerOutput(NamedTuple):

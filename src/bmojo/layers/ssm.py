@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..ops import dispatch
 from ..ops.common import at_least_fp32, compute_dtype
 from ..ops.conv import conv_state_from_inputs
-from .common import InferenceState, MixerOutput, SequenceInfo, StepInfo
+from .common import InferenceState, MixerOutput, SequenceInfo, StepInfo, run_op
 from .norm import BMojoGatedRMSNorm
 
 
@@ -36,6 +36,8 @@ class Mamba2Mixer(nn.Module):
     """
 
     state_type = SSMState
+    # sequence ops recomputed in the backward (``run_op``; set by the model's ``selective_recompute_enable``)
+    recompute_ops: frozenset[str] = frozenset()
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
@@ -111,7 +113,7 @@ class Mamba2Mixer(nn.Module):
             xbc = xbc * valid
             dt = dt * valid
         x, b, c = self._heads(xbc)
-        y, final = dispatch("ssd")(x, dt, self._decay(), b, c, self.chunk_size, D=self.D)
+        y, final = run_op(self, "ssd", x, dt, self._decay(), b, c, self.chunk_size, D=self.D)
         y = self.norm(y.reshape(*h.shape[:-1], self.inner), z)
         state = None
         if info.collect_state:

@@ -102,7 +102,8 @@ def shard_model(model: BMojoForCausalLM, tp_rank: int, tp_size: int, backend="to
     ``model.config`` still describes the full model. With ``tp_size == 1`` the model is returned unchanged.
     Decoding works after a parallel prefill (``use_cache=True``); ``BMojoCache.empty`` builds full-size states
     and does not fit a sharded model. Activation checkpointing (``gradient_checkpointing_enable``) is refused with
-    tensor parallelism (untested: the recomputation would repeat the forward's collectives inside the backward).
+    tensor parallelism (untested: the recomputation would repeat the forward's collectives inside the backward), and
+    so is selective recompute (``selective_recompute_enable``; untested).
     """
     config = model.config
     check_tp_size(config, tp_size)
@@ -114,6 +115,11 @@ def shard_model(model: BMojoForCausalLM, tp_rank: int, tp_size: int, backend="to
         raise ValueError(
             "gradient checkpointing is not supported with tensor parallelism: call "
             "model.gradient_checkpointing_disable() before shard_model"
+        )
+    if tp_size > 1 and any(getattr(m, "recompute_ops", None) for m in model.modules()):
+        raise ValueError(
+            "selective recompute is not supported with tensor parallelism: call "
+            "model.selective_recompute_disable() before shard_model"
         )
     if tp_size == 1:
         return model
