@@ -174,7 +174,14 @@ def describe(model) -> str:
             text += f"options={'v0' if not changed else ','.join(changed)} "
         if kinds & {"ssm", "bmojo"}:
             chunk = getattr(c, "ssd_chunk_size", None) or c.chunk_size
-            text += f"ssd_C={chunk} N={c.ssm_state_size} P={c.ssm_head_dim} ssm_heads={c.ssm_num_heads}"
+            text += f"ssd_C={chunk} N={c.ssm_state_size} P={c.ssm_head_dim} ssm_heads={c.ssm_num_heads} "
+        # how the backward gets what it needs: what the model was built with, read from the model itself
+        checkpointed = sum(bool(getattr(b, "gradient_checkpointing", False)) for b in model.model.layers)
+        recomputed = sorted(set().union(*(getattr(m, "recompute_ops", ()) for m in model.modules())))
+        if checkpointed:
+            text += f"checkpointed_layers={checkpointed} "
+        if recomputed:
+            text += f"recompute={','.join(recomputed)}"
         return text.strip()
     fields = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "sliding_window", "state_size", "head_dim", "num_heads", "n_groups", "chunk_size"]  # fmt: skip

@@ -58,6 +58,11 @@ def test_selective_recompute_adds_the_recomputing_model_with_its_flops_and_small
     mixers = [m for m in recomputed.modules() if hasattr(m, "recompute_ops")]
     assert mixers and all(m.recompute_ops == {"attention", "ssd"} for m in mixers)
     assert not any(m.recompute_ops for m in plain.modules() if hasattr(m, "recompute_ops"))
+    # the configuration line says how each B'MOJO model gets its backward's tensors
+    described = {n: bench.describe(spec[0]()) for n, spec in list(specs.items())[:3]}
+    assert described[bench.RECOMPUTED].endswith(" recompute=attention,ssd")
+    assert described[bench.CHECKPOINTED].endswith(f" checkpointed_layers={plain.config.num_hidden_layers}")
+    assert "recompute=" not in described[bench.REF] and "checkpointed" not in described[bench.REF]
     recomputed.load_state_dict(plain.state_dict())
     x = torch.randint(3, 64, (1, 64), generator=torch.Generator().manual_seed(0))
     full, kept = bench.activation_bytes(plain, x), bench.activation_bytes(recomputed, x)
