@@ -448,6 +448,14 @@ def test_selective_recompute_bad_use_is_one_value_error():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"^selective recompute: unknown op 'mlp'; choose from attention, ssd$"):
         model.selective_recompute_enable(("attention", "mlp"))
+    for ops, message in (
+        ((), r"^selective recompute: no op given; choose from attention, ssd \(selective_recompute_disable\(\) turns"),
+        (None, r"^selective recompute: ops must be op names \(attention, ssd\), got None$"),
+        (b"ssd", r"^selective recompute: ops must be op names \(attention, ssd\), got b'ssd'$"),
+        ([3], r"^selective recompute: unknown op 3; choose from attention, ssd$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.selective_recompute_enable(ops)
     assert not any(m.recompute_ops for m in model.modules() if hasattr(m, "recompute_ops"))  # nothing half-set
     model.selective_recompute_enable("ssd")  # one name alone is one op, not its letters
     assert {m.recompute_ops for m in model.modules() if hasattr(m, "recompute_ops")} == {frozenset({"ssd"})}

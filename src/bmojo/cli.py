@@ -101,7 +101,7 @@ TRAIN_FLAGS = {
     ),
     "--selective-recompute": dict(
         action="store_true",
-        help="recompute only the attention and SSD ops in the backward: about half the activation memory, for one "
+        help="recompute only the attention and SSD ops in the backward: about half the saved activations, for one "
         "more forward of those ops per step (not with --tp or --device xla)",
     ),
     "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-changes",
         action="store_true",
         help="with --resume: accept settings that differ from the run's (refused otherwise, except --steps, "
-        "--eval-every, --save-every, --threads, train.keep_checkpoints and the sample settings); resuming to other "
+        "--eval-every, --save-every, --threads, --tp, --zero1, --gradient-checkpointing, --selective-recompute, "
+        "train.keep_checkpoints and the sample settings); resuming to other "
         "--steps keeps the run's cosine schedule (train.decay_steps)",
     )
     train.set_defaults(run=cmd_train)

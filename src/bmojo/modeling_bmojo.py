@@ -29,14 +29,17 @@ common-subexpression elimination can merge the recomputation back into the forwa
 
 Selective recompute. ``model.selective_recompute_enable()`` recomputes only the attention op and the SSD op in the
 backward (their key sets and chunk matrices are most of what a layer keeps; their inputs are little): about half the
-saved activations for one more forward of those two ops. Same scope and refusals as checkpointing; see
-``layers.common.run_op``.
+saved activations for one more forward of those two ops. It applies to every forward that records a graph in
+training mode, also one that collects the decoding state (the ops are pure: nothing in place to replay); refused
+as checkpointing is (tensor parallelism, XLA); see ``layers.common.run_op``. Like gradient checkpointing it is a
+runtime setting of the model object, not saved in its config (``bmojo train`` keeps it in ``train_config.yaml``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -140,19 +143,30 @@ class BMojoPreTrainedModel(PreTrainedModel):
             block._gradient_checkpointing_func = func
             block.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
 
-    def selective_recompute_enable(self, ops: tuple[str, ...] = RECOMPUTABLE_OPS) -> None:
-        """Recompute the given sequence ops (``"attention"``, ``"ssd"``; default both) in the backward instead of
-        keeping their intermediates (selective activation recomputation, ``layers.common.run_op``): every layer then
-        keeps the op's inputs only, the backward runs the op's forward once more, and every number stays the same.
-        It applies where gradient checkpointing does (a training forward with gradients enabled) and combines with
-        it. What it saves and costs: ``docs/results.md`` (the throughput study's "selective recompute" rows).
+    def selective_recompute_enable(self, ops: str | Iterable[str] = RECOMPUTABLE_OPS) -> None:
+        """Recompute the given sequence ops (an op name or several: ``"attention"``, ``"ssd"``; default both) in the
+        backward instead of keeping their intermediates (selective activation recomputation,
+        ``layers.common.run_op``): every layer then keeps the op's inputs only, the backward runs the op's forward
+        once more, and every number stays the same. It applies to training-mode forwards with gradients enabled and
+        combines with gradient checkpointing. A runtime setting, not saved with the model. What it saves and costs:
+        ``docs/results.md`` (the throughput study's "selective recompute" rows).
 
-        Raises ``ValueError`` for an op not in ``RECOMPUTABLE_OPS`` and on a tensor-parallel (sharded) model
-        (untested there); a recomputed forward on an XLA device raises ``ValueError`` (see ``run_op``)."""
-        ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        Raises ``ValueError`` for ops that are not op names, for none, for an op not in ``RECOMPUTABLE_OPS`` (the
+        setting is then left as it was) and on a tensor-parallel (sharded) model (untested there); a recomputed
+        forward on an XLA device raises ``ValueError`` (see ``run_op``)."""
+        choices = ", ".join(RECOMPUTABLE_OPS)
+        if isinstance(ops, str):
+            ops = (ops,)
+        elif isinstance(ops, Iterable) and not isinstance(ops, (bytes, bytearray)):
+            ops = tuple(ops)
+        else:
+            raise ValueError(f"selective recompute: ops must be op names ({choices}), got {ops!r}")
+        if not ops:
+            raise ValueError(
+                f"selective recompute: no op given; choose from {choices} (selective_recompute_disable() turns it off)"
+            )
         unknown = [op for op in ops if op not in RECOMPUTABLE_OPS]
         if unknown:
-            choices = ", ".join(RECOMPUTABLE_OPS)
             raise ValueError(f"selective recompute: unknown op {unknown[0]!r}; choose from {choices}")
         if getattr(self, "tensor_parallel", None) is not None:
             raise ValueError(
