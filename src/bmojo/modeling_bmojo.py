@@ -64,7 +64,7 @@ from .layers import (
     SlidingWindowAttention,
     StepInfo,
 )
-from .layers.common import RECOMPUTABLE_OPS
+from .layers.common import RECOMPUTABLE_OPS, RECOMPUTE_ON_XLA
 from .layers.eidetic import SelectionBias
 from .ops.common import at_least_fp32
 from .ops.rope import rope_cos_sin
@@ -324,6 +324,8 @@ class BMojoModel(BMojoPreTrainedModel):
         if input_ids is None:
             raise ValueError("input_ids is required (inputs_embeds is not supported)")
         self._check_input_ids(input_ids)
+        if cache is None:
+            self._refuse_recomputation_on_xla(input_ids.device)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if cache is not None:
             out = self._decode(input_ids, cache, output_hidden_states)
@@ -362,7 +364,7 @@ class BMojoModel(BMojoPreTrainedModel):
         hidden_states = [] if output_hidden_states else None
         aux_losses = []
         states = []
-        checkpointed = self._checkpointed_layers(info.collect_state, input_ids.device)
+        checkpointed = self._checkpointed_layers(info.collect_state)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
@@ -391,20 +393,28 @@ class BMojoModel(BMojoPreTrainedModel):
         out = BMojoModelOutput(x, new_cache, tuple(hidden_states) if hidden_states else None, innovation)
         return out if return_dict else out.to_tuple()
 
-    def _checkpointed_layers(self, collect_state: bool, device: torch.device) -> list[BMojoBlock]:
-        """The blocks whose forward this parallel forward checkpoints: those marked by
-        ``gradient_checkpointing_enable()`` when in training mode with gradients enabled, and none when the
-        forward collects the decoding state (``use_cache=True``; a warning says so).
-
-        Raises ``ValueError`` on an XLA device (see the module docstring)."""
-        marked = [layer for layer in self.layers if layer.gradient_checkpointing and layer.training]
-        if not marked or not torch.is_grad_enabled():
-            return []
-        if device.type == "xla":
+    def _refuse_recomputation_on_xla(self, device: torch.device) -> None:
+        """``ValueError`` for a training forward with gradient checkpointing or selective recompute on an XLA device
+        (see the module docstring), raised before anything is traced: a refusal from inside the forward would leave
+        its traced tensors pending in the lazy graph, to be compiled into the next one."""
+        if device.type != "xla" or not torch.is_grad_enabled():
+            return
+        if any(layer.gradient_checkpointing and layer.training for layer in self.layers):
             raise ValueError(
                 "gradient checkpointing is not supported on XLA devices (XLA's common-subexpression elimination can "
                 "undo torch.utils.checkpoint's recomputation): call model.gradient_checkpointing_disable()"
             )
+        if self.training and any(getattr(m, "recompute_ops", None) for m in self.layers.modules()):
+            raise ValueError(RECOMPUTE_ON_XLA)
+
+    def _checkpointed_layers(self, collect_state: bool) -> list[BMojoBlock]:
+        """The blocks whose forward this parallel forward checkpoints: those marked by
+        ``gradient_checkpointing_enable()`` when in training mode with gradients enabled, and none when the
+        forward collects the decoding state (``use_cache=True``; a warning says so). (An XLA device is refused
+        earlier, before anything is traced: ``_refuse_recomputation_on_xla``.)"""
+        marked = [layer for layer in self.layers if layer.gradient_checkpointing and layer.training]
+        if not marked or not torch.is_grad_enabled():
+            return []
         if collect_state:
             logger.warning_once(
                 "use_cache=True collects the decoding state: this forward runs without gradient checkpointing"

@@ -1,6 +1,6 @@
 """Activation checkpointing and selective recompute are refused on an XLA device: XLA's common-subexpression
-elimination can merge torch.utils.checkpoint's recomputation back into the forward (``BMojoModel._checkpointed_layers``,
-``layers.common.run_op``)."""
+elimination can merge torch.utils.checkpoint's recomputation back into the forward
+(``BMojoModel._refuse_recomputation_on_xla``, ``layers.common.run_op``)."""
 
 import pytest
 
@@ -11,6 +11,7 @@ torch_xla = pytest.importorskip("torch_xla")
 import torch  # noqa: E402
 
 from bmojo import BMojoForCausalLM, preset_config  # noqa: E402
+from bmojo import xla_audit as xa  # noqa: E402
 
 
 def test_a_checkpointed_training_forward_on_xla_is_one_value_error():
@@ -23,9 +24,13 @@ def test_a_checkpointed_training_forward_on_xla_is_one_value_error():
         "gradient checkpointing is not supported on XLA devices (XLA's common-subexpression elimination can undo "
         "torch.utils.checkpoint's recomputation): call model.gradient_checkpointing_disable()"
     )
+    torch_xla.sync()
+    before = xa.counters()
     with pytest.raises(ValueError) as err:
         model(input_ids=x, labels=x)
     assert str(err.value) == message
+    torch_xla.sync()  # refused before anything was traced: no graph pending, although the traceback is still held
+    assert (xa.counters() - before).executed == 0
     with torch.no_grad():  # no backward, nothing to checkpoint: the forward runs
         assert model(input_ids=x).logits.shape == (1, 16, 64)
 
@@ -40,8 +45,14 @@ def test_a_selectively_recomputed_training_forward_on_xla_is_one_value_error():
         "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
         "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
     )
+    torch_xla.sync()
+    before = xa.counters()
     with pytest.raises(ValueError) as err:
         model(input_ids=x, labels=x)
     assert str(err.value) == message
+    # refused before anything was traced: with the refusal's traceback still held, a sync has no graph to run (a
+    # refusal from inside the forward left its traced tensors pending, and a later test's first graph changed)
+    torch_xla.sync()
+    assert (xa.counters() - before).executed == 0
     with torch.no_grad():  # no backward, nothing to recompute: the forward runs
         assert model(input_ids=x).logits.shape == (1, 16, 64)

@@ -28,6 +28,10 @@ from ..ops import dispatch
 # The sequence ops a mixer may recompute in the backward (``run_op``): their intermediates are most of what a B'MOJO
 # layer keeps for the backward (the attention's concatenated key sets, the SSD's chunk matrices), their inputs little.
 RECOMPUTABLE_OPS = ("attention", "ssd")
+RECOMPUTE_ON_XLA = (
+    "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
+    "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
+)
 
 
 class Rope(NamedTuple):
@@ -136,11 +140,8 @@ def run_op(mixer: torch.nn.Module, op: str, *args, **kwargs):
     fn = dispatch(op)
     if op not in mixer.recompute_ops or not (mixer.training and torch.is_grad_enabled()):
         return fn(*args, **kwargs)
-    if args[0].device.type == "xla":
-        raise ValueError(
-            "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
-            "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
-        )
+    if args[0].device.type == "xla":  # the model refuses before tracing anything; this is for a mixer alone
+        raise ValueError(RECOMPUTE_ON_XLA)
     return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
