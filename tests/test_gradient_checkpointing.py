@@ -301,18 +301,16 @@ def test_train_flag_checkpoints_every_layer_and_changes_no_number(tmp_path, monk
     assert _train_losses(run) == _train_losses(tmp_path / "plain")  # float32, one thread: the same numbers
 
 
+@pytest.mark.parametrize("field", ["gradient_checkpointing", "selective_recompute"])
 @pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--tp", "2"], "train.gradient_checkpointing (--gradient-checkpointing) is not supported with --tp 2"),
-        (["--device", "xla"], "train.gradient_checkpointing (--gradient-checkpointing) is not supported with "
-                              "--device xla (XLA can undo its recomputation)"),  # fmt: skip
-    ],
+    "extra, where",
+    [(["--tp", "2"], "--tp 2"), (["--device", "xla"], "--device xla (XLA can undo its recomputation)")],
 )
-def test_train_flag_is_refused_with_tensor_parallelism_and_on_xla(extra, message, tmp_path, capsys):
+def test_train_flag_is_refused_with_tensor_parallelism_and_on_xla(field, extra, where, tmp_path, capsys):
+    flag = "--" + field.replace("_", "-")
     corpus = _corpus(tmp_path)
-    assert cli(train_args(corpus, tmp_path / "run", "--gradient-checkpointing", *extra)) == 2
-    assert one_error_line(capsys) == message
+    assert cli(train_args(corpus, tmp_path / "run", flag, *extra)) == 2
+    assert one_error_line(capsys) == f"train.{field} ({flag}) is not supported with {where}"
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -482,18 +480,3 @@ def test_train_flag_recomputes_the_ops_and_changes_no_number(tmp_path, monkeypat
     assert cli(train_args(corpus, tmp_path / "plain2", "--steps", "2")) == 0
     # the same evaluations, and each training step's ops once more
     assert calls_recomputed["attention"] > calls["attention"] and calls_recomputed["ssd"] > calls["ssd"]
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--tp", "2"], "train.selective_recompute (--selective-recompute) is not supported with --tp 2"),
-        (["--device", "xla"], "train.selective_recompute (--selective-recompute) is not supported with "
-                              "--device xla (XLA can undo its recomputation)"),  # fmt: skip
-    ],
-)
-def test_selective_recompute_flag_is_refused_with_tensor_parallelism_and_on_xla(extra, message, tmp_path, capsys):
-    corpus = _corpus(tmp_path)
-    assert cli(train_args(corpus, tmp_path / "run", "--selective-recompute", *extra)) == 2
-    assert one_error_line(capsys) == message
-    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,36 +14,16 @@ from bmojo import BMojoForCausalLM, preset_config  # noqa: E402
 from bmojo import xla_audit as xa  # noqa: E402
 
 
-def test_a_checkpointed_training_forward_on_xla_is_one_value_error():
+@pytest.mark.parametrize("form", ["gradient_checkpointing", "selective_recompute"])
+def test_a_recomputing_training_forward_on_xla_is_one_value_error(form):
     device = torch_xla.device()
     torch.manual_seed(0)
     model = BMojoForCausalLM(preset_config("tiny")).to(device).train()
-    model.gradient_checkpointing_enable()
+    getattr(model, f"{form}_enable")()
     x = torch.randint(3, 64, (1, 16)).to(device)
     message = (
-        "gradient checkpointing is not supported on XLA devices (XLA's common-subexpression elimination can undo "
-        "torch.utils.checkpoint's recomputation): call model.gradient_checkpointing_disable()"
-    )
-    torch_xla.sync()
-    before = xa.counters()
-    with pytest.raises(ValueError) as err:
-        model(input_ids=x, labels=x)
-    assert str(err.value) == message
-    torch_xla.sync()  # refused before anything was traced: no graph pending, although the traceback is still held
-    assert (xa.counters() - before).executed == 0
-    with torch.no_grad():  # no backward, nothing to checkpoint: the forward runs
-        assert model(input_ids=x).logits.shape == (1, 16, 64)
-
-
-def test_a_selectively_recomputed_training_forward_on_xla_is_one_value_error():
-    device = torch_xla.device()
-    torch.manual_seed(0)
-    model = BMojoForCausalLM(preset_config("tiny")).to(device).train()
-    model.selective_recompute_enable()
-    x = torch.randint(3, 64, (1, 16)).to(device)
-    message = (
-        "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
-        "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
+        f"{form.replace('_', ' ')} is not supported on XLA devices (XLA's common-subexpression elimination can undo "
+        f"torch.utils.checkpoint's recomputation): call model.{form}_disable()"
     )
     torch_xla.sync()
     before = xa.counters()
