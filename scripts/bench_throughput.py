@@ -26,7 +26,10 @@ Measures, for each thread count in ``--threads``:
 each layer's forward is recomputed in the backward) to the training rounds and the activation memory; its decoding
 is B'MOJO's (decoding never checkpoints) and is not measured again. ``--selective-recompute`` likewise adds "B'MOJO,
 selective recompute" (after ``selective_recompute_enable()``: the attention and SSD ops are recomputed in the
-backward, the rest of the layer is kept).
+backward, the rest of the layer is kept); both flags also add "B'MOJO, checkpointing + selective recompute" (the
+layers' recomputation then recomputes the attention op one block of queries at a time, ``attention_query_block_size``:
+the lowest peak). Every B'MOJO model runs its configuration's ``attention_query_block_size`` (the line printed for it
+says ``query_block=``).
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
@@ -68,6 +71,7 @@ from bmojo.evals.peers import llama_config, mamba2_config  # noqa: E402
 REF = "B'MOJO"
 CHECKPOINTED = "B'MOJO, activation checkpointing"
 RECOMPUTED = "B'MOJO, selective recompute"
+BOTH = "B'MOJO, checkpointing + selective recompute"
 # --skip keys -> the name prefix of the models they leave out (the targets' models, B'MOJO, its SWA case, Llama and
 # Mamba2, cannot be skipped)
 SKIPPABLE = {"full": "B'MOJO full-attention case", "ssm-case": "B'MOJO Mamba-2 case", "mistral": "transformers Mistral"}
@@ -84,7 +88,8 @@ def build_specs(
     """Name -> (factory(window=None) -> model, kind, our equivalent config). ``window`` only matters for the
     full-attention case (``W >= L``; rounded up to a multiple of the chunk). ``checkpointing``: also B'MOJO with
     activation checkpointing (``CHECKPOINTED``, right after it); ``selective_recompute``: also B'MOJO recomputing
-    its attention and SSD ops (``RECOMPUTED``, after those)."""
+    its attention and SSD ops (``RECOMPUTED``, after those); both: also B'MOJO with both (``BOTH``: the layers'
+    recomputation recomputes the attention op block by block, ``attention_query_block_size``)."""
     base = preset_config(preset, **overrides)
     target = count(BMojoForCausalLM(base))
     chunk = base.chunk_size
@@ -137,10 +142,17 @@ def build_specs(
         model.selective_recompute_enable()
         return model
 
+    def both(window=None):
+        model = checkpointed()
+        model.selective_recompute_enable()
+        return model
+
     full = lambda window=None: ours(window or full_window, **attn)
     extra = {CHECKPOINTED: (checkpointed, "ours", ours().config)} if checkpointing else {}
     if selective_recompute:
         extra[RECOMPUTED] = (recomputed, "ours", ours().config)
+    if checkpointing and selective_recompute:
+        extra[BOTH] = (both, "ours", ours().config)
     return {
         REF: (lambda window=None: ours(), "ours", ours().config),
         **extra,
@@ -167,6 +179,7 @@ def describe(model) -> str:
         text += f"mlp={c.intermediate_size if c.use_mlp else 0} "
         if kinds & {"attention", "bmojo"}:
             text += f"heads={c.num_attention_heads}/{c.num_key_value_heads} W={c.window_size} C={c.chunk_size} "
+            text += f"query_block={getattr(c, 'attention_query_block_size', None)} "
         if "bmojo" in kinds:
             text += f"fading={c.use_fading} M={c.memory_size} "
             # the issue-11 options that change the work (V0_OPTIONS: the original design)
@@ -466,7 +479,8 @@ def parse_args():
     parser.add_argument(
         "--selective-recompute",
         action="store_true",
-        help=f"also measure {RECOMPUTED!r} (training tokens/s and activation memory)",
+        help=f"also measure {RECOMPUTED!r} (training tokens/s and activation memory); with --checkpointing also "
+        f"{BOTH!r}",
     )
     parser.add_argument(
         "--skip",
@@ -543,7 +557,7 @@ def main() -> None:
     for name in models:
         print(f"{name:34s} {params[name] / 1e6:6.2f}M  {configs[name]}")
     flops = {
-        n: {L: ideal_train_flops(cfg, L, recompute=n == CHECKPOINTED, recompute_ops=n == RECOMPUTED)
+        n: {L: ideal_train_flops(cfg, L, recompute=n in (CHECKPOINTED, BOTH), recompute_ops=n in (RECOMPUTED, BOTH))
             for L in args.train_lengths}
         for n, (_, _, cfg) in specs.items()
     }
@@ -596,7 +610,7 @@ def main() -> None:
                       f"B'MOJO/this {tps[REF] / tps[name]:.2f}x (ideal {ideal:.2f}x)")  # fmt: skip
             save_partial(results, out)
         # decoding never checkpoints nor recomputes: those models decode as B'MOJO does
-        decoders = {n: spec for n, spec in specs.items() if n not in (CHECKPOINTED, RECOMPUTED)}
+        decoders = {n: spec for n, spec in specs.items() if n not in (CHECKPOINTED, RECOMPUTED, BOTH)}
         decode = results["decode_ms_per_token"][threads] = {n: {} for n in decoders}
         for context in args.contexts:
             ms, size = decode_ms_per_token(decoders, context, args.decode_steps, 3, vocab)
@@ -676,7 +690,7 @@ def targets(results) -> list[str]:
     if lengths:
         L = lengths[-1]
         for kind, table in (("activation memory", act), ("peak training-step memory", peak)):
-            for name in (REF, CHECKPOINTED, RECOMPUTED):
+            for name in (REF, CHECKPOINTED, RECOMPUTED, BOTH):
                 if name in table:  # peak: the issue's words, "peak training memory"
                     r = ratio(table, name, llama, L)
                     verdict(f"{kind} {name}/Llama at L={L}", r, "<= 1.0", r is not None and r <= 1.0)

@@ -52,16 +52,20 @@ def test_checkpointing_adds_the_checkpointed_model_with_its_recompute_flops_and_
 
 def test_selective_recompute_adds_the_recomputing_model_with_its_flops_and_smaller_activations():
     specs = bench.build_specs("tiny", {}, 64, checkpointing=True, selective_recompute=True)
-    assert list(specs)[:3] == [bench.REF, bench.CHECKPOINTED, bench.RECOMPUTED]
+    assert list(specs)[:4] == [bench.REF, bench.CHECKPOINTED, bench.RECOMPUTED, bench.BOTH]
     assert bench.RECOMPUTED not in bench.build_specs("tiny", {}, 64, checkpointing=True)
+    assert bench.BOTH not in bench.build_specs("tiny", {}, 64, selective_recompute=True)
     plain, recomputed = specs[bench.REF][0](), specs[bench.RECOMPUTED][0]()
     mixers = [m for m in recomputed.modules() if hasattr(m, "recompute_ops")]
     assert mixers and all(m.recompute_ops == {"attention", "ssd"} for m in mixers)
     assert not any(m.recompute_ops for m in plain.modules() if hasattr(m, "recompute_ops"))
     # the configuration line says how each B'MOJO model gets its backward's tensors
-    described = {n: bench.describe(spec[0]()) for n, spec in list(specs.items())[:3]}
+    described = {n: bench.describe(spec[0]()) for n, spec in list(specs.items())[:4]}
     assert described[bench.RECOMPUTED].endswith(" recompute=attention,ssd")
     assert described[bench.CHECKPOINTED].endswith(f" checkpointed_layers={plain.config.num_hidden_layers}")
+    layers = plain.config.num_hidden_layers
+    assert described[bench.BOTH].endswith(f" checkpointed_layers={layers} recompute=attention,ssd")
+    assert all(f" query_block={plain.config.attention_query_block_size} " in d for d in described.values())
     assert "recompute=" not in described[bench.REF] and "checkpointed" not in described[bench.REF]
     recomputed.load_state_dict(plain.state_dict())
     x = torch.randint(3, 64, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -71,6 +75,8 @@ def test_selective_recompute_adds_the_recomputing_model_with_its_flops_and_small
     base = bench.ideal_train_flops(config, 64)
     ops, layers = (bench.ideal_train_flops(config, 64, **{k: True}) for k in ("recompute_ops", "recompute"))
     assert base < ops < layers  # one more forward of the two ops only: less than one of whole layers
+    both = bench.ideal_train_flops(config, 64, recompute=True, recompute_ops=True)
+    assert both - layers == pytest.approx(ops - base)  # with both, the layers' recomputation recomputes the ops again
 
 
 def test_skip_leaves_out_only_the_named_models_and_never_the_targets_models():

@@ -372,7 +372,7 @@ def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
 # --- the nki backend declines the new options ----------------------------------------------------------------------
 def test_nki_backend_declines_each_new_option_and_logs_the_fallback(monkeypatch, caplog):
     """With the kernels available (the stand-in), a call the kernels support runs them; the same call with a
-    key-set bias, the self fading key or a slot bias runs the chunked form, the reason logged once."""
+    key-set bias, the self fading key, a slot bias or a query range runs the chunked form, the reason logged once."""
     import logging
 
     from bmojo.ops import dispatch, registry, use_backend
@@ -395,6 +395,7 @@ def test_nki_backend_declines_each_new_option_and_logs_the_fallback(monkeypatch,
         (dict(self_bias=head, k_self=kf, v_self=vf), memory, "self_bias, k_self"),
         (dict(eidetic_bias=head), memory, "eidetic_bias"),
         ({}, memory._replace(bias=torch.zeros(1, 2, 4)), "memory.bias"),
+        (dict(query_range=(128, 256)), memory, "query_range"),
     ]
     args = (q, k, v, window, chunk, kf, vf, qe)
     with use_backend("nki"), caplog.at_level(logging.WARNING, logger=registry.__name__):
@@ -408,7 +409,7 @@ def test_nki_backend_declines_each_new_option_and_logs_the_fallback(monkeypatch,
                 out = dispatch("attention")(*args, mem, **options)
             assert calls == [1], used  # the chunked form ran
             torch.testing.assert_close(out, bmojo_attention_chunked(*args, mem, **options), rtol=0, atol=0)
-            why = f"{used}: the kernels take no key-set bias, self fading key, slot bias or document reset"
+            why = f"{used}: the kernels take no key-set bias, self fading key, slot bias, document reset or query range"
             assert [rec.message for rec in caplog.records] == [
                 f"backend 'nki' does not support these inputs ({why}) for op 'attention'; running the 'chunked' form"
             ]

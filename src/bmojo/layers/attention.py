@@ -101,9 +101,20 @@ class SlidingWindowAttention(nn.Module):
         keywords for the key-set biases and the self fading key (B'MOJO layers)."""
         out = run_op(
             self, "attention", q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory,
-            key_mask=info.valid, **options,
+            key_mask=info.valid, query_block=self._query_block(q_rot), **options,
         )
         return self._project_out(out)
+
+    def _query_block(self, q: torch.Tensor) -> int | None:
+        """Queries per call of the attention op (``config.attention_query_block_size`` rounded down to whole chunks),
+        or ``None``: the whole sequence in one call. Eager only: on an XLA device the op is traced whole (the
+        compiler schedules the graph; blocks would only add ops). Not for a window covering the sequence (one
+        causal SDPA call there)."""
+        block = getattr(self.config, "attention_query_block_size", None)
+        length = q.shape[1]
+        if not block or block >= length or self.window >= length or q.device.type == "xla":
+            return None
+        return max(self.chunk_size, block // self.chunk_size * self.chunk_size)
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
         """The attention op's output ``[..., H, D]`` -> ``o_proj`` -> ``[..., d]``."""

@@ -17,6 +17,7 @@ intermediates (``recompute_ops``; ``BMojoPreTrainedModel.selective_recompute_ena
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -125,7 +126,7 @@ class StepInfo:
         )
 
 
-def run_op(mixer: torch.nn.Module, op: str, *args, **kwargs):
+def run_op(mixer: torch.nn.Module, op: str, *args, query_block: int | None = None, **kwargs):
     """``dispatch(op)(*args, **kwargs)``, recomputed in the backward when ``op`` is in ``mixer.recompute_ops`` and
     the call records a graph for a backward (``mixer.training`` and gradients enabled).
 
@@ -134,15 +135,24 @@ def run_op(mixer: torch.nn.Module, op: str, *args, **kwargs):
     are not, and the backward runs its forward once more (``torch.utils.checkpoint``, non-reentrant). The ops are pure
     functions of their inputs, so every number is the same.
 
+    ``query_block`` (a number of queries, for an op that takes ``query_range``: the attention op): the op runs once
+    per block of that many queries and the outputs are concatenated along the sequence, the same values; recomputed,
+    each block is recomputed on its own, so the backward holds one block's intermediates at a time.
+
     Raises ``ValueError`` for a recomputed op on an XLA device (XLA's common-subexpression elimination can merge the
     recomputation back into the forward; ``torch_xla.utils.checkpoint`` is not wired in).
     """
     fn = dispatch(op)
-    if op not in mixer.recompute_ops or not (mixer.training and torch.is_grad_enabled()):
-        return fn(*args, **kwargs)
-    if args[0].device.type == "xla":  # the model refuses before tracing anything; this is for a mixer alone
+    recompute = op in mixer.recompute_ops and mixer.training and torch.is_grad_enabled()
+    if recompute and args[0].device.type == "xla":  # the model refuses before tracing anything; this is for a mixer
         raise ValueError(RECOMPUTE_ON_XLA)
-    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    if recompute:
+        fn = functools.partial(checkpoint, fn, use_reentrant=False)
+    length = args[0].shape[1]
+    if not query_block or query_block >= length:
+        return fn(*args, **kwargs)
+    blocks = [fn(*args, query_range=(start, start + query_block), **kwargs) for start in range(0, length, query_block)]
+    return torch.cat(blocks, dim=1)
 
 
 class MixerOutput(NamedTuple):

@@ -32,9 +32,12 @@ from ..selection.common import EideticMemory
 from .common import joint_softmax
 
 
-def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunks: int) -> torch.Tensor:
-    """``x [B, Lp, ...]`` -> ``[B, nC, size, ...]``: window ``c`` holds positions ``[cC - front, cC - front + size)``
-    (zeros before the start and after the end). ``front`` and ``size`` are multiples of ``chunk``.
+def _chunk_windows(
+    x: torch.Tensor, front: int, size: int, chunk: int, num_chunks: int, first: int = 0
+) -> torch.Tensor:
+    """``x [B, Lp, ...]`` -> ``[B, num_chunks, size, ...]``: the windows of chunks ``first .. first + num_chunks - 1``;
+    window ``c`` holds positions ``[cC - front, cC - front + size)`` (zeros before the start and after the end).
+    ``front`` and ``size`` are multiples of ``chunk``. Only the positions these windows cover are read.
 
     Built from whole chunks (``size / C`` shifted slices of the padded sequence seen as blocks of ``C``), not with
     ``unfold``: torch-xla 2.9 has no lowering for ``unfold`` and would run it on the CPU (tests/xla)."""
@@ -42,8 +45,13 @@ def _chunk_windows(x: torch.Tensor, front: int, size: int, chunk: int, num_chunk
         raise ValueError(f"window offsets ({front}, {size}) must be multiples of the chunk size {chunk}")
     span = size // chunk
     blocks = num_chunks + span - 1
-    pad = [0, 0] * (x.dim() - 2) + [front, max(0, blocks * chunk - front - x.shape[1])]
-    xb = F.pad(x, pad)[:, : blocks * chunk].unflatten(1, (blocks, chunk))  # [B, blocks, C, ...]
+    total = blocks * chunk
+    start = first * chunk - front  # the first position covered (negative: before the sequence)
+    lo = max(start, 0)
+    xs = x[:, lo : max(lo, min(start + total, x.shape[1]))]
+    before = min(lo - start, total)
+    pad = [0, 0] * (x.dim() - 2) + [before, total - before - xs.shape[1]]
+    xb = F.pad(xs, pad).unflatten(1, (blocks, chunk))  # [B, blocks, C, ...]
     return torch.cat([xb[:, j : j + num_chunks] for j in range(span)], dim=2)
 
 
@@ -68,6 +76,7 @@ def bmojo_attention_chunked(
     v_self: torch.Tensor | None = None,
     sdpa: bool = True,
     doc_start: torch.Tensor | None = None,
+    query_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Chunked B'MOJO attention; same result as :func:`bmojo_attention_ref`.
 
@@ -86,9 +95,17 @@ def bmojo_attention_chunked(
             separately scored sets (``joint_softmax``); equal up to rounding.
         doc_start: ``[B, L]`` long, the first position of each query's document, or ``None``: slot ``m`` is then
             also hidden from query ``i`` when ``pos < doc_start[i]`` (``memory_reset_at_document``).
+        query_range: ``(start, end)``: compute the outputs of queries ``[start, end)`` only (``start`` a multiple
+            of ``chunk_size``, ``end`` clipped to ``L``), reading only the keys and memories those queries see; the
+            same values as the whole op's ``[:, start:end]``. ``None``: every query. The attention op's
+            intermediates scale with the queries computed, so a long sequence can be computed (and recomputed,
+            ``layers.common.run_op``) in groups of queries.
 
     Returns:
-        ``[B, L, H, D]`` in ``q.dtype``.
+        ``[B, L, H, D]`` in ``q.dtype`` (``[B, end - start, H, D]`` with ``query_range``).
+
+    Raises:
+        ValueError: a ``query_range`` that does not start on a chunk boundary or is empty.
     """
     bsz, length, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
@@ -101,14 +118,34 @@ def bmojo_attention_chunked(
     scale = head_dim**-0.5 if scale is None else scale
     ctype = compute_dtype(q)
     device = q.device
-    if sdpa and k_fade is None and k_self is None and memory is None and key_mask is None and window >= padded:
+    first, last = 0, num_chunks  # the query chunks computed: [first, last)
+    if query_range is not None:
+        start, end = query_range[0], min(query_range[1], length)
+        if start % chunk or not 0 <= start < end:
+            raise ValueError(
+                f"query_range {tuple(query_range)}: must start on a multiple of the chunk size {chunk} and hold "
+                f"at least one of the {length} queries"
+            )
+        first, last = start // chunk, -(-end // chunk)
+    count = last - first
+    whole = count == num_chunks
+    plain = k_fade is None and k_self is None and memory is None and key_mask is None
+    if sdpa and whole and plain and window >= padded:
         return _causal_sdpa(q, k, v, scale, ctype)
     if key_mask is None:
         key_mask = torch.ones(bsz, length, dtype=torch.bool, device=device)
 
-    def chunk_queries(x):  # [B, L, H, D] -> [B, nC, C, Hkv, G, D]
-        x = F.pad(x, [0, 0, 0, 0, 0, padded - length])
-        return x.view(bsz, num_chunks, chunk, num_kv, groups, head_dim).to(ctype)
+    size = window + chunk  # keys per chunk in the in-context and fading windows
+
+    def chunk_rows(x):  # [B, L, ...] -> the computed chunks' rows, [B, count, C, ...]
+        x = x[:, first * chunk : last * chunk]
+        return F.pad(x, [0, 0] * (x.dim() - 2) + [0, count * chunk - x.shape[1]]).unflatten(1, (count, chunk))
+
+    def chunk_queries(x):  # [B, L, H, D] -> [B, count, C, Hkv, G, D]
+        return chunk_rows(x).unflatten(3, (num_kv, groups)).to(ctype)
+
+    def windows(x, front):  # [B, L, ...] -> [B, count, W + C, ...]: positions [cC - front, cC - front + W + C)
+        return _chunk_windows(x, front, size, chunk, count, first)
 
     def head_bias(bias):  # [H] -> [1, 1, H, 1, 1]: a key set's bias in the [B, nC, H, C, K] layout
         return None if bias is None else bias.to(ctype).view(1, 1, num_heads, 1, 1)
@@ -120,47 +157,45 @@ def bmojo_attention_chunked(
         return lambda p: torch.einsum("bnagck,bnkad->bncagd", p, vw.to(ctype))
 
     qc = chunk_queries(q)
-    qpos = torch.arange(padded, device=device).view(num_chunks, chunk)  # [nC, C]
-    cidx = torch.arange(num_chunks, device=device)[:, None] * chunk
-    size = window + chunk
+    qpos = torch.arange(first * chunk, last * chunk, device=device).view(count, chunk)  # [count, C]
+    cidx = qpos[:, :1]
 
     # In-context keys: positions [cC - W, cC + C).
     kpos = cidx - window + torch.arange(size, device=device)[None, :]  # [nC, K]
     key_flag = key_mask[..., None].to(torch.uint8)  # F.pad does not take bool tensors
-    real = _chunk_windows(key_flag, window, size, chunk, num_chunks)[..., 0].bool()  # [B, nC, K]
+    real = windows(key_flag, window)[..., 0].bool()  # [B, count, K]
     rel = qpos[:, :, None] - kpos[:, None, :]  # [nC, C, K]
     ctx_mask = (((rel >= 0) & (rel < window))[None] & real[:, :, None, :]) | (rel == 0)[None]
-    keys = [_chunk_windows(k, window, size, chunk, num_chunks)]
-    vals = [_chunk_windows(v, window, size, chunk, num_chunks)]
+    keys = [windows(k, window)]
+    vals = [windows(v, window)]
     masks = [ctx_mask]
     biases = [None]  # per key set: None or broadcastable to [B, nC, H, C, K]
 
     if k_fade is not None:
         # Fading keys: positions [cC - 2W, cC + C - W).
         fpos = kpos - window
-        freal = _chunk_windows(key_flag, 2 * window, size, chunk, num_chunks)[..., 0].bool()
+        freal = windows(key_flag, 2 * window)[..., 0].bool()
         frel = qpos[:, :, None] - fpos[:, None, :]
         fade_mask = ((frel >= window) & (frel < 2 * window))[None] & freal[:, :, None, :]
-        keys.append(_chunk_windows(k_fade, 2 * window, size, chunk, num_chunks))
-        vals.append(_chunk_windows(v_fade, 2 * window, size, chunk, num_chunks))
+        keys.append(windows(k_fade, 2 * window))
+        vals.append(windows(v_fade, 2 * window))
         masks.append(fade_mask)
         biases.append(head_bias(fading_bias))
 
     if k_self is not None:
         # Self fading keys: the chunk's own C keys, query c*C+r seeing only key r (distance 0, always visible).
-        def chunk_keys(x):  # [B, L, Hkv, D] -> [B, nC, C, Hkv, D]
-            return F.pad(x, [0, 0, 0, 0, 0, padded - length]).view(bsz, num_chunks, chunk, num_kv, head_dim)
-
-        keys.append(chunk_keys(k_self))
-        vals.append(chunk_keys(v_self))
-        masks.append(torch.eye(chunk, dtype=torch.bool, device=device).expand(bsz, num_chunks, chunk, chunk))
+        keys.append(chunk_rows(k_self))
+        vals.append(chunk_rows(v_self))
+        masks.append(torch.eye(chunk, dtype=torch.bool, device=device).expand(bsz, count, chunk, chunk))
         biases.append(head_bias(self_bias))
 
     if memory is not None:
+        if not whole:  # the memories of the computed chunks: [B, count, M, ...]
+            memory = EideticMemory(*(None if x is None else x[:, first:last] for x in memory))
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
         if doc_start is not None:
-            starts = F.pad(doc_start, [0, padded - length]).view(bsz, num_chunks, chunk)
+            starts = chunk_rows(doc_start)
             eid_mask = eid_mask & (mem_pos[:, :, None, :] >= starts[..., None])
         masks.append(eid_mask)
         eid_bias = head_bias(eidetic_bias)
@@ -173,7 +208,7 @@ def bmojo_attention_chunked(
     if sdpa:
         mask = _additive_mask(masks, biases, ctype) if biased else torch.cat(masks, dim=-1)[:, :, None]
         out = _chunk_sdpa(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, mask, scale)
-        return out.to(q.dtype).reshape(bsz, padded, num_heads, head_dim)[:, :length]
+        return _unchunk(out.to(q.dtype), first * chunk, length)
     scores = [score(qc, kw) for kw in keys]
     values = [weighted(vw) for vw in vals]
     if memory is not None:
@@ -182,7 +217,13 @@ def bmojo_attention_chunked(
     if biased:  # [B, nC, H, C, K] -> the scores' [B, nC, Hkv, G, C, K]
         scores = [sc if b is None else sc + _by_kv_head(b, num_kv, groups) for sc, b in zip(scores, biases)]
     out = joint_softmax(scores, [m[:, :, None, None] for m in masks], values, q.dtype)  # [B, nC, C, Hkv, G, D]
-    return out.reshape(bsz, padded, num_heads, head_dim)[:, :length]
+    return _unchunk(out, first * chunk, length)
+
+
+def _unchunk(out, start, length):
+    """``[B, n, C, Hkv, G, D]`` (queries from ``start``) -> ``[B, min(nC, L - start), H, D]``."""
+    out = out.flatten(3, 4).flatten(1, 2)
+    return out[:, : length - start]
 
 
 def _causal_sdpa(q, k, v, scale, ctype):

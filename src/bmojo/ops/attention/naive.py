@@ -43,6 +43,7 @@ def bmojo_attention_ref(
     eidetic_bias: torch.Tensor | None = None,
     k_self: torch.Tensor | None = None,
     v_self: torch.Tensor | None = None,
+    query_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Dense B'MOJO attention; the signature of ``bmojo_attention_chunked``.
 
@@ -64,9 +65,12 @@ def bmojo_attention_ref(
             fading key and of the eidetic slots, or ``None`` (no bias). A bias of an absent key set is ignored.
         k_self, v_self: ``[B, L, Hkv, D]`` the self fading key (rotary at position ``i``) and value of each query,
             attended at distance 0 and always visible, or ``None``.
+        query_range: ``(start, end)``: the outputs of queries ``[start, end)`` only (``end`` clipped to ``L``),
+            or ``None``. The reference computes every query and returns the slice.
 
     Returns:
-        ``[B, L, H, D]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs).
+        ``[B, L, H, D]`` in ``q.dtype`` (``[B, end - start, H, D]`` with ``query_range``); computed in float32
+        (float64 for float64 inputs).
     """
     bsz, length, num_heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
@@ -119,4 +123,6 @@ def bmojo_attention_ref(
         width = block.shape[-1]
         out = out + fn(p[..., start : start + width])
         start += width
+    if query_range is not None:
+        out = out[:, query_range[0] : query_range[1]]
     return out.to(q.dtype)

@@ -21,7 +21,7 @@ _ORDER = nki_twin._ORDER
 # Long on purpose: the op's signature, every option the kernels lack declined by name.
 def supports_attention_nki(q, k, v, window, chunk_size, k_fade=None, v_fade=None, q_eid=None, memory=None,
                            key_mask=None, scale=None, fading_bias=None, self_bias=None, eidetic_bias=None,
-                           k_self=None, v_self=None, doc_start=None):
+                           k_self=None, v_self=None, doc_start=None, query_range=None):
     """True, or why this call runs the chunked form instead (shapes, dtypes, device only: no device read)."""
     why = nki_unavailable()
     if why:
@@ -33,10 +33,14 @@ def supports_attention_nki(q, k, v, window, chunk_size, k_fade=None, v_fade=None
     if key_mask is not None:
         return "a key padding mask (the kernels take none)"
     options = {"fading_bias": fading_bias, "self_bias": self_bias, "eidetic_bias": eidetic_bias, "k_self": k_self,
-               "memory.bias": None if memory is None else memory.bias, "doc_start": doc_start}
+               "memory.bias": None if memory is None else memory.bias, "doc_start": doc_start,
+               "query_range": query_range}
     used = [name for name, value in options.items() if value is not None]
     if used:
-        return f"{', '.join(used)}: the kernels take no key-set bias, self fading key, slot bias or document reset"
+        return (
+            f"{', '.join(used)}: the kernels take no key-set bias, self fading key, slot bias, document reset or "
+            f"query range"
+        )
     if k_fade is None or memory is None:
         return "no fading keys or no eidetic memory (the kernels score all three key sets)"
     length, head_dim, slots = q.shape[1], q.shape[3], memory.k.shape[2]
@@ -91,10 +95,12 @@ class AttentionNKI(torch.autograd.Function):
 
 def bmojo_attention_nki(q, k, v, window, chunk_size, k_fade=None, v_fade=None, q_eid=None, memory=None,
                         key_mask=None, scale=None, fading_bias=None, self_bias=None, eidetic_bias=None,
-                        k_self=None, v_self=None, doc_start=None):
+                        k_self=None, v_self=None, doc_start=None, query_range=None):
     """Joint attention through the kernels; the signature and result of ``bmojo_attention_chunked``
-    (call ``supports_attention_nki`` first: it refuses a key mask, the biases, the self fading key and
-    document reset)."""
+    (call ``supports_attention_nki`` first: it refuses a key mask, the biases, the self fading key, document reset
+    and a query range)."""
+    if query_range is not None:
+        raise ValueError("the NKI attention kernels compute every query: query_range is not supported")
     static, t = nki_twin.kernel_inputs(q, k, v, window, chunk_size, k_fade, v_fade, q_eid, memory, scale)
     o = AttentionNKI.apply(static, *(t[name] for name in _ORDER))
     return o.transpose(1, 2).to(q.dtype)

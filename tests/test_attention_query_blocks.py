@@ -1,0 +1,232 @@
+"""The attention op in blocks of queries (``query_range``; the model's ``attention_query_block_size``): every block
+equals the whole op's slice, reads only the keys and memories its queries see, keeps intermediates in proportion
+to its queries; the model computes the same losses and gradients in blocks, with and without selective recompute,
+and runs (and recomputes) the op once per block."""
+
+import pytest
+import torch
+
+from bmojo.ops import dispatch
+from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref
+from support import tiny_model, tokens
+from test_attention import _inputs, _memory
+
+pytestmark = pytest.mark.core
+
+# (length, window, chunk, fading, eidetic): a ragged last chunk, a block shorter than the window, no fading
+CASES = [(37, 8, 4, True, True), (64, 16, 8, True, True), (50, 8, 8, False, True), (29, 4, 4, True, False)]
+
+
+def _call_args(length, window, chunk, fading, eidetic, options, seed=0):
+    t = _inputs(2, length, 4, 2, 8, seed=seed)
+    key_mask = torch.ones(2, length, dtype=torch.bool)
+    key_mask[1, length - 5 :] = False
+    key_mask[1, 2] = False
+    memory = None
+    if eidetic:  # leaves of their own: the tests take gradients w.r.t. the slots
+        memory = _memory(t, chunk, 2, 3, key_mask)[0]
+        memory = memory._replace(k=memory.k.detach().requires_grad_(), v=memory.v.detach().requires_grad_())
+    kwargs = dict(key_mask=key_mask)
+    if options:  # every option the op has: key-set biases, a slot bias, the self fading key, document resets
+        g = torch.Generator().manual_seed(seed + 1)
+        kwargs.update(
+            fading_bias=torch.randn(4, generator=g, dtype=torch.float64),
+            self_bias=torch.randn(4, generator=g, dtype=torch.float64),
+            eidetic_bias=torch.randn(4, generator=g, dtype=torch.float64),
+            k_self=t["k_fade"].roll(1, 1),
+            v_self=t["v_fade"].roll(1, 1),
+            doc_start=torch.tensor([[0] * 10 + [10] * (length - 10), [0] * length]),
+        )
+        if memory is not None:
+            memory = memory._replace(bias=torch.randn(memory.pos.shape, generator=g, dtype=torch.float64))
+    kf, vf = (t["k_fade"], t["v_fade"]) if fading else (None, None)
+    args = (t["q"], t["k"], t["v"], window, chunk, kf, vf, t["q_eid"] if eidetic else None, memory)
+    return args, kwargs
+
+
+def _ranges(length, block):
+    return [(s, s + block) for s in range(0, length, block)]
+
+
+@pytest.mark.parametrize("length,window,chunk,fading,eidetic", CASES)
+@pytest.mark.parametrize("options", [False, True], ids=["plain", "every option"])
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_each_block_equals_the_whole_ops_slice_in_value_and_gradient(length, window, chunk, fading, eidetic,
+                                                                      options, sdpa):
+    args, kwargs = _call_args(length, window, chunk, fading, eidetic, options)
+    inputs = [a for a in args if isinstance(a, torch.Tensor)] + ([args[-1].k, args[-1].v] if eidetic else [])
+    whole = bmojo_attention_chunked(*args, sdpa=sdpa, **kwargs)
+    reference = bmojo_attention_ref(*args, **kwargs)
+    torch.testing.assert_close(whole, reference, rtol=1e-10, atol=1e-10)
+    weight = torch.randn(whole.shape, generator=torch.Generator().manual_seed(3), dtype=whole.dtype)
+    want = torch.autograd.grad((whole * weight).sum(), inputs)
+    for block in (chunk, 2 * chunk, 3 * chunk):  # one chunk, two, and blocks that do not divide the length
+        parts = []
+        for start, end in _ranges(length, block):
+            part = bmojo_attention_chunked(*args, sdpa=sdpa, query_range=(start, end), **kwargs)
+            assert part.shape == (2, min(end, length) - start, *whole.shape[2:])
+            torch.testing.assert_close(part, whole[:, start:end], rtol=1e-12, atol=1e-12)
+            ref_part = bmojo_attention_ref(*args, query_range=(start, end), **kwargs)
+            torch.testing.assert_close(ref_part, reference[:, start:end], rtol=0, atol=0)
+            parts.append(part)
+        got = torch.autograd.grad((torch.cat(parts, 1) * weight).sum(), inputs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_a_block_reads_only_the_keys_and_memories_its_queries_see():
+    """Block [24, 36) of W=8 with fading keys sees positions [24 - 2W, 36) = [8, 36) and memories of chunks 6-8:
+    everything else may change without changing it, and receives no gradient."""
+    length, window, chunk = 50, 8, 4
+    args, kwargs = _call_args(length, window, chunk, True, True, True)
+    start, end = 24, 36
+    out = bmojo_attention_chunked(*args, query_range=(start, end), **kwargs)
+    q, k, v, _, _, kf, vf, qe, memory = args
+    grads = torch.autograd.grad(out.sum(), [q, k, v, kf, vf, qe, memory.k, memory.v])
+    seen = torch.zeros(length, dtype=torch.bool)
+    seen[start - 2 * window : end] = True
+    for name, g in zip(["k", "v", "k_fade", "v_fade"], grads[1:5]):
+        assert g[:, ~seen].abs().max() == 0, name
+        assert g[:, seen].abs().max() > 0, name
+    for g in (grads[0], grads[5]):  # queries: only the block's own
+        assert g[:, :start].abs().max() == 0 and g[:, end:].abs().max() == 0
+    chunks = torch.zeros(memory.k.shape[1], dtype=torch.bool)
+    chunks[start // chunk : end // chunk] = True
+    for g in grads[6:]:
+        assert g[:, ~chunks].abs().max() == 0 and g[:, chunks].abs().max() > 0
+
+    def changed(x, keep):  # x with everything outside `keep` (a mask over dim 1) replaced by noise
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return torch.where(keep.view(shape), x.detach(), noise)
+
+    other = (changed(q, torch.arange(length).ge(start) & torch.arange(length).lt(end)), changed(k, seen),
+             changed(v, seen), window, chunk, changed(kf, seen), changed(vf, seen), qe,
+             memory._replace(k=changed(memory.k, chunks), v=changed(memory.v, chunks)))
+    torch.testing.assert_close(bmojo_attention_chunked(*other, query_range=(start, end), **kwargs), out,
+                               rtol=0, atol=0)
+
+
+def test_a_blocks_intermediates_scale_with_its_queries():
+    """What autograd keeps for one block of a quarter of the queries is about a quarter of the whole op's (plus the
+    block's share of the shared inputs): the op builds its key windows, masks and scores per computed chunk."""
+    length, window, chunk = 256, 16, 8
+    args, kwargs = _call_args(length, window, chunk, True, True, True)
+
+    def saved_bytes(**extra):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            bmojo_attention_chunked(*args, **kwargs, **extra)
+        return total[0]
+
+    whole = saved_bytes()
+    quarter = saved_bytes(query_range=(64, 128))
+    assert quarter < 0.3 * whole
+
+
+def test_a_query_range_off_the_chunk_grid_or_empty_is_one_value_error():
+    args, kwargs = _call_args(37, 8, 4, True, True, False)
+    for bad in [(2, 8), (40, 44), (8, 8), (-4, 8)]:
+        with pytest.raises(ValueError, match=r"^query_range \(.*\): must start on a multiple of the chunk size 4 and "
+                                             r"hold at least one of the 37 queries$"):
+            bmojo_attention_chunked(*args, query_range=bad, **kwargs)
+
+
+# --- the model -------------------------------------------------------------------------------------------------------
+def _op_ranges(monkeypatch):
+    """Record every attention op call's ``query_range`` (``None``: the whole sequence)."""
+    import bmojo.layers.common as common
+
+    calls = []
+    real = common.dispatch
+
+    def probe(op):
+        fn = real(op)
+        if op != "attention":
+            return fn
+        return lambda *a, **kw: calls.append(kw.get("query_range")) or fn(*a, **kw)
+
+    monkeypatch.setattr(common, "dispatch", probe)
+    return calls
+
+
+def _step(model, x, mask):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=x, attention_mask=mask, labels=x)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("overrides", [
+    dict(layers_block_type=["bmojo", "attention", "ssm", "bmojo"], num_hidden_layers=4),
+    dict(memory_reset_at_document=True, memory_per_kv_head=True, key_set_bias=False, eos_token_id=5,
+         selection_score="random"),
+], ids=["every layer type", "documents, per head, random"])
+def test_the_model_in_blocks_computes_the_same_losses_and_gradients_and_runs_the_op_per_block(recompute, overrides,
+                                                                                              monkeypatch):
+    calls = _op_ranges(monkeypatch)
+    x = tokens(2, 46)
+    x[0, 11] = x[1, 20] = 5
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    whole_model = tiny_model(attention_query_block_size=None, **overrides).train()
+    loss, grads = _step(whole_model, x, mask)
+    attention_layers = sum(t in ("bmojo", "attention") for t in whole_model.config.layers_block_type)
+    assert calls == [None] * attention_layers
+    blocked = tiny_model(attention_query_block_size=18, **overrides).train()  # rounded down to 16: 4 chunks
+    if recompute:
+        blocked.selective_recompute_enable()
+    calls.clear()
+    out = blocked(input_ids=x, attention_mask=mask, labels=x)
+    ranges = [(0, 16), (16, 32), (32, 48)]
+    assert calls == ranges * attention_layers  # the forward: once per block
+    calls.clear()
+    out.loss.backward()
+    assert sorted(calls) == sorted(ranges * attention_layers if recompute else [])  # recomputed: each block once
+    blocked_loss, blocked_grads = _step(blocked, x, mask)
+    torch.testing.assert_close(blocked_loss, loss, rtol=1e-12, atol=1e-12)
+    assert blocked_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(blocked_grads[name], g, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_no_blocks_where_the_sequence_fits_one_or_the_window_covers_it(monkeypatch):
+    calls = _op_ranges(monkeypatch)
+    x = tokens(1, 32)
+    for overrides in (dict(attention_query_block_size=32), dict(attention_query_block_size=None),
+                      dict(attention_query_block_size=8, window_size=32)):
+        calls.clear()
+        tiny_model(**overrides)(input_ids=x)
+        assert calls == [None] * 2, overrides
+
+
+def test_decoding_and_the_prefill_state_are_the_same_in_blocks():
+    """A prefill that collects the decoding state runs in blocks too; the generated tokens are the same."""
+    x = tokens(2, 40)
+    outs = []
+    for block in (None, 8):
+        model = tiny_model(attention_query_block_size=block)
+        outs.append(model.generate(x, max_new_tokens=12, do_sample=False, min_new_tokens=12))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "1024"])
+def test_the_block_size_must_be_a_positive_integer_or_none(bad):
+    from bmojo import preset_config
+
+    with pytest.raises(ValueError, match=rf"^attention_query_block_size must be a positive integer, got {bad!r}$"):
+        preset_config("tiny", attention_query_block_size=bad)
+
+
+def test_the_blocked_op_is_the_dispatched_op():
+    """Blocks go through ``dispatch`` like the whole op: the reference backend runs them with the reference form."""
+    from bmojo.ops import use_backend
+
+    with use_backend("reference"):
+        assert dispatch("attention") is bmojo_attention_ref
