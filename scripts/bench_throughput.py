@@ -27,9 +27,9 @@ each layer's forward is recomputed in the backward) to the training rounds and t
 is B'MOJO's (decoding never checkpoints) and is not measured again. ``--selective-recompute`` likewise adds "B'MOJO,
 selective recompute" (after ``selective_recompute_enable()``: the attention and SSD ops are recomputed in the
 backward, the rest of the layer is kept); both flags also add "B'MOJO, checkpointing + selective recompute" (the
-layers' recomputation then recomputes the attention op one block of queries at a time, ``attention_query_block_size``:
-the lowest peak). Every B'MOJO model runs its configuration's ``attention_query_block_size`` (the line printed for it
-says ``query_block=``).
+layers' recomputation then recomputes the attention and SSD ops one block of the sequence at a time,
+``sequence_block_size``: the lowest peak). Every model of ours runs its configuration's ``sequence_block_size`` (the
+line printed for it says ``seq_block=``).
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
@@ -89,7 +89,7 @@ def build_specs(
     full-attention case (``W >= L``; rounded up to a multiple of the chunk). ``checkpointing``: also B'MOJO with
     activation checkpointing (``CHECKPOINTED``, right after it); ``selective_recompute``: also B'MOJO recomputing
     its attention and SSD ops (``RECOMPUTED``, after those); both: also B'MOJO with both (``BOTH``: the layers'
-    recomputation recomputes the attention op block by block, ``attention_query_block_size``)."""
+    recomputation recomputes the attention and SSD ops block by block, ``sequence_block_size``)."""
     base = preset_config(preset, **overrides)
     target = count(BMojoForCausalLM(base))
     chunk = base.chunk_size
@@ -176,10 +176,9 @@ def describe(model) -> str:
     if hasattr(c, "layers_block_type"):
         kinds = set(c.layers_block_type)
         text = f"layers={c.num_hidden_layers}x{','.join(sorted(kinds))} d={c.hidden_size} "
-        text += f"mlp={c.intermediate_size if c.use_mlp else 0} "
+        text += f"mlp={c.intermediate_size if c.use_mlp else 0} seq_block={getattr(c, 'sequence_block_size', None)} "
         if kinds & {"attention", "bmojo"}:
             text += f"heads={c.num_attention_heads}/{c.num_key_value_heads} W={c.window_size} C={c.chunk_size} "
-            text += f"query_block={getattr(c, 'attention_query_block_size', None)} "
         if "bmojo" in kinds:
             text += f"fading={c.use_fading} M={c.memory_size} "
             # the issue-11 options that change the work (V0_OPTIONS: the original design)

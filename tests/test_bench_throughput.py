@@ -65,7 +65,7 @@ def test_selective_recompute_adds_the_recomputing_model_with_its_flops_and_small
     assert described[bench.CHECKPOINTED].endswith(f" checkpointed_layers={plain.config.num_hidden_layers}")
     layers = plain.config.num_hidden_layers
     assert described[bench.BOTH].endswith(f" checkpointed_layers={layers} recompute=attention,ssd")
-    assert all(f" query_block={plain.config.attention_query_block_size} " in d for d in described.values())
+    assert all(f" seq_block={plain.config.sequence_block_size} " in d for d in described.values())
     assert "recompute=" not in described[bench.REF] and "checkpointed" not in described[bench.REF]
     recomputed.load_state_dict(plain.state_dict())
     x = torch.randint(3, 64, (1, 64), generator=torch.Generator().manual_seed(0))

@@ -71,12 +71,13 @@ class BMojoConfig(PretrainedConfig):
         ssd_chunk_size (`int`, *optional*): chunk of the chunked SSD scan alone, when it should differ from
             ``chunk_size`` (the SSD's in-chunk cost grows with its chunk; the attention's window must be a multiple
             of ``chunk_size``). Defaults to ``chunk_size``; the result does not depend on it, only the speed.
-        attention_query_block_size (`int`, *optional*): the attention op of ``attention`` and ``bmojo`` layers
-            computes its queries in blocks of this many tokens (rounded down to whole chunks) when the sequence is
-            longer and the window shorter than it: each block builds only its own key windows, masks and scores, so
-            the op's temporaries stay bounded, and with selective recompute each block is recomputed on its own.
-            Eager execution only (an XLA graph keeps the op whole). ``None``: the whole sequence in one call. The
-            result does not depend on it (up to the order of the gradient's sums), only the speed and the memory.
+        sequence_block_size (`int`, *optional*): the attention and SSD ops of a layer run over blocks of this many
+            tokens (rounded down to whole chunks of each op) when the sequence is longer: an attention block computes
+            its queries from only the key windows, masks and scores they need; an SSD block starts from the state
+            the previous block ended with. Each op's temporaries then stay bounded, and with selective recompute
+            each block is recomputed on its own. Eager execution only (an XLA graph keeps the ops whole); not for an
+            attention window covering the sequence. ``None``: the whole sequence in one call. The result does not
+            depend on it (up to the order of sums in the gradient and the scan), only the speed and the memory.
         use_fading (`bool`): ``bmojo`` layers attend the SSM's fading tokens of the span ``[i-2W+1, i-W]``.
         memory_size (`int`): eidetic memory slots ``M`` per ``bmojo`` layer; 0 turns eidetic memory off.
         selections_per_chunk (`int`): tokens selected by the innovation test in each chunk (``k_sel``).
@@ -148,7 +149,7 @@ class BMojoConfig(PretrainedConfig):
         window_size: int = 128,
         chunk_size: int = 32,
         ssd_chunk_size: int | None = None,
-        attention_query_block_size: int | None = 512,
+        sequence_block_size: int | None = 512,
         use_fading: bool = True,
         memory_size: int = 32,
         selections_per_chunk: int = 2,
@@ -198,7 +199,7 @@ class BMojoConfig(PretrainedConfig):
         self.window_size = window_size
         self.chunk_size = chunk_size
         self.ssd_chunk_size = ssd_chunk_size
-        self.attention_query_block_size = attention_query_block_size
+        self.sequence_block_size = sequence_block_size
         self.use_fading = use_fading
         self.memory_size = memory_size
         self.selections_per_chunk = selections_per_chunk
@@ -284,7 +285,7 @@ class BMojoConfig(PretrainedConfig):
             "intermediate_size",
         ):
             positive(name)
-        for name in ("ssd_chunk_size", "attention_query_block_size"):
+        for name in ("ssd_chunk_size", "sequence_block_size"):
             if getattr(self, name) is not None:
                 positive(name)
         for name in ("memory_size", "selections_per_chunk"):

@@ -16,7 +16,7 @@ from ..ops import dispatch
 from ..ops.common import cast
 from ..ops.rope import apply_rope, rotate
 from ..ops.selection import EideticMemory
-from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo, run_op
+from .common import InferenceState, MixerOutput, Rope, SequenceInfo, StepInfo, run_op, sequence_block
 
 
 @dataclass
@@ -106,15 +106,9 @@ class SlidingWindowAttention(nn.Module):
         return self._project_out(out)
 
     def _query_block(self, q: torch.Tensor) -> int | None:
-        """Queries per call of the attention op (``config.attention_query_block_size`` rounded down to whole chunks),
-        or ``None``: the whole sequence in one call. Eager only: on an XLA device the op is traced whole (the
-        compiler schedules the graph; blocks would only add ops). Not for a window covering the sequence (one
-        causal SDPA call there)."""
-        block = getattr(self.config, "attention_query_block_size", None)
-        length = q.shape[1]
-        if not block or block >= length or self.window >= length or q.device.type == "xla":
-            return None
-        return max(self.chunk_size, block // self.chunk_size * self.chunk_size)
+        """Queries per call of the attention op (``sequence_block``), or ``None``; never for a window covering the
+        sequence (one causal SDPA call there)."""
+        return None if self.window >= q.shape[1] else sequence_block(self.config, q, self.chunk_size)
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
         """The attention op's output ``[..., H, D]`` -> ``o_proj`` -> ``[..., d]``."""

@@ -155,6 +155,17 @@ def run_op(mixer: torch.nn.Module, op: str, *args, query_block: int | None = Non
     return torch.cat(blocks, dim=1)
 
 
+def sequence_block(config, x: torch.Tensor, chunk: int) -> int | None:
+    """Tokens per call of a sequence op over ``x [B, L, ...]``: ``config.sequence_block_size`` rounded down to whole
+    chunks of ``chunk`` (at least one), or ``None`` (the whole sequence in one call): where it is not set, where
+    the sequence fits in one block, and on an XLA device (the ops are traced whole: the compiler schedules the graph,
+    blocks would only add ops)."""
+    block = getattr(config, "sequence_block_size", None)
+    if not block or block >= x.shape[1] or x.device.type == "xla":
+        return None
+    return max(chunk, block // chunk * chunk)
+
+
 class MixerOutput(NamedTuple):
     out: torch.Tensor  # [B, L, d]
     aux_loss: torch.Tensor | None  # a scalar to add to the training loss (the innovation loss), or None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..ops import dispatch
 from ..ops.common import at_least_fp32, compute_dtype
 from ..ops.conv import conv_state_from_inputs
-from .common import InferenceState, MixerOutput, SequenceInfo, StepInfo, run_op
+from .common import InferenceState, MixerOutput, SequenceInfo, StepInfo, run_op, sequence_block
 from .norm import BMojoGatedRMSNorm
 
 
@@ -41,6 +41,7 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx  # the block's index (every mixer takes it; the SSM does not use it)
         self.hidden_size = config.hidden_size
         self.head_dim = config.ssm_head_dim
@@ -113,12 +114,29 @@ class Mamba2Mixer(nn.Module):
             xbc = xbc * valid
             dt = dt * valid
         x, b, c = self._heads(xbc)
-        y, final = run_op(self, "ssd", x, dt, self._decay(), b, c, self.chunk_size, D=self.D)
+        y, final = self._scan(x, dt, b, c)
         y = self.norm(y.reshape(*h.shape[:-1], self.inner), z)
         state = None
         if info.collect_state:
             state = SSMState(conv=conv_state_from_inputs(conv_in, info.lengths, self.conv_kernel), ssm=final)
         return MixerOutput(self.out_proj(y), None, state)
+
+    def _scan(self, x, dt, b, c):
+        """The SSD op over the sequence -> ``(y [B, L, H, P], final state)``; in blocks of ``sequence_block`` tokens
+        where set, each block starting from the state the previous one ended with (each its own ``run_op`` call, so
+        recomputed on its own)."""
+        block = sequence_block(self.config, x, self.chunk_size)
+        if block is None:
+            return run_op(self, "ssd", x, dt, self._decay(), b, c, self.chunk_size, D=self.D)
+        ys, state = [], None
+        for start in range(0, x.shape[1], block):
+            part = slice(start, start + block)
+            y, state = run_op(
+                self, "ssd", x[:, part], dt[:, part], self._decay(), b[:, part], c[:, part], self.chunk_size,
+                D=self.D, initial_state=state,
+            )
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
 
     def step(self, h: torch.Tensor, state: SSMState, info: StepInfo | None = None) -> torch.Tensor:
         """One token ``h [B, d]`` -> ``[B, d]``; updates ``state`` in place (``info`` unused: the recurrence carries

@@ -1,7 +1,8 @@
-"""The attention op in blocks of queries (``query_range``; the model's ``attention_query_block_size``): every block
-equals the whole op's slice, reads only the keys and memories its queries see, keeps intermediates in proportion
-to its queries; the model computes the same losses and gradients in blocks, with and without selective recompute,
-and runs (and recomputes) the op once per block."""
+"""The sequence ops in blocks (the model's ``sequence_block_size``). The attention op over a block of queries
+(``query_range``) equals the whole op's slice, reads only the keys and memories its queries see and keeps
+intermediates in proportion to its queries; the SSD op runs block after block from the state the previous block
+ended with. The model computes the same losses and gradients in blocks, with and without selective recompute, and
+runs (and recomputes) each op once per block."""
 
 import pytest
 import torch
@@ -138,8 +139,9 @@ def test_a_query_range_off_the_chunk_grid_or_empty_is_one_value_error():
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
-def _op_ranges(monkeypatch):
-    """Record every attention op call's ``query_range`` (``None``: the whole sequence)."""
+def _op_ranges(monkeypatch, ssd_calls=None):
+    """Record every attention op call's ``query_range`` (``None``: the whole sequence) and, into ``ssd_calls``,
+    every SSD op call's ``(length, whether it started from a given state)``."""
     import bmojo.layers.common as common
 
     calls = []
@@ -147,9 +149,13 @@ def _op_ranges(monkeypatch):
 
     def probe(op):
         fn = real(op)
-        if op != "attention":
-            return fn
-        return lambda *a, **kw: calls.append(kw.get("query_range")) or fn(*a, **kw)
+        if op == "attention":
+            return lambda *a, **kw: calls.append(kw.get("query_range")) or fn(*a, **kw)
+        if op == "ssd" and ssd_calls is not None:
+            return lambda *a, **kw: ssd_calls.append((a[0].shape[1], kw.get("initial_state") is not None)) or fn(
+                *a, **kw
+            )
+        return fn
 
     monkeypatch.setattr(common, "dispatch", probe)
     return calls
@@ -170,25 +176,32 @@ def _step(model, x, mask):
 ], ids=["every layer type", "documents, per head, random"])
 def test_the_model_in_blocks_computes_the_same_losses_and_gradients_and_runs_the_op_per_block(recompute, overrides,
                                                                                               monkeypatch):
-    calls = _op_ranges(monkeypatch)
+    ssd_calls = []
+    calls = _op_ranges(monkeypatch, ssd_calls)
     x = tokens(2, 46)
     x[0, 11] = x[1, 20] = 5
     mask = torch.ones_like(x)
     mask[1, :5] = 0
-    whole_model = tiny_model(attention_query_block_size=None, **overrides).train()
+    whole_model = tiny_model(sequence_block_size=None, **overrides).train()
     loss, grads = _step(whole_model, x, mask)
     attention_layers = sum(t in ("bmojo", "attention") for t in whole_model.config.layers_block_type)
-    assert calls == [None] * attention_layers
-    blocked = tiny_model(attention_query_block_size=18, **overrides).train()  # rounded down to 16: 4 chunks
+    ssm_layers = sum(t in ("bmojo", "ssm") for t in whole_model.config.layers_block_type)
+    assert calls == [None] * attention_layers and ssd_calls == [(46, False)] * ssm_layers
+    blocked = tiny_model(sequence_block_size=18, **overrides).train()  # rounded down to 16: 4 chunks
     if recompute:
         blocked.selective_recompute_enable()
     calls.clear()
+    ssd_calls.clear()
     out = blocked(input_ids=x, attention_mask=mask, labels=x)
     ranges = [(0, 16), (16, 32), (32, 48)]
     assert calls == ranges * attention_layers  # the forward: once per block
+    scans = [(16, False), (16, True), (14, True)]  # each block after the first starts from the state before it
+    assert ssd_calls == scans * ssm_layers
     calls.clear()
+    ssd_calls.clear()
     out.loss.backward()
     assert sorted(calls) == sorted(ranges * attention_layers if recompute else [])  # recomputed: each block once
+    assert sorted(ssd_calls) == sorted(scans * ssm_layers if recompute else [])
     blocked_loss, blocked_grads = _step(blocked, x, mask)
     torch.testing.assert_close(blocked_loss, loss, rtol=1e-12, atol=1e-12)
     assert blocked_grads.keys() == grads.keys()
@@ -197,21 +210,38 @@ def test_the_model_in_blocks_computes_the_same_losses_and_gradients_and_runs_the
 
 
 def test_no_blocks_where_the_sequence_fits_one_or_the_window_covers_it(monkeypatch):
-    calls = _op_ranges(monkeypatch)
+    ssd_calls = []
+    calls = _op_ranges(monkeypatch, ssd_calls)
     x = tokens(1, 32)
-    for overrides in (dict(attention_query_block_size=32), dict(attention_query_block_size=None),
-                      dict(attention_query_block_size=8, window_size=32)):
+    for overrides, scans in ((dict(sequence_block_size=32), [(32, False)]),
+                             (dict(sequence_block_size=None), [(32, False)]),
+                             (dict(sequence_block_size=8, window_size=32), [(8, False)] + [(8, True)] * 3)):
         calls.clear()
+        ssd_calls.clear()
         tiny_model(**overrides)(input_ids=x)
-        assert calls == [None] * 2, overrides
+        assert calls == [None] * 2, overrides  # a window covering the sequence: the attention op whole
+        assert ssd_calls == scans * 2, overrides
+
+
+def test_blocks_round_down_to_each_ops_own_chunk(monkeypatch):
+    """The SSD's chunk may differ from the attention's (``ssd_chunk_size``): each op's blocks are whole chunks of
+    its own."""
+    ssd_calls = []
+    calls = _op_ranges(monkeypatch, ssd_calls)
+    tiny_model(sequence_block_size=14, ssd_chunk_size=8, layers_block_type=["bmojo"], num_hidden_layers=1)(
+        input_ids=tokens(1, 30)
+    )
+    assert calls == [(0, 12), (12, 24), (24, 36)]  # chunks of 4: 14 -> 12
+    assert ssd_calls == [(8, False), (8, True), (8, True), (6, True)]  # chunks of 8: 14 -> 8
 
 
 def test_decoding_and_the_prefill_state_are_the_same_in_blocks():
-    """A prefill that collects the decoding state runs in blocks too; the generated tokens are the same."""
+    """A prefill that collects the decoding state runs in blocks too (the SSD state is the last block's); the
+    generated tokens are the same."""
     x = tokens(2, 40)
     outs = []
     for block in (None, 8):
-        model = tiny_model(attention_query_block_size=block)
+        model = tiny_model(sequence_block_size=block)
         outs.append(model.generate(x, max_new_tokens=12, do_sample=False, min_new_tokens=12))
     assert torch.equal(outs[0], outs[1])
 
@@ -220,8 +250,8 @@ def test_decoding_and_the_prefill_state_are_the_same_in_blocks():
 def test_the_block_size_must_be_a_positive_integer_or_none(bad):
     from bmojo import preset_config
 
-    with pytest.raises(ValueError, match=rf"^attention_query_block_size must be a positive integer, got {bad!r}$"):
-        preset_config("tiny", attention_query_block_size=bad)
+    with pytest.raises(ValueError, match=rf"^sequence_block_size must be a positive integer, got {bad!r}$"):
+        preset_config("tiny", sequence_block_size=bad)
 
 
 def test_the_blocked_op_is_the_dispatched_op():
