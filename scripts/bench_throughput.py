@@ -16,8 +16,10 @@ Measures, for each thread count in ``--threads``:
   across models (equal parameter counts);
 * with ``--peak-memory``: the peak resident memory of one training step at each L, each model in its own process
   (the step's activations, gradients, AdamW state and temporaries above the resident weights; Linux's
-  ``/proc/self/clear_refs`` resets the peak): the issue's "peak training memory", which the saved-tensor count
-  understates for a checkpointed model (its backward recomputes one layer's activations at a time);
+  ``/proc/self/clear_refs`` resets the peak; glibc's mmap threshold fixed, so that freed blocks go back to the OS
+  and the peak follows the live tensors, not the allocator's history): the issue's "peak training memory", which the
+  saved-tensor count understates for a checkpointed model (its backward recomputes one layer's activations at a
+  time);
 * decode ms/token after a context of 1K ... 32K tokens, and the bytes of decoding state at that point;
 * the *ideal* FLOP ratio next to every measured ratio (``ideal_train_flops``): what the measured ratio would be if
   every model reached the same FLOP/s, so the efficiency gap is visible.
@@ -271,6 +273,23 @@ def release_memory() -> None:
         pass
 
 
+# glibc's mmap threshold for the peak-memory children: every allocation from 128 KiB up is mapped on its own and
+# unmapped when freed, so the resident peak follows the live tensors. Left to itself, glibc raises the threshold
+# after freeing a mapped block and then keeps such blocks in its heap: the resident peak then depends on the order of
+# past allocations (transformers' Llama at the cpu preset, 8K: 1,187-1,507 MiB across runs, against 1,091 every time
+# with a fixed threshold).
+PEAK_MMAP_THRESHOLD = 128 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at ``PEAK_MMAP_THRESHOLD`` (``mallopt``); False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, PEAK_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def _status_bytes(field: str) -> int:
     """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -284,8 +303,11 @@ def peak_step_child(preset: str, overrides: dict, max_length: int, checkpointing
     """In a fresh process: ``(peak, activations)``. ``peak``: the peak resident memory of ``name``'s first training
     step (forward, backward, AdamW step: activations, gradients, optimizer state, temporaries) above the resident
     size just before it (weights, the interpreter); Linux: ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to
-    the current size. ``activations``: ``activation_bytes`` of the same model and input, measured after the step
-    (so that no model's graph ever shares a process with another's: at 8K they do not fit in 24 GiB together)."""
+    the current size; glibc's mmap threshold is fixed first (``fix_mmap_threshold``), so the peak is the live
+    memory's, not what the allocator happened to keep. ``activations``: ``activation_bytes`` of the same model and
+    input, measured after the step (so that no model's graph ever shares a process with another's: at 8K they do not
+    fit in 24 GiB together)."""
+    fix_mmap_threshold()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_specs(preset, overrides, max_length, checkpointing, selective_recompute)[name][0]()

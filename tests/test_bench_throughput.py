@@ -252,3 +252,15 @@ def test_bad_arguments_stop_the_run_with_one_line_naming_the_flag(monkeypatch, c
         run_main(monkeypatch, *argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench_throughput.py: error: {message}"
+
+
+def test_the_peak_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
+    """``mallopt`` accepts the setting here (glibc; it answers 0 to an unknown parameter), and the child sets it
+    before its model exists."""
+    assert bench.fix_mmap_threshold()
+    order = []
+    monkeypatch.setattr(bench, "fix_mmap_threshold", lambda: order.append("threshold"))
+    real = bench.build_specs
+    monkeypatch.setattr(bench, "build_specs", lambda *a, **kw: order.append("model") or real(*a, **kw))
+    bench.peak_step_child("tiny", {}, 64, False, bench.REF, 32, 1, 64)
+    assert order == ["threshold", "model"]
