@@ -468,6 +468,16 @@ def without_note(argv: list[str]) -> list[str]:
 positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 
 
+def _block_size(text: str):
+    """``--sequence-block-size``: a positive integer or ``"none"`` (kept as the word: ``None`` means not given)."""
+    if text == "none":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or none, got {text!r}") from None
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="model shape (default: cpu)")
@@ -475,6 +485,14 @@ def parse_args():
         "--layers", type=positive_int, default=None, help="override the preset's depth (a scaled-down shape)"
     )
     parser.add_argument("--vocab-size", type=positive_int, default=None, help="override the preset's vocabulary")
+    parser.add_argument(
+        "--sequence-block-size",
+        type=_block_size,
+        default=None,
+        metavar="N|none",
+        help="override our models' sequence_block_size (tokens per call of the attention and SSD ops; none: the "
+        "whole sequence in one call); default: the configuration's",
+    )
     parser.add_argument("--train-lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--train-batch", type=positive_int, default=1)
@@ -566,6 +584,8 @@ def main() -> None:
     overrides = {k: v for k, v in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab_size)) if v}
     if args.layers:
         overrides["layers_block_type"] = [preset_config(args.preset).layers_block_type[0]] * args.layers
+    if args.sequence_block_size is not None:
+        overrides["sequence_block_size"] = None if args.sequence_block_size == "none" else args.sequence_block_size
     torch.manual_seed(0)
     specs = build_specs(
         args.preset, overrides, max(args.train_lengths + args.contexts), args.checkpointing, args.selective_recompute

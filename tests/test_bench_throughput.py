@@ -244,6 +244,8 @@ def test_report_only_names_what_is_wrong_with_its_file_in_one_line(monkeypatch, 
         (["--rounds", "-1"], "argument --rounds: must be at least 1, got -1"),
         (["--contexts", "1.5"], "argument --contexts: expected an integer, got '1.5'"),
         (["--out", "pyproject.toml"], "--out: pyproject.toml is a file, not a folder"),
+        (["--sequence-block-size", "0"],
+         "argument --sequence-block-size: expected a positive integer or none, got '0'"),
     ],
 )
 def test_bad_arguments_stop_the_run_with_one_line_naming_the_flag(monkeypatch, capsys, argv, message):
@@ -264,3 +266,22 @@ def test_the_peak_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
     monkeypatch.setattr(bench, "build_specs", lambda *a, **kw: order.append("model") or real(*a, **kw))
     bench.peak_step_child("tiny", {}, 64, False, bench.REF, 32, 1, 64)
     assert order == ["threshold", "model"]
+
+
+@pytest.mark.parametrize("value, expected", [(["none"], None), (["64"], 64), ([], 512)])
+def test_sequence_block_size_reaches_every_model_of_ours_and_its_configuration_line(monkeypatch, value, expected):
+    """``--sequence-block-size`` overrides our models' configuration (the peak-memory children get the same
+    overrides); transformers' models do not have it."""
+    built = {}
+    real = bench.build_specs
+
+    def capture(preset, overrides, *a, **kw):
+        specs = real(preset, overrides, *a, **kw)
+        built.update({n: bench.describe(f()) for n, (f, kind, _) in specs.items() if kind == "ours"})
+        raise SystemExit(0)  # stop before measuring
+
+    monkeypatch.setattr(bench, "build_specs", capture)
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--preset", "tiny", "--train-lengths", "64", "--contexts", "64", *(
+            ["--sequence-block-size", *value] if value else []))
+    assert built and all(f" seq_block={expected} " in line for line in built.values())

@@ -148,8 +148,10 @@ class BMojoPreTrainedModel(PreTrainedModel):
         backward instead of keeping their intermediates (selective activation recomputation,
         ``layers.common.run_op``): every layer then keeps the op's inputs only, the backward runs the op's forward
         once more, and every number stays the same. It applies to training-mode forwards with gradients enabled and
-        combines with gradient checkpointing. A runtime setting, not saved with the model. What it saves and costs:
-        ``docs/results.md`` (the throughput study's "selective recompute" rows).
+        combines with gradient checkpointing. Where the ops run in blocks (``config.sequence_block_size``), each
+        block is recomputed on its own, so the backward holds one block's intermediates at a time. A runtime
+        setting, not saved with the model. What it saves and costs: ``docs/results.md`` (the throughput study's
+        "selective recompute" rows).
 
         Raises ``ValueError`` for ops that are not op names, for none, for an op not in ``RECOMPUTABLE_OPS`` (the
         setting is then left as it was) and on a tensor-parallel (sharded) model (untested there); a recomputed
