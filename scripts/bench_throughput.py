@@ -276,8 +276,8 @@ def release_memory() -> None:
 # glibc's mmap threshold for the peak-memory children: every allocation from 128 KiB up is mapped on its own and
 # unmapped when freed, so the resident peak follows the live tensors. Left to itself, glibc raises the threshold
 # after freeing a mapped block and then keeps such blocks in its heap: the resident peak then depends on the order of
-# past allocations (transformers' Llama at the cpu preset, 8K: 1,187-1,507 MiB across runs, against 1,091 every time
-# with a fixed threshold).
+# past allocations (transformers' Llama at the cpu preset, 8K: 1,187-1,507 MiB across runs, against 1,091-1,101 every
+# time with a fixed threshold).
 PEAK_MMAP_THRESHOLD = 128 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 

@@ -257,9 +257,14 @@ def test_bad_arguments_stop_the_run_with_one_line_naming_the_flag(monkeypatch, c
 
 
 def test_the_peak_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
-    """``mallopt`` accepts the setting here (glibc; it answers 0 to an unknown parameter), and the child sets it
-    before its model exists."""
-    assert bench.fix_mmap_threshold()
+    """``mallopt`` accepts the setting (glibc; it answers 0 to an unknown parameter; asked in a child process, so
+    that this one keeps its allocator), and the child sets it before its model exists."""
+    import subprocess
+
+    load = (f"import importlib.util as u; s = u.spec_from_file_location('b', {bench.__file__!r}); "
+            "b = u.module_from_spec(s); s.loader.exec_module(b); print(b.fix_mmap_threshold())")
+    assert subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True).stdout.split()[
+        -1] == "True"
     order = []
     monkeypatch.setattr(bench, "fix_mmap_threshold", lambda: order.append("threshold"))
     real = bench.build_specs

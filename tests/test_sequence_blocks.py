@@ -7,7 +7,6 @@ runs (and recomputes) each op once per block."""
 import pytest
 import torch
 
-from bmojo.ops import dispatch
 from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref
 from support import tiny_model, tokens
 from test_attention import _inputs, _memory
@@ -132,10 +131,27 @@ def test_a_blocks_intermediates_scale_with_its_queries():
 
 def test_a_query_range_off_the_chunk_grid_or_empty_is_one_value_error():
     args, kwargs = _call_args(37, 8, 4, True, True, False)
-    for bad in [(2, 8), (40, 44), (8, 8), (-4, 8)]:
-        with pytest.raises(ValueError, match=r"^query_range \(.*\): must start on a multiple of the chunk size 4 and "
-                                             r"hold at least one of the 37 queries$"):
+    empty = "must hold at least one of the 37 queries \\(0 <= start < end\\)"
+    for bad, why in [((2, 8), "start must be a multiple of the chunk size 4"), ((40, 44), empty), ((8, 8), empty),
+                     ((-4, 8), empty)]:
+        with pytest.raises(ValueError, match=rf"^query_range \({bad[0]}, {bad[1]}\): {why}$"):
             bmojo_attention_chunked(*args, query_range=bad, **kwargs)
+        if why == empty:  # the reference refuses the same ranges (it has no chunk grid)
+            with pytest.raises(ValueError, match=rf"^query_range \({bad[0]}, {bad[1]}\): {why}$"):
+                bmojo_attention_ref(*args, query_range=bad, **kwargs)
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("window", [8, 64])  # 64 >= L: the whole-sequence fast path's case
+def test_a_range_ending_inside_a_chunk_returns_exactly_its_queries(sdpa, window):
+    length, chunk = 40, 8
+    t = _inputs(1, length, 2, 2, 8)
+    args = (t["q"], t["k"], t["v"], window, chunk)
+    whole = bmojo_attention_ref(*args)
+    for start, end in [(8, 20), (0, 35), (32, 37), (0, 40), (16, 99)]:
+        part = bmojo_attention_chunked(*args, sdpa=sdpa, query_range=(start, end))
+        assert part.shape[1] == min(end, length) - start
+        torch.testing.assert_close(part, whole[:, start:end], rtol=1e-10, atol=1e-10)
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
@@ -236,14 +252,22 @@ def test_blocks_round_down_to_each_ops_own_chunk(monkeypatch):
 
 
 def test_decoding_and_the_prefill_state_are_the_same_in_blocks():
-    """A prefill that collects the decoding state runs in blocks too (the SSD state is the last block's); the
-    generated tokens are the same."""
+    """A prefill that collects the decoding state runs in blocks too (the SSD state is the last block's): every
+    tensor of the collected state is the whole prefill's, and the generated tokens are the same."""
     x = tokens(2, 40)
-    outs = []
+    mask = torch.ones_like(x)
+    mask[1, :6] = 0  # a left-padded row
+    outs, states = [], []
     for block in (None, 8):
         model = tiny_model(sequence_block_size=block)
-        outs.append(model.generate(x, max_new_tokens=12, do_sample=False, min_new_tokens=12))
+        cache = model(input_ids=x, attention_mask=mask, use_cache=True).cache
+        states.append([layer.tensors() for layer in cache.layers])
+        outs.append(model.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12))
     assert torch.equal(outs[0], outs[1])
+    for whole, blocked in zip(*states):
+        assert whole.keys() == blocked.keys() and whole
+        for name in whole:
+            torch.testing.assert_close(blocked[name], whole[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("bad", [0, -8, 2.5, True, "1024"])
@@ -254,9 +278,26 @@ def test_the_block_size_must_be_a_positive_integer_or_none(bad):
         preset_config("tiny", sequence_block_size=bad)
 
 
-def test_the_blocked_op_is_the_dispatched_op():
-    """Blocks go through ``dispatch`` like the whole op: the reference backend runs them with the reference form."""
+def test_blocks_run_the_dispatched_form_and_the_references_agree(monkeypatch):
+    """Blocks go through ``dispatch`` like the whole op: on the reference backend every block runs the reference
+    forms (the dense attention sliced, the sequential SSD from the given state), with the chunked forms' losses."""
+    import bmojo.layers.common as common
     from bmojo.ops import use_backend
 
-    with use_backend("reference"):
-        assert dispatch("attention") is bmojo_attention_ref
+    forms = []
+    real = common.dispatch
+    def probe(op):  # every call of the dispatched form, by name
+        fn = real(op)
+        return lambda *a, **kw: forms.append((op, fn.__name__)) or fn(*a, **kw)
+
+    monkeypatch.setattr(common, "dispatch", probe)
+    x = tokens(1, 30)
+    losses = {}
+    for backend in ("chunked", "reference"):
+        forms.clear()
+        with use_backend(backend):
+            losses[backend] = tiny_model(sequence_block_size=12)(input_ids=x, labels=x).loss
+        blocks = [name for op, name in forms if op in ("attention", "ssd")]
+        assert len(blocks) == 2 * 2 * 3  # 2 layers x 2 ops x 3 blocks
+        assert all(("ref" in name) == (backend == "reference") for name in blocks), blocks
+    torch.testing.assert_close(losses["reference"], losses["chunked"], rtol=1e-10, atol=1e-10)

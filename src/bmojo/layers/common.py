@@ -137,7 +137,10 @@ def run_op(mixer: torch.nn.Module, op: str, *args, query_block: int | None = Non
 
     ``query_block`` (a number of queries, for an op that takes ``query_range``: the attention op): the op runs once
     per block of that many queries and the outputs are concatenated along the sequence, the same values; recomputed,
-    each block is recomputed on its own, so the backward holds one block's intermediates at a time.
+    each block is recomputed on its own, so the backward holds one block's intermediates at a time. Each block reads
+    its slices of the full-length inputs, whose backward adds a full-length (mostly zero) gradient per block and
+    input: ``L / block`` times the inputs' size, small next to the op at the lengths measured (``cpu`` preset, 8K:
+    no slower than the whole op), but growing as ``L^2``.
 
     Raises ``ValueError`` for a recomputed op on an XLA device (XLA's common-subexpression elimination can merge the
     recomputation back into the forward; ``torch_xla.utils.checkpoint`` is not wired in).

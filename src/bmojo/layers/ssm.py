@@ -129,11 +129,11 @@ class Mamba2Mixer(nn.Module):
         if block is None:
             return run_op(self, "ssd", x, dt, self._decay(), b, c, self.chunk_size, D=self.D)
         ys, state = [], None
-        for start in range(0, x.shape[1], block):
-            part = slice(start, start + block)
+        # torch.split, not indexing: one backward (a concatenation) for all blocks, not a zero-filled full-length
+        # gradient per block
+        for xs, dts, bs, cs in zip(*(t.split(block, dim=1) for t in (x, dt, b, c))):
             y, state = run_op(
-                self, "ssd", x[:, part], dt[:, part], self._decay(), b[:, part], c[:, part], self.chunk_size,
-                D=self.D, initial_state=state,
+                self, "ssd", xs, dts, self._decay(), bs, cs, self.chunk_size, D=self.D, initial_state=state
             )
             ys.append(y)
         return torch.cat(ys, dim=1), state

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..common import compute_dtype
 from ..selection.common import EideticMemory
-from .common import joint_softmax
+from .common import joint_softmax, query_span
 
 
 def _chunk_windows(
@@ -105,7 +105,7 @@ def bmojo_attention_chunked(
         ``[B, L, H, D]`` in ``q.dtype`` (``[B, end - start, H, D]`` with ``query_range``).
 
     Raises:
-        ValueError: a ``query_range`` that does not start on a chunk boundary or is empty.
+        ValueError: a ``query_range`` that is empty, outside the sequence or does not start on a chunk boundary.
     """
     bsz, length, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
@@ -118,17 +118,10 @@ def bmojo_attention_chunked(
     scale = head_dim**-0.5 if scale is None else scale
     ctype = compute_dtype(q)
     device = q.device
-    first, last = 0, num_chunks  # the query chunks computed: [first, last)
-    if query_range is not None:
-        start, end = query_range[0], min(query_range[1], length)
-        if start % chunk or not 0 <= start < end:
-            raise ValueError(
-                f"query_range {tuple(query_range)}: must start on a multiple of the chunk size {chunk} and hold "
-                f"at least one of the {length} queries"
-            )
-        first, last = start // chunk, -(-end // chunk)
+    start, end = query_span(query_range, length, chunk)
+    first, last = start // chunk, -(-end // chunk)  # the query chunks computed: [first, last)
     count = last - first
-    whole = count == num_chunks
+    whole = start == 0 and end == length
     plain = k_fade is None and k_self is None and memory is None and key_mask is None
     if sdpa and whole and plain and window >= padded:
         return _causal_sdpa(q, k, v, scale, ctype)
@@ -208,7 +201,7 @@ def bmojo_attention_chunked(
     if sdpa:
         mask = _additive_mask(masks, biases, ctype) if biased else torch.cat(masks, dim=-1)[:, :, None]
         out = _chunk_sdpa(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, mask, scale)
-        return _unchunk(out.to(q.dtype), first * chunk, length)
+        return _unchunk(out.to(q.dtype), end - start)
     scores = [score(qc, kw) for kw in keys]
     values = [weighted(vw) for vw in vals]
     if memory is not None:
@@ -217,13 +210,13 @@ def bmojo_attention_chunked(
     if biased:  # [B, nC, H, C, K] -> the scores' [B, nC, Hkv, G, C, K]
         scores = [sc if b is None else sc + _by_kv_head(b, num_kv, groups) for sc, b in zip(scores, biases)]
     out = joint_softmax(scores, [m[:, :, None, None] for m in masks], values, q.dtype)  # [B, nC, C, Hkv, G, D]
-    return _unchunk(out, first * chunk, length)
+    return _unchunk(out, end - start)
 
 
-def _unchunk(out, start, length):
-    """``[B, n, C, Hkv, G, D]`` (queries from ``start``) -> ``[B, min(nC, L - start), H, D]``."""
-    out = out.flatten(3, 4).flatten(1, 2)
-    return out[:, : length - start]
+def _unchunk(out, queries):
+    """``[B, n, C, Hkv, G, D]`` -> ``[B, queries, H, D]``: the computed chunks' first ``queries`` rows (the rest are
+    the padding of a ragged last chunk or queries past the range's end)."""
+    return out.flatten(3, 4).flatten(1, 2)[:, :queries]
 
 
 def _causal_sdpa(q, k, v, scale, ctype):

@@ -7,6 +7,23 @@ import torch
 from ..common import cast
 
 
+def query_span(query_range, length: int, chunk: int | None = None) -> tuple[int, int]:
+    """``query_range`` (or ``None``: every query) -> ``(start, end)`` with ``end`` clipped to ``length``.
+
+    Raises ``ValueError`` (one line, the rule broken named) for an empty range, one outside the sequence, or, with
+    ``chunk``, a start off the chunk grid."""
+    if query_range is None:
+        return 0, length
+    start, end = query_range
+    if not 0 <= start < min(end, length):
+        raise ValueError(
+            f"query_range {tuple(query_range)}: must hold at least one of the {length} queries (0 <= start < end)"
+        )
+    if chunk is not None and start % chunk:
+        raise ValueError(f"query_range {tuple(query_range)}: start must be a multiple of the chunk size {chunk}")
+    return start, min(end, length)
+
+
 def joint_softmax(score_blocks, mask_blocks, value_blocks, out_dtype):
     """One softmax over the concatenation of several key sets.
 
