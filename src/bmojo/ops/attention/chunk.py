@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common import compute_dtype
-from ..selection.common import EideticMemory
+from ..selection.common import EideticMemory, map_slots
 from .common import joint_softmax, query_span
 
 
@@ -184,7 +184,7 @@ def bmojo_attention_chunked(
 
     if memory is not None:
         if not whole:  # the memories of the computed chunks: [B, count, M, ...]
-            memory = EideticMemory(*(None if x is None else x[:, first:last] for x in memory))
+            memory = map_slots(lambda x: x[:, first:last], memory)
         mem_k, mem_v, mem_pos, mem_valid = memory.k, memory.v, memory.pos, memory.valid
         eid_mask = mem_valid[:, :, None, :] & (mem_pos[:, :, None, :] <= qpos[None, :, :, None] - window)
         if doc_start is not None:
