@@ -156,8 +156,8 @@ def test_a_range_ending_inside_a_chunk_returns_exactly_its_queries(sdpa, window)
 
 # --- the model -------------------------------------------------------------------------------------------------------
 def _op_ranges(monkeypatch, ssd_calls=None):
-    """Record every attention op call's ``query_range`` (``None``: the whole sequence) and, into ``ssd_calls``,
-    every SSD op call's ``(length, whether it started from a given state)``."""
+    """Record every attention op call's ``(query_range, length of its inputs)`` (``None``: every query) and, into
+    ``ssd_calls``, every SSD op call's ``(length, whether it started from a given state)``."""
     import bmojo.layers.common as common
 
     calls = []
@@ -166,7 +166,7 @@ def _op_ranges(monkeypatch, ssd_calls=None):
     def probe(op):
         fn = real(op)
         if op == "attention":
-            return lambda *a, **kw: calls.append(kw.get("query_range")) or fn(*a, **kw)
+            return lambda *a, **kw: calls.append((kw.get("query_range"), a[0].shape[1])) or fn(*a, **kw)
         if op == "ssd" and ssd_calls is not None:
             return lambda *a, **kw: ssd_calls.append((a[0].shape[1], kw.get("initial_state") is not None)) or fn(
                 *a, **kw
@@ -184,14 +184,32 @@ def _step(model, x, mask):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+# A block's op call: (its queries counted from the first position of its inputs, the length of its inputs). The
+# inputs reach back over whole blocks to cover the keys the block's queries see: 2W = 16 positions before it with
+# fading keys (B'MOJO), W = 8 without (the attention layer). 46 tokens, chunks of 4.
+BLOCK_CALLS = {
+    18: (  # rounded down to 16 (4 chunks): one block of context either way
+        [((0, 16), 16), ((16, 32), 32), ((16, 30), 30)],
+        [((0, 16), 16), ((16, 32), 32), ((16, 30), 30)],
+        [(16, False), (16, True), (14, True)],
+    ),
+    10: (  # rounded down to 8: two blocks of context with fading keys, one without
+        [((0, 8), 8), ((8, 16), 16), ((16, 24), 24), ((16, 24), 24), ((16, 24), 24), ((16, 22), 22)],
+        [((0, 8), 8), ((8, 16), 16), ((8, 16), 16), ((8, 16), 16), ((8, 16), 16), ((8, 14), 14)],
+        [(8, False)] + [(8, True)] * 4 + [(6, True)],
+    ),
+}
+
+
+@pytest.mark.parametrize("block", sorted(BLOCK_CALLS))
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("overrides", [
     dict(layers_block_type=["bmojo", "attention", "ssm", "bmojo"], num_hidden_layers=4),
     dict(memory_reset_at_document=True, memory_per_kv_head=True, key_set_bias=False, eos_token_id=5,
          selection_score="random"),
 ], ids=["every layer type", "documents, per head, random"])
-def test_the_model_in_blocks_computes_the_same_losses_and_gradients_and_runs_the_op_per_block(recompute, overrides,
-                                                                                              monkeypatch):
+def test_the_model_in_blocks_computes_the_same_losses_and_gradients_and_runs_the_op_per_block(block, recompute,
+                                                                                              overrides, monkeypatch):
     ssd_calls = []
     calls = _op_ranges(monkeypatch, ssd_calls)
     x = tokens(2, 46)
@@ -200,29 +218,52 @@ def test_the_model_in_blocks_computes_the_same_losses_and_gradients_and_runs_the
     mask[1, :5] = 0
     whole_model = tiny_model(sequence_block_size=None, **overrides).train()
     loss, grads = _step(whole_model, x, mask)
-    attention_layers = sum(t in ("bmojo", "attention") for t in whole_model.config.layers_block_type)
-    ssm_layers = sum(t in ("bmojo", "ssm") for t in whole_model.config.layers_block_type)
-    assert calls == [None] * attention_layers and ssd_calls == [(46, False)] * ssm_layers
-    blocked = tiny_model(sequence_block_size=18, **overrides).train()  # rounded down to 16: 4 chunks
+    types = whole_model.config.layers_block_type
+    ssm_layers = sum(t in ("bmojo", "ssm") for t in types)
+    assert calls == [(None, 46)] * sum(t in ("bmojo", "attention") for t in types)
+    assert ssd_calls == [(46, False)] * ssm_layers
+    blocked = tiny_model(sequence_block_size=block, **overrides).train()
     if recompute:
         blocked.selective_recompute_enable()
     calls.clear()
     ssd_calls.clear()
     out = blocked(input_ids=x, attention_mask=mask, labels=x)
-    ranges = [(0, 16), (16, 32), (32, 48)]
-    assert calls == ranges * attention_layers  # the forward: once per block
-    scans = [(16, False), (16, True), (14, True)]  # each block after the first starts from the state before it
-    assert ssd_calls == scans * ssm_layers
+    with_fading, without, scans = BLOCK_CALLS[block]
+    ranges = [c for t in types if t != "ssm" for c in (with_fading if t == "bmojo" else without)]
+    assert calls == ranges  # the forward: once per block, on the inputs its keys reach
+    assert ssd_calls == scans * ssm_layers  # each block after the first starts from the state before it
     calls.clear()
     ssd_calls.clear()
     out.loss.backward()
-    assert sorted(calls) == sorted(ranges * attention_layers if recompute else [])  # recomputed: each block once
+    assert sorted(calls) == sorted(ranges if recompute else [])  # recomputed: each block once
     assert sorted(ssd_calls) == sorted(scans * ssm_layers if recompute else [])
     blocked_loss, blocked_grads = _step(blocked, x, mask)
     torch.testing.assert_close(blocked_loss, loss, rtol=1e-12, atol=1e-12)
     assert blocked_grads.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(blocked_grads[name], g, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _backward_bytes(length: int, recompute: bool) -> int:
+    """Bytes allocated in one training step's backward of the tiny model (float32) in blocks of 32 tokens."""
+    model = tiny_model(sequence_block_size=32, dtype=torch.float32).train()
+    if recompute:
+        model.selective_recompute_enable()
+    x = tokens(1, length)
+    loss = model(input_ids=x, labels=x).loss
+    with torch.profiler.profile(profile_memory=True) as prof:
+        loss.backward()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_backward_in_blocks_allocates_in_proportion_to_the_sequence(recompute):
+    """Both ops' blocks take their inputs as pieces of one split (``torch.split``, ``key_context_blocks``), so the
+    backward adds each block's gradient into its own pieces. Slicing the whole inputs per block instead made every
+    block's backward add a zero-filled full-length gradient per input (O(L^2 / block); measured for the attention
+    blocks: 5.96x the bytes for 4x the tokens, 5.34x recomputed; 4.00x either way in pieces)."""
+    small, large = _backward_bytes(256, recompute), _backward_bytes(1024, recompute)
+    assert large / small < 4.4
 
 
 def test_no_blocks_where_the_sequence_fits_one_or_the_window_covers_it(monkeypatch):
@@ -235,7 +276,7 @@ def test_no_blocks_where_the_sequence_fits_one_or_the_window_covers_it(monkeypat
         calls.clear()
         ssd_calls.clear()
         tiny_model(**overrides)(input_ids=x)
-        assert calls == [None] * 2, overrides  # a window covering the sequence: the attention op whole
+        assert calls == [(None, 32)] * 2, overrides  # a window covering the sequence: the attention op whole
         assert ssd_calls == scans * 2, overrides
 
 
@@ -247,7 +288,7 @@ def test_blocks_round_down_to_each_ops_own_chunk(monkeypatch):
     tiny_model(sequence_block_size=14, ssd_chunk_size=8, layers_block_type=["bmojo"], num_hidden_layers=1)(
         input_ids=tokens(1, 30)
     )
-    assert calls == [(0, 12), (12, 24), (24, 36)]  # chunks of 4: 14 -> 12
+    assert calls == [((0, 12), 12), ((12, 24), 24), ((24, 30), 30)]  # chunks of 4: 14 -> 12 (2W = 16 of context)
     assert ssd_calls == [(8, False), (8, True), (8, True), (6, True)]  # chunks of 8: 14 -> 8
 
 

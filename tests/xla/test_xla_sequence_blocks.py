@@ -21,7 +21,9 @@ def test_the_sequence_ops_are_traced_whole_on_xla_and_run_in_blocks_on_the_cpu(m
         fn = real(op)
         if op == "ssd":
             return lambda *a, **kw: scans.append(a[0].shape[1]) or fn(*a, **kw)
-        return (lambda *a, **kw: calls.append(kw.get("query_range")) or fn(*a, **kw)) if op == "attention" else fn
+        if op == "attention":  # (the queries computed, the length of the inputs)
+            return lambda *a, **kw: calls.append((kw.get("query_range"), a[0].shape[1])) or fn(*a, **kw)
+        return fn
 
     monkeypatch.setattr(common, "dispatch", probe)
     torch.manual_seed(0)
@@ -31,11 +33,13 @@ def test_the_sequence_ops_are_traced_whole_on_xla_and_run_in_blocks_on_the_cpu(m
     x = torch.randint(3, 64, (1, 32))
     with torch.no_grad():
         cpu = model(input_ids=x).logits
-    assert calls == [(0, 8), (8, 16), (16, 24), (24, 32)] * layers and scans == [8] * 4 * ssm_layers
+    # blocks of 8 queries, each on the inputs its keys reach (2W = 16 positions before it)
+    blocks = [((0, 8), 8), ((8, 16), 16), ((16, 24), 24), ((16, 24), 24)]
+    assert calls == blocks * layers and scans == [8] * 4 * ssm_layers
     calls.clear()
     scans.clear()
     device = torch_xla.device()
     with torch.no_grad():
         on_xla = model.to(device)(input_ids=x.to(device)).logits.cpu()
-    assert calls == [None] * layers and scans == [32] * ssm_layers
+    assert calls == [(None, 32)] * layers and scans == [32] * ssm_layers
     torch.testing.assert_close(on_xla, cpu, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import dispatch
+from ..ops.attention.common import SEQUENCE_INPUTS, KeyContextBlock, key_context_blocks
 from ..ops.common import cast
 from ..ops.rope import apply_rope, rotate
 from ..ops.selection import EideticMemory
@@ -98,12 +99,30 @@ class SlidingWindowAttention(nn.Module):
     def _attend(self, q_rot, k_rot, v, info: SequenceInfo, k_fade=None, v_fade=None, q_eid=None, memory=None,
                 **options):
         """The B'MOJO attention op over the sequence -> ``[B, L, d]`` after ``o_proj``; ``options``: the op's
-        keywords for the key-set biases and the self fading key (B'MOJO layers)."""
-        out = run_op(
-            self, "attention", q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory,
-            key_mask=info.valid, query_block=self._query_block(q_rot), **options,
+        keywords for the key-set biases, the self fading key and document starts (B'MOJO layers). Where the
+        sequence runs in blocks (``_query_block``), one op call per block of queries, each on the pieces of the
+        inputs its keys reach (``key_context_blocks``) and recomputed on its own."""
+        block = self._query_block(q_rot)
+        if block is None:
+            out = run_op(
+                self, "attention", q_rot, k_rot, v, self.window, self.chunk_size, k_fade, v_fade, q_eid, memory,
+                key_mask=info.valid, **options,
+            )
+            return self._project_out(out)
+        inputs = dict(q=q_rot, k=k_rot, v=v, k_fade=k_fade, v_fade=v_fade, q_eid=q_eid, key_mask=info.valid)
+        inputs.update({name: options.pop(name) for name in SEQUENCE_INPUTS if name in options})
+        context = 2 * self.window if k_fade is not None else self.window  # how far back a block's keys reach
+        blocks = key_context_blocks(block, context, self.chunk_size, inputs, memory)
+        outs = [run_op(self, "attention", part, call=self._attention_block, **options) for part in blocks]
+        return self._project_out(torch.cat(outs, dim=1))
+
+    def _attention_block(self, fn, part: KeyContextBlock, **options) -> torch.Tensor:
+        """The attention op ``fn`` over one block of queries (``part``) -> ``[B, block, H, D]``."""
+        x, memory = part.assemble()
+        return fn(
+            x.pop("q"), x.pop("k"), x.pop("v"), self.window, self.chunk_size, x.pop("k_fade"), x.pop("v_fade"),
+            x.pop("q_eid"), memory, query_range=part.query_range, **x, **options,
         )
-        return self._project_out(out)
 
     def _query_block(self, q: torch.Tensor) -> int | None:
         """Queries per call of the attention op (``sequence_block``), or ``None``; never for a window covering the
