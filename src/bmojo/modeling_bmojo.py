@@ -22,16 +22,17 @@ mode, gradients enabled) then keeps only each marked block's input and recompute
 backward (``torch.utils.checkpoint``, always ``use_reentrant=False``). Selection is a pure function of the block's
 input, positions and token ids (the ``"random"`` score hashes them), so the recomputation picks the same tokens.
 Not checkpointed: ``eval()`` mode, ``torch.no_grad()``, decoding from a cache (it updates the cache in place), and a
-prefill that collects the decoding state (``use_cache=True``: run as is, with a warning). Refused with one
-``ValueError``: a tensor-parallel (sharded) model, and a checkpointed forward on an XLA device (XLA's
-common-subexpression elimination can merge the recomputation back into the forward, so plain
-``torch.utils.checkpoint`` may save nothing there; ``torch_xla.utils.checkpoint`` is not wired in).
+prefill that collects the decoding state (``use_cache=True``: run as is, with a warning). On an XLA device the
+blocks are checkpointed with ``torch_xla.utils.checkpoint`` instead (``layers.common.recompute``: its optimization
+barriers keep XLA's common-subexpression elimination from merging the recomputation back into the forward, which
+plain ``torch.utils.checkpoint`` cannot). Refused with one ``ValueError``: a tensor-parallel (sharded) model.
 
 Selective recompute. ``model.selective_recompute_enable()`` recomputes only the attention op and the SSD op in the
 backward (their key sets and chunk matrices are most of what a layer keeps; their inputs are little): about half the
 saved activations for one more forward of those two ops. It applies to every forward that records a graph in
-training mode, also one that collects the decoding state (the ops are pure: nothing in place to replay); refused
-as checkpointing is (tensor parallelism, XLA); see ``layers.common.run_op``. Like gradient checkpointing it is a
+training mode, also one that collects the decoding state (the ops are pure: nothing in place to replay), on an
+XLA device with ``torch_xla.utils.checkpoint`` as checkpointing; refused with tensor parallelism; see
+``layers.common.run_op``. Like gradient checkpointing it is a
 runtime setting of the model object, not saved in its config (``bmojo train`` keeps it in ``train_config.yaml``).
 """
 
@@ -64,7 +65,7 @@ from .layers import (
     SlidingWindowAttention,
     StepInfo,
 )
-from .layers.common import RECOMPUTABLE_OPS, RECOMPUTE_ON_XLA
+from .layers.common import RECOMPUTABLE_OPS, recompute
 from .layers.eidetic import SelectionBias
 from .ops.common import at_least_fp32
 from .ops.rope import rope_cos_sin
@@ -326,8 +327,6 @@ class BMojoModel(BMojoPreTrainedModel):
         if input_ids is None:
             raise ValueError("input_ids is required (inputs_embeds is not supported)")
         self._check_input_ids(input_ids)
-        if cache is None:
-            self._refuse_recomputation_on_xla(input_ids.device)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if cache is not None:
             out = self._decode(input_ids, cache, output_hidden_states)
@@ -370,7 +369,9 @@ class BMojoModel(BMojoPreTrainedModel):
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            if layer in checkpointed:  # keeps x (and info) only; the block's forward runs again in the backward
+            if layer in checkpointed and x.device.type == "xla":  # torch_xla's checkpoint (see ``recompute``)
+                x, aux, state = recompute(layer.__call__, x, info)
+            elif layer in checkpointed:  # keeps x (and info) only; the block's forward runs again in the backward
                 x, aux, state = layer._gradient_checkpointing_func(layer.__call__, x, info)
             else:
                 x, aux, state = layer(x, info)
@@ -395,25 +396,10 @@ class BMojoModel(BMojoPreTrainedModel):
         out = BMojoModelOutput(x, new_cache, tuple(hidden_states) if hidden_states else None, innovation)
         return out if return_dict else out.to_tuple()
 
-    def _refuse_recomputation_on_xla(self, device: torch.device) -> None:
-        """``ValueError`` for a training forward with gradient checkpointing or selective recompute on an XLA device
-        (see the module docstring), raised before anything is traced: a refusal from inside the forward would leave
-        its traced tensors pending in the lazy graph, to be compiled into the next one."""
-        if device.type != "xla" or not torch.is_grad_enabled():
-            return
-        if any(layer.gradient_checkpointing and layer.training for layer in self.layers):
-            raise ValueError(
-                "gradient checkpointing is not supported on XLA devices (XLA's common-subexpression elimination can "
-                "undo torch.utils.checkpoint's recomputation): call model.gradient_checkpointing_disable()"
-            )
-        if self.training and any(getattr(m, "recompute_ops", None) for m in self.layers.modules()):
-            raise ValueError(RECOMPUTE_ON_XLA)
-
     def _checkpointed_layers(self, collect_state: bool) -> list[BMojoBlock]:
         """The blocks whose forward this parallel forward checkpoints: those marked by
         ``gradient_checkpointing_enable()`` when in training mode with gradients enabled, and none when the
-        forward collects the decoding state (``use_cache=True``; a warning says so). (An XLA device is refused
-        earlier, before anything is traced: ``_refuse_recomputation_on_xla``.)"""
+        forward collects the decoding state (``use_cache=True``; a warning says so)."""
         marked = [layer for layer in self.layers if layer.gradient_checkpointing and layer.training]
         if not marked or not torch.is_grad_enabled():
             return []

@@ -137,12 +137,10 @@ class TrainConfig:
         except ValueError as exc:
             raise BMojoError(f"train.trainable (--trainable): {exc}") from None
         check(self.device == "cpu" or self.dtype == "float32", "dtype", "float32 on xla")
-        if self.gradient_checkpointing and (self.device == "xla" or self.tp > 1):
-            where = "--device xla (XLA can undo its recomputation)" if self.device == "xla" else f"--tp {self.tp}"
-            raise BMojoError(f"train.gradient_checkpointing (--gradient-checkpointing) is not supported with {where}")
-        if self.selective_recompute and (self.device == "xla" or self.tp > 1):
-            where = "--device xla (XLA can undo its recomputation)" if self.device == "xla" else f"--tp {self.tp}"
-            raise BMojoError(f"train.selective_recompute (--selective-recompute) is not supported with {where}")
+        for name in ("gradient_checkpointing", "selective_recompute"):
+            if getattr(self, name) and self.tp > 1:
+                flag = "--" + name.replace("_", "-")
+                raise BMojoError(f"train.{name} ({flag}) is not supported with --tp {self.tp}")
         self._check_parallel(model_config, world_size)
         dp_size = world_size // self.tp
         processes = dp_size * self.grad_accum

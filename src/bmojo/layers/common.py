@@ -30,12 +30,6 @@ from ..ops import dispatch
 # The sequence ops a mixer may recompute in the backward (``run_op``): their intermediates are most of what a B'MOJO
 # layer keeps for the backward (the attention's concatenated key sets, the SSD's chunk matrices), their inputs little.
 RECOMPUTABLE_OPS = ("attention", "ssd")
-RECOMPUTE_ON_XLA = (
-    "selective recompute is not supported on XLA devices (XLA's common-subexpression elimination can undo "
-    "torch.utils.checkpoint's recomputation): call model.selective_recompute_disable()"
-)
-
-
 class Rope(NamedTuple):
     """Rotary angles: ``cos, sin [B or 1, L, D/2]`` at the tokens' positions; ``eid_cos, eid_sin [1, 1, D/2]``: the
     fixed rotation of eidetic scores (every eidetic key is scored as if it sat ``2W`` before the query), ``None``
@@ -133,35 +127,33 @@ def run_op(mixer: torch.nn.Module, op: str, *args, call=None, **kwargs):
 
     Recomputed (selective activation recomputation; Korthikanti et al., "Reducing Activation Recomputation in Large
     Transformer Models", 2022, Sec. 4.2, there for the attention core): the op's inputs are kept, its intermediates
-    are not, and the backward runs its forward once more (``torch.utils.checkpoint``, non-reentrant). The ops are pure
-    functions of their inputs, so every number is the same.
+    are not, and the backward runs its forward once more (``recompute``). The ops are pure functions of their
+    inputs, so every number is the same.
 
     ``call``: a function ``call(fn, *args, **kwargs)`` that runs the dispatched op ``fn`` itself, e.g. after
     assembling a block's inputs from pieces (``ops.attention.common.KeyContextBlock``); recomputed, all of it runs
     again in the backward, so what it builds is not kept either. Arguments may nest tensors in tuples, dicts and
-    named tuples (``EideticMemory``): see ``_checkpoint``.
-
-    Raises ``ValueError`` for a recomputed op on an XLA device (XLA's common-subexpression elimination can merge the
-    recomputation back into the forward; ``torch_xla.utils.checkpoint`` is not wired in).
+    named tuples (``EideticMemory``).
     """
     fn = dispatch(op)
-    recompute = op in mixer.recompute_ops and mixer.training and torch.is_grad_enabled()
-    on_xla = any(isinstance(a, torch.Tensor) and a.device.type == "xla" for a in args)  # (blocks never run there)
-    if recompute and on_xla:  # the model refuses before tracing anything; this is for a mixer
-        raise ValueError(RECOMPUTE_ON_XLA)
     if call is not None:
         fn = functools.partial(call, fn)
-    if recompute:
-        return _checkpoint(fn, *args, **kwargs)
+    if op in mixer.recompute_ops and mixer.training and torch.is_grad_enabled():
+        return recompute(fn, *args, **kwargs)
     return fn(*args, **kwargs)
 
 
-def _checkpoint(fn, *args, **kwargs):
-    """``torch.utils.checkpoint`` (non-reentrant) of ``fn(*args, **kwargs)`` with every tensor of the arguments,
-    however nested, passed as an input of its own. The checkpoint keeps its tensor inputs as saved tensors, which an
-    enclosing checkpoint (activation checkpointing of the layer) drops and recomputes, but holds any other argument
-    as it is, with the tensors inside it, until the backward: the eidetic memory or a block's pieces would stay
-    alive for the whole step (measured: one layer's forward at 8K held 32 MiB more with a block's pieces nested)."""
+def recompute(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without keeping its intermediates: the backward runs ``fn`` again (activation
+    checkpointing). ``torch.utils.checkpoint`` (non-reentrant); on an XLA device ``torch_xla.utils.checkpoint``
+    (reentrant), whose optimization barriers keep XLA's common-subexpression elimination from merging the
+    recomputation back into the forward (plain ``torch.utils.checkpoint`` may save nothing there).
+
+    Every tensor of the arguments, however nested (tuples, dicts, named tuples: a block's pieces, the eidetic
+    memory), is passed to the checkpoint as an input of its own. The non-reentrant checkpoint keeps tensor inputs as
+    saved tensors, which an enclosing checkpoint (the layer's, with both on) drops and recomputes, but holds any other
+    argument as it is, with the tensors inside it, until the backward (measured: one layer's forward at 8K held
+    32 MiB more with a block's pieces nested); the reentrant one computes gradients for tensor inputs only."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     template = [None if isinstance(x, torch.Tensor) else x for x in leaves]  # holds no tensor
@@ -173,7 +165,12 @@ def _checkpoint(fn, *args, **kwargs):
         call_args, call_kwargs = pytree.tree_unflatten(filled, spec)
         return fn(*call_args, **call_kwargs)
 
-    return checkpoint(run, *(leaves[i] for i in tensors), use_reentrant=False)
+    inputs = [leaves[i] for i in tensors]
+    if any(x.device.type == "xla" for x in inputs):
+        from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
+
+        return xla_checkpoint(run, *inputs)
+    return checkpoint(run, *inputs, use_reentrant=False)
 
 
 def sequence_block(config, x: torch.Tensor, chunk: int) -> int | None:
