@@ -73,6 +73,41 @@ def test_xla_run_gives_the_cpu_numbers(runs):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (split, a["step"], key)
 
 
+def test_xla_run_with_checkpointing_and_selective_recompute_gives_the_cpu_numbers(runs, corpus, tmp_path,
+                                                                                 monkeypatch):
+    """``--gradient-checkpointing --selective-recompute`` on XLA (``torch_xla.utils.checkpoint``) change no number:
+    the same losses, gradient norms and validation losses as the plain CPU run, and the run's graphs are still
+    compiled once, not per step. Both recompute on the XLA device: the layers and their ops go through
+    ``recompute``, which picks torch_xla's checkpoint there."""
+    import bmojo.layers.common as mixer_common
+    import bmojo.modeling_bmojo as modeling
+
+    recomputed = {"layer": [], "op": []}
+    real = mixer_common.recompute
+
+    def counting(kind):
+        def wrapped(fn, *a, **kw):
+            recomputed[kind].append(next(t for t in a if isinstance(t, torch.Tensor)).device.type)
+            return real(fn, *a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(modeling, "recompute", counting("layer"))
+    monkeypatch.setattr(mixer_common, "recompute", counting("op"))
+    root, _ = runs
+    before = uncached_compiles()
+    assert main(args(corpus, tmp_path / "both", "--device", "xla", "--gradient-checkpointing",
+                     "--selective-recompute")) == 0  # fmt: skip
+    assert 2 <= uncached_compiles() - before <= 5
+    assert set(recomputed["layer"]) == set(recomputed["op"]) == {"xla"}  # every training forward recomputes
+    for split, keys in (("train", ("lm_loss", "innovation_loss", "grad_norm")), ("val", ("lm_loss",))):
+        cpu, xla = records(root / "cpu", split), records(tmp_path / "both", split)
+        assert [r["step"] for r in xla] == [r["step"] for r in cpu] and len(cpu) > 1
+        for a, b in zip(cpu, xla, strict=True):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (split, a["step"], key)
+
+
 def test_graphs_are_compiled_once_not_per_step(runs, corpus, tmp_path):
     """The 8-step run compiled at most five graphs: the train step twice (the first step creates the gradient and
     optimizer-state tensors), the evaluation forward twice (its first batch adds to a fresh zero sum, later ones to
