@@ -280,6 +280,36 @@ def test_no_blocks_where_the_sequence_fits_one_or_the_window_covers_it(monkeypat
         assert ssd_calls == scans * 2, overrides
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def test_a_traced_graph_runs_the_ops_whole(monkeypatch):
+    """Blocks are for eager execution: ``torch.jit.trace`` (the CPU stand-in of ``torch_neuronx.trace``, which
+    exports the trn1 prefill graph) records each op once over the whole sequence, with the blocked model's logits."""
+    import warnings
+
+    ssd_calls = []
+    calls = _op_ranges(monkeypatch, ssd_calls)
+    model = tiny_model(sequence_block_size=8, dtype=torch.float32)
+    x = tokens(2, 32)
+    with torch.no_grad():
+        eager = model(input_ids=x).logits
+        assert calls == [((0, 8), 8), ((8, 16), 16), ((16, 24), 24), ((16, 24), 24)] * 2  # eager: in blocks
+        calls.clear()
+        ssd_calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings
+            traced = torch.jit.trace(_Logits(model), (x,), check_trace=False)
+        assert calls == [(None, 32)] * 2 and ssd_calls == [(32, False)] * 2
+        torch.testing.assert_close(traced(x), eager, rtol=1e-5, atol=1e-5)
+
+
 def test_blocks_round_down_to_each_ops_own_chunk(monkeypatch):
     """The SSD's chunk may differ from the attention's (``ssd_chunk_size``): each op's blocks are whole chunks of
     its own."""

@@ -97,12 +97,12 @@ TRAIN_FLAGS = {
     "--gradient-checkpointing": dict(
         action="store_true",
         help="recompute each layer's forward in the backward: activation memory ~ one [batch, seq-len, hidden] "
-        "tensor per layer, for about a third more compute per step (not with --tp or --device xla)",
+        "tensor per layer, for about a third more compute per step (not with --tp)",
     ),
     "--selective-recompute": dict(
         action="store_true",
         help="recompute only the attention and SSD ops in the backward: about half the saved activations, for one "
-        "more forward of those ops per step (not with --tp or --device xla)",
+        "more forward of those ops per step (not with --tp)",
     ),
     "--tp": dict(type=int, metavar="N", help="tensor-parallel degree (processes per model replica, under torchrun)"),
     "--zero1": dict(action="store_true", help="shard the AdamW state over the data-parallel processes (ZeRO-1)"),

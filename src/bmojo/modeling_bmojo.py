@@ -121,7 +121,9 @@ class BMojoPreTrainedModel(PreTrainedModel):
         """transformers' hook behind ``gradient_checkpointing_enable()`` / ``_disable()`` (4.57 and 5.x; 5.x also
         passes ``every_n_layers``): marks blocks ``0, n, 2n, ...`` (``BMojoBlock.gradient_checkpointing``) and gives
         them ``gradient_checkpointing_func`` with ``use_reentrant=False`` bound (transformers 4.57 binds ``True`` by
-        default; the non-reentrant form is PyTorch's recommended one, and the one tested here).
+        default; the non-reentrant form is PyTorch's recommended one, and the one tested here). On an XLA device the
+        blocks are checkpointed by ``layers.common.recompute`` (``torch_xla.utils.checkpoint``) instead, whatever
+        function was given.
 
         Raises ``ValueError`` when enabling on a tensor-parallel (sharded) model or for ``every_n_layers < 1``."""
         if enable and getattr(self, "tensor_parallel", None) is not None:
@@ -155,8 +157,8 @@ class BMojoPreTrainedModel(PreTrainedModel):
         "selective recompute" rows).
 
         Raises ``ValueError`` for ops that are not op names, for none, for an op not in ``RECOMPUTABLE_OPS`` (the
-        setting is then left as it was) and on a tensor-parallel (sharded) model (untested there); a recomputed
-        forward on an XLA device raises ``ValueError`` (see ``run_op``)."""
+        setting is then left as it was) and on a tensor-parallel (sharded) model (untested there). On an XLA device
+        the ops are recomputed through ``torch_xla.utils.checkpoint`` (``layers.common.recompute``)."""
         choices = ", ".join(RECOMPUTABLE_OPS)
         if isinstance(ops, str):
             ops = (ops,)

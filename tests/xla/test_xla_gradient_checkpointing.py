@@ -33,7 +33,7 @@ def _step(model, ids):
     """One forward and backward on XLA -> (loss, gradients by name, on the host; the traced graph's HLO census)."""
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     hlo = torch_xla._XLAC._get_xla_tensors_hlo([loss, *grads.values()])
     torch_xla.sync()
     return loss.cpu(), {name: g.cpu() for name, g in grads.items()}, xa.hlo_census(hlo)
@@ -73,3 +73,27 @@ def test_a_training_loop_with_both_is_one_clean_graph_per_step():
     assert census["opcodes"].get("opt-barrier", 0) > 0
     vocab = model.config.vocab_size
     assert all(0.5 * math.log(vocab) < loss < 2 * math.log(vocab) for loss in run.losses), run.losses
+
+
+@pytest.mark.parametrize("trainable", ["new", "ssm,norm"])
+def test_checkpointed_layers_on_xla_get_their_gradients_with_frozen_embeddings(trainable):
+    """Priming trains some parts with the embeddings frozen: no input of a checkpointed layer then requires a
+    gradient, and torch_xla's (reentrant) checkpoint would skip the layer's backward (no gradient for its
+    parameters, or no graph to backward at all). ``recompute`` passes a tensor that requires one."""
+    from bmojo.priming import set_trainable
+
+    torch.manual_seed(0)
+    plain = BMojoForCausalLM(xa.audit_config())
+    set_trainable(plain, trainable)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    ids = torch.randint(3, plain.config.vocab_size, (2, xa.LENGTH)).to(xa.device())
+    loss, grads, _ = _step(xa.to_xla(plain).train(), ids)
+    loss_c, grads_c, census = _step(xa.to_xla(checkpointed).train(), ids)
+    trained = {name for name, p in plain.named_parameters() if p.requires_grad}
+    assert not plain.model.embed_tokens.weight.requires_grad and trained
+    assert grads.keys() == grads_c.keys() == trained
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert census["opcodes"]["opt-barrier"] > 0

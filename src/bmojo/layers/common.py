@@ -153,7 +153,9 @@ def recompute(fn, *args, **kwargs):
     memory), is passed to the checkpoint as an input of its own. The non-reentrant checkpoint keeps tensor inputs as
     saved tensors, which an enclosing checkpoint (the layer's, with both on) drops and recomputes, but holds any other
     argument as it is, with the tensors inside it, until the backward (measured: one layer's forward at 8K held
-    32 MiB more with a block's pieces nested); the reentrant one computes gradients for tensor inputs only."""
+    32 MiB more with a block's pieces nested). The reentrant one runs ``fn``'s backward only when some input
+    requires a gradient (parameters read inside ``fn`` get theirs from that backward), so where none does (frozen
+    embeddings feeding a checkpointed layer) an empty tensor that requires one is passed as well."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     template = [None if isinstance(x, torch.Tensor) else x for x in leaves]  # holds no tensor
@@ -169,6 +171,8 @@ def recompute(fn, *args, **kwargs):
     if any(x.device.type == "xla" for x in inputs):
         from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
 
+        if not any(x.requires_grad for x in inputs):  # run() reads the first len(tensors) inputs only
+            inputs.append(torch.empty(0, device=inputs[0].device, requires_grad=True))
         return xla_checkpoint(run, *inputs)
     return checkpoint(run, *inputs, use_reentrant=False)
 
@@ -176,10 +180,13 @@ def recompute(fn, *args, **kwargs):
 def sequence_block(config, x: torch.Tensor, chunk: int) -> int | None:
     """Tokens per call of a sequence op over ``x [B, L, ...]``: ``config.sequence_block_size`` rounded down to whole
     chunks of ``chunk`` (at least one), or ``None`` (the whole sequence in one call): where it is not set, where
-    the sequence fits in one block, and on an XLA device (the ops are traced whole: the compiler schedules the graph,
-    blocks would only add ops)."""
+    the sequence fits in one block, on an XLA device, and in a traced or compiled graph (``torch.jit.trace``, the
+    CPU stand-in of ``torch_neuronx.trace``; ``torch.compile``): the ops are traced whole, the compiler schedules the
+    graph, blocks would only add ops."""
     block = getattr(config, "sequence_block_size", None)
     if not block or block >= x.shape[1] or x.device.type == "xla":
+        return None
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     return max(chunk, block // chunk * chunk)
 

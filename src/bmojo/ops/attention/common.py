@@ -91,7 +91,7 @@ def key_context_blocks(
     ``inputs``: the op's sequence inputs by name (``[B, L, ...]`` or ``None``); ``memory``: ``[B, nC, ...]`` per
     field (``nC = ceil(L / chunk)``) or ``None``; ``block`` a multiple of ``chunk``. Every input is split once
     (``torch.split``) and each block takes views of its pieces, so the backward adds each block's gradient into
-    its own pieces only: ``O(L (1 + context / block))`` in all. Slicing the whole inputs per block would instead
+    its own pieces only: ``O(L (1 + ceil(context / block)))`` in all. Slicing the whole inputs per block would instead
     add a zero-filled full-length gradient per block and input, ``O(L^2 / block)``."""
     if block % chunk:
         raise ValueError(f"a block of {block} queries must be whole chunks of {chunk}")
