@@ -32,8 +32,8 @@ backward (their key sets and chunk matrices are most of what a layer keeps; thei
 saved activations for one more forward of those two ops. It applies to every forward that records a graph in
 training mode, also one that collects the decoding state (the ops are pure: nothing in place to replay), on an
 XLA device with ``torch_xla.utils.checkpoint`` as checkpointing; refused with tensor parallelism; see
-``layers.common.run_op``. Like gradient checkpointing it is a
-runtime setting of the model object, not saved in its config (``bmojo train`` keeps it in ``train_config.yaml``).
+``layers.common.run_op``. Like gradient checkpointing it is a runtime setting of the model object, not saved in its
+config (``bmojo train`` keeps it in ``train_config.yaml``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from ..ops import dispatch
 # The sequence ops a mixer may recompute in the backward (``run_op``): their intermediates are most of what a B'MOJO
 # layer keeps for the backward (the attention's concatenated key sets, the SSD's chunk matrices), their inputs little.
 RECOMPUTABLE_OPS = ("attention", "ssd")
+
+
 class Rope(NamedTuple):
     """Rotary angles: ``cos, sin [B or 1, L, D/2]`` at the tokens' positions; ``eid_cos, eid_sin [1, 1, D/2]``: the
     fixed rotation of eidetic scores (every eidetic key is scored as if it sat ``2W`` before the query), ``None``
