@@ -39,7 +39,10 @@ def causal_conv1d(
     # groups=D makes it depthwise; conv1d is a cross-correlation, so weight[:, -1] hits x_t.
     b = None if bias is None else bias.to(x.dtype)
     y = F.conv1d(xt, weight.to(x.dtype).unsqueeze(1), b, groups=x.shape[-1])
-    return y.transpose(1, 2)
+    # Contiguous in [b, L, D]: the elementwise ops that follow (silu, the SSM's gates) and their backwards meet
+    # contiguous gradients; on a transposed view they ran ~10x slower (measured: silu's backward 37 ms vs 2 ms at
+    # L = 2,048, D = 576).
+    return y.transpose(1, 2).contiguous()
 
 
 def conv_state_from_inputs(
