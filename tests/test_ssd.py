@@ -1,12 +1,13 @@
 """Specification of bmojo.ops.ssd: chunked and one-step forms agree with the sequential scan."""
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from bmojo.ops.ssd import ssd_chunked, ssd_ref, ssd_step
-from bmojo.ops.ssd.chunk import segsum, segsum_ref
+from bmojo.ops.ssd.chunk import decay_exp, segsum, segsum_ref
 
 # core: must also pass on the trn1 stack (torch 2.9 + transformers 4.57); the XLA tier runs it there too.
 pytestmark = pytest.mark.core
@@ -140,6 +141,46 @@ def test_chunked_strong_decay_is_finite_and_matches():
     (y.sum() + s.sum()).backward()
     for v in ("x", "dt", "A", "B", "C", "D", "initial_state"):
         assert torch.isfinite(inp[v].grad).all(), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_exp_is_exp_with_underflowing_results_flushed(dtype):
+    floor = math.log(torch.finfo(dtype).tiny) + 2.0
+    x = torch.tensor([0.0, -1.0, -50.0, floor + 0.01, floor - 0.01, -1e4, float("-inf")], dtype=dtype)
+    got = decay_exp(x)
+    keep = x >= floor
+    torch.testing.assert_close(got[keep], torch.exp(x[keep]), rtol=0, atol=0)
+    assert (got[~keep] == 0).all() and keep.tolist() == [True, True, True, True, False, False, False]
+    x = x[:-1].clone().requires_grad_()  # the gradient: exp's where kept, 0 where flushed (never NaN)
+    decay_exp(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(x >= floor, torch.exp(x.detach()), 0.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_never_exponentiates_an_underflowing_exponent(dtype):
+    """The mechanism behind ``decay_exp``: every ``exp`` the chunked SSD runs, forward and backward, gets inputs whose
+    results are normal numbers (a CPU's ``exp`` is ~100x slower per element where the result underflows, ~15x for
+    ``-inf``: the segment sums' upper triangle and strongly decaying heads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    smallest = []
+
+    class Exps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.exp.default, torch.ops.aten.exp_.default):
+                smallest.append(float(args[0].min()))
+            return func(*args, **(kwargs or {}))
+
+    inp = make_inputs(L=70, G=1, seed=6, dtype=dtype)
+    inp["dt"] = inp["dt"] * (20 if dtype == torch.float32 else 60)  # segment sums below log(tiny) within a chunk
+    for v in ("x", "dt", "B", "C"):
+        inp[v] = inp[v].clone().requires_grad_()
+    with Exps():
+        y, s = ssd_chunked(chunk_size=32, **inp)
+        (y.sum() + s.sum()).backward()
+    assert len(smallest) >= 3 and min(smallest) >= math.log(torch.finfo(dtype).tiny) + 2.0 - 1e-4
+    seg = segsum((inp["dt"][0, :32] * inp["A"]).T.detach())  # the first chunk's segment sums, per head
+    assert seg[torch.isfinite(seg)].min() < math.log(torch.finfo(dtype).tiny)  # there were underflows to avoid
 
 
 # ---------------------------------------------------------------------------------------
