@@ -49,16 +49,16 @@ def _grads(out, inputs, weight):
 
 
 # --- key-set biases: the op -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("length,window,chunk,fading,eidetic,padded", [
     (37, 8, 4, True, True, True), (29, 4, 4, True, False, False), (50, 8, 8, False, True, True),
 ])  # fmt: skip
-def test_biased_chunked_matches_reference(sdpa, length, window, chunk, fading, eidetic, padded):
+def test_biased_chunked_matches_reference(fused, length, window, chunk, fading, eidetic, padded):
     """Outputs and gradients (inputs and the biases) of both chunked paths equal the dense reference."""
     t, common, memory, memory_ref, options = _op_case(length, window, chunk, fading=fading, eidetic=eidetic,
                                                       padded=padded)
     ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
-    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, fused=fused)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     names = ["q", "k", "v"] + (["k_fade", "v_fade"] if fading else []) + (["q_eid", "k_eid"] if eidetic else [])
     inputs = [t[n] for n in names] + list(options.values())
@@ -84,8 +84,8 @@ def test_biases_shift_each_head_by_its_own_amount():
     assert moved[0] > 1e-3 and moved[1:].max() == 0
 
 
-@pytest.mark.parametrize("sdpa", [True, False])
-def test_a_bias_never_unmasks_a_key(sdpa):
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_bias_never_unmasks_a_key(fused):
     """Masked entries keep exactly zero weight under any bias: a fading value outside [i-2W+1, i-W] and a padded
     key have no effect on query i, however large the fading bias."""
     length, window, j = 40, 8, 11
@@ -94,12 +94,12 @@ def test_a_bias_never_unmasks_a_key(sdpa):
     common["key_mask"] = torch.ones(2, length, dtype=torch.bool)
     common["key_mask"][:, 30] = False
     big = torch.full((HEADS,), 50.0, dtype=torch.float64)
-    base = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, fading_bias=big, sdpa=sdpa)
+    base = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, fading_bias=big, fused=fused)
     v_fade = t["v_fade"].detach().clone()
     v_fade[:, j] += 1.0
     v_fade[:, 30] += 1.0  # padding: never visible
     common["v_fade"] = v_fade
-    moved = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, fading_bias=big, sdpa=sdpa)
+    moved = bmojo_attention_chunked(t["q"], t["k"], t["v"], **common, fading_bias=big, fused=fused)
     changed = (moved - base).abs().amax(dim=(2, 3))[0] > 0
     expected = torch.tensor([j + window <= i <= j + 2 * window - 1 for i in range(length)])
     assert torch.equal(changed, expected)
@@ -154,11 +154,11 @@ def test_key_set_bias_parameters_per_head():
 
 
 # --- self fading key: the op ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("length,window,chunk,fading,eidetic,padded", [
     (37, 8, 4, True, True, True), (23, 8, 4, False, False, False), (10, 64, 16, False, False, False),
 ])  # fmt: skip
-def test_self_fading_key_chunked_matches_reference(sdpa, length, window, chunk, fading, eidetic, padded):
+def test_self_fading_key_chunked_matches_reference(fused, length, window, chunk, fading, eidetic, padded):
     """The self key (query i's own fading token) in both chunked paths == the reference: outputs and gradients
     (the self key and value, the self bias). Also without other key sets and with a window covering everything."""
     t, common, memory, memory_ref, options = _op_case(length, window, chunk, fading=fading, eidetic=eidetic,
@@ -167,7 +167,7 @@ def test_self_fading_key_chunked_matches_reference(sdpa, length, window, chunk, 
     k_self, v_self = (x.detach().flip(1).requires_grad_() for x in (t["k_fade"], t["v_fade"]))
     options.update(k_self=k_self, v_self=v_self)
     ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
-    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, fused=fused)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     names = ["q", "k", "v"] + list(options)
     inputs = [t[n] for n in names[:3]] + list(options.values())
@@ -339,9 +339,9 @@ def _with_slot_bias(memory, table):
     return memory._replace(bias=torch.gather(table, 1, flat).view_as(memory.pos))
 
 
-@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("head_biases", [False, True])
-def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
+def test_memory_slot_bias_chunked_and_step_match_reference(fused, head_biases):
     """``memory.bias`` adds to each slot's logit in every form: outputs and gradients (the bias included) equal the
     reference's; the step form too. With and without the per-head eidetic bias."""
     length, window, chunk = 45, 8, 4
@@ -350,7 +350,7 @@ def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
     table.requires_grad_()
     memory, memory_ref = _with_slot_bias(memory, table), _with_slot_bias(memory_ref, table)
     ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
-    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, sdpa=sdpa)
+    out = bmojo_attention_chunked(t["q"], t["k"], t["v"], memory=memory, **common, **options, fused=fused)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     names = ["q", "k_eid", "v", "table"] + list(options)
     inputs = [t["q"], t["k_eid"], t["v"], table] + list(options.values())
@@ -361,7 +361,7 @@ def test_memory_slot_bias_chunked_and_step_match_reference(sdpa, head_biases):
     assert (grads_ref[3] != 0).sum() >= 4  # the slot bias is trained through the slots that were seen
     plain = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref._replace(bias=None), **common, **options)
     assert (plain - ref).abs().max() > 1e-3  # and it matters
-    if sdpa:
+    if fused:
         common.pop("key_mask")
         ref = bmojo_attention_ref(t["q"], t["k"], t["v"], memory=memory_ref, **common, **options)
         with torch.no_grad():

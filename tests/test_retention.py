@@ -303,8 +303,8 @@ def test_reset_mask_in_every_attention_form():
     _, doc_start = _doc_starts(2, length, [(0, 25), (0, 34), (1, 30)])  # documents start mid-chunk (26, 35, 31)
     args = (t["q"], t["k"], t["v"], window, chunk, t["k_fade"], t["v_fade"], t["q_eid"])
     ref = bmojo_attention_ref(*args, memory, doc_start=doc_start)
-    for sdpa in (True, False):
-        out = bmojo_attention_chunked(*args, memory, sdpa=sdpa, doc_start=doc_start)
+    for fused in (True, False):
+        out = bmojo_attention_chunked(*args, memory, fused=fused, doc_start=doc_start)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(ref)
     names = ["q", "k", "v", "q_eid"]

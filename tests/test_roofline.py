@@ -208,9 +208,8 @@ def test_attention_flops_equal_the_chunked_op_forward_and_backward(fading, memor
     assert sum(op.parts.values()) == fwd + bwd
     # the self fading key: C keys per query (the chunk's own fading tokens under a diagonal mask)
     assert ("self fading" in op.parts) == self_key
-    if self_key:
-        width = 2 * dim if memory else dim
-        assert op.parts["self fading"] == 3 * 2.0 * batch * n_chunks * heads * chunk * chunk * (width + dim)
+    if self_key:  # every score a D-wide dot product (the eidetic ones are scored by queries of their own)
+        assert op.parts["self fading"] == 3 * 2.0 * batch * n_chunks * heads * chunk * chunk * (dim + dim)
 
 
 def test_full_window_attention_flops_equal_the_causal_call():
@@ -297,8 +296,9 @@ def test_window_exit_admission_merges_fewer_times_in_the_scan():
 
 
 def test_bf16_autocast_runs_the_ssd_and_attention_matmuls_in_bf16():
-    # The convention that prices both ops at the step's dtype: autocast casts their bmm/SDPA operands, except the
-    # SSD's two decay prefix sums (chunk-start sums, segsum), which stay float32 (ops/ssd/chunk.py, test_ssd.py).
+    # The convention that prices both ops at the step's dtype: autocast casts their bmm operands (the attention's
+    # scores and values: two), except the SSD's two decay prefix sums (chunk-start sums, segsum), which stay float32
+    # (ops/ssd/chunk.py, test_ssd.py).
     seen = []
 
     class Dtypes(TorchDispatchMode):
@@ -312,7 +312,7 @@ def test_bf16_autocast_runs_the_ssd_and_attention_matmuls_in_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16), Dtypes():
         ssd_chunked(x, torch.rand(1, 8, 2), -torch.rand(2), B, B, 4)
         bmojo_attention_chunked(q, k, k, 4, 4, k, k)
-    assert len(seen) == 7 and [dtype for _, dtype in seen] == [torch.float32] * 2 + [torch.bfloat16] * 5
+    assert len(seen) == 8 and [dtype for _, dtype in seen] == [torch.float32] * 2 + [torch.bfloat16] * 6
 
 
 def test_roofline_time_is_the_larger_of_compute_and_memory():

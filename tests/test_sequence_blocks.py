@@ -50,12 +50,12 @@ def _ranges(length, block):
 
 @pytest.mark.parametrize("length,window,chunk,fading,eidetic", CASES)
 @pytest.mark.parametrize("options", [False, True], ids=["plain", "every option"])
-@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_each_block_equals_the_whole_ops_slice_in_value_and_gradient(length, window, chunk, fading, eidetic,
-                                                                      options, sdpa):
+                                                                      options, fused):
     args, kwargs = _call_args(length, window, chunk, fading, eidetic, options)
     inputs = [a for a in args if isinstance(a, torch.Tensor)] + ([args[-1].k, args[-1].v] if eidetic else [])
-    whole = bmojo_attention_chunked(*args, sdpa=sdpa, **kwargs)
+    whole = bmojo_attention_chunked(*args, fused=fused, **kwargs)
     reference = bmojo_attention_ref(*args, **kwargs)
     torch.testing.assert_close(whole, reference, rtol=1e-10, atol=1e-10)
     weight = torch.randn(whole.shape, generator=torch.Generator().manual_seed(3), dtype=whole.dtype)
@@ -63,7 +63,7 @@ def test_each_block_equals_the_whole_ops_slice_in_value_and_gradient(length, win
     for block in (chunk, 2 * chunk, 3 * chunk):  # one chunk, two, and blocks that do not divide the length
         parts = []
         for start, end in _ranges(length, block):
-            part = bmojo_attention_chunked(*args, sdpa=sdpa, query_range=(start, end), **kwargs)
+            part = bmojo_attention_chunked(*args, fused=fused, query_range=(start, end), **kwargs)
             assert part.shape == (2, min(end, length) - start, *whole.shape[2:])
             torch.testing.assert_close(part, whole[:, start:end], rtol=1e-12, atol=1e-12)
             ref_part = bmojo_attention_ref(*args, query_range=(start, end), **kwargs)
@@ -141,15 +141,15 @@ def test_a_query_range_off_the_chunk_grid_or_empty_is_one_value_error():
                 bmojo_attention_ref(*args, query_range=bad, **kwargs)
 
 
-@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("window", [8, 64])  # 64 >= L: the whole-sequence fast path's case
-def test_a_range_ending_inside_a_chunk_returns_exactly_its_queries(sdpa, window):
+def test_a_range_ending_inside_a_chunk_returns_exactly_its_queries(fused, window):
     length, chunk = 40, 8
     t = _inputs(1, length, 2, 2, 8)
     args = (t["q"], t["k"], t["v"], window, chunk)
     whole = bmojo_attention_ref(*args)
     for start, end in [(8, 20), (0, 35), (32, 37), (0, 40), (16, 99)]:
-        part = bmojo_attention_chunked(*args, sdpa=sdpa, query_range=(start, end))
+        part = bmojo_attention_chunked(*args, fused=fused, query_range=(start, end))
         assert part.shape[1] == min(end, length) - start
         torch.testing.assert_close(part, whole[:, start:end], rtol=1e-10, atol=1e-10)
 

@@ -18,9 +18,9 @@ Conventions (each one is a choice; the docs repeat them):
   ``2x`` the forward for a linear layer, ``1x`` for a product with a constant (the ones matrices of the SSD's prefix
   sums, the innovation predictor's detached input), none for a product of constants (the closed-form memory's
   ranking; selection moves rows by gathers, no FLOPs). The attention backward is
-  autograd's through SDPA's math form (the scores are saved, not recomputed): ``2 (2 E + 2 D)`` per score against
-  ``2 (E + D)`` forward, ``E`` the query/key width, ``D`` the value width (a flash-style backward, as the NKI
-  kernel's, recomputes ``Q K^T`` once more: ``+2 E``). Elementwise work is not a FLOP here.
+  autograd's through the chunked op's matmuls (the scores are saved, not recomputed): ``8 D`` per score against
+  ``4 D`` forward, ``D`` the head width (a flash-style backward, as the NKI kernel's, recomputes ``Q K^T`` once
+  more: ``+2 D``). Elementwise work is not a FLOP here.
 * **HBM bytes** are the minimum of a fused op: every input and output of the op read or written once per pass
   (forward; backward), activations at the step's dtype (2 bytes bf16, 4 fp32), parameters, their gradients and the
   optimizer state at 4 bytes (bf16 autocast keeps float32 weights, as ``bmojo train --bf16`` does). Intermediates
@@ -185,12 +185,12 @@ def attention_op(
     key_set_bias: bool = False,
     slot_bias: bool = False,
 ) -> Op:
-    """The chunked B'MOJO attention (``bmojo_attention_chunked``, one SDPA call per chunk): each chunk of ``C``
-    queries scores ``C x (2 (W+C) + M)`` keys (window, fading, eidetic), and ``C`` more with the self fading key
-    (``self_key``: the chunk's own ``C`` fading tokens under a diagonal mask, of which each query keeps one); with a
-    memory, queries and keys are concatenated along the features (``[q_rot | q_eid]``), so ``E = 2 D`` for every
-    score. A full window without fading, self key or memory is one causal SDPA call over ``L x L`` (torch counts
-    the whole square).
+    """The chunked B'MOJO attention (``bmojo_attention_chunked``, one softmax per chunk): each chunk of ``C`` queries
+    scores ``C x (2 (W+C) + M)`` keys (window, fading, eidetic), and ``C`` more with the self fading key
+    (``self_key``: the chunk's own ``C`` fading tokens under a diagonal mask, of which each query keeps one); the
+    rotated queries score the window, fading and self keys and the eidetic queries the memory slots, every score a
+    ``D``-wide dot product. A full window without fading, self key or memory is one causal SDPA call over ``L x L``
+    (torch counts the whole square).
 
     Logit biases are no FLOPs: ``key_set_bias`` (one per query head on the fading, self and eidetic keys) and
     ``slot_bias`` (``learned_selection``: each memory slot's ``u``) add one VectorE op per biased score forward and
@@ -203,7 +203,6 @@ def attention_op(
     D = head_dim
     if not fading and not self_key and not memory and window >= padded:
         sets = {"causal (full window)": batch * heads * length * length}
-        width = D
     else:
         per_chunk = batch * n_chunks * heads * chunk  # query rows
         sets = {"window": per_chunk * (window + chunk)}
@@ -213,9 +212,8 @@ def attention_op(
             sets["self fading"] = per_chunk * chunk
         if memory:
             sets["eidetic"] = per_chunk * memory
-        width = 2 * D if memory else D
     scores = sum(sets.values())
-    parts = {name: 3 * 2.0 * n * (width + D) for name, n in sets.items()}  # backward: 2x the forward
+    parts = {name: 3 * 4.0 * n * D for name, n in sets.items()}  # backward: 2x the forward
     q = tokens * heads * D * s * (2 if memory else 1)  # q_rot (and q_eid)
     kv = tokens * kv_heads * D * s * (2 + (2 if fading else 0) + (2 if self_key else 0))  # k, v (fading, self)
     mem = 2 * batch * n_chunks * memory * kv_heads * D * s  # the memory each chunk sees
@@ -229,10 +227,10 @@ def attention_op(
     lse = tokens * heads * 4
     inputs = q + kv + mem + bias_bytes
     # exp; mask, row max (+ the bias add)
-    fwd = Cost(2.0 * scores * (width + D), inputs + out + lse, scores, 2 * scores + added)
+    fwd = Cost(4.0 * scores * D, inputs + out + lse, scores, 2 * scores + added)
     # backward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q; reads the inputs, o, do and lse, writes every
     # input's gradient. A fused kernel recomputes p = exp(s - lse) rather than reading P: counted on ScalarE.
-    bwd = Cost(2.0 * scores * (2 * width + 2 * D), 2 * inputs + 2 * out + lse, scores,
+    bwd = Cost(8.0 * scores * D, 2 * inputs + 2 * out + lse, scores,
                4 * scores + biased + slot_biased)
     return Op("attention (window + fading + eidetic)", "attention", fwd, bwd, "", parts, scores * 4)
 

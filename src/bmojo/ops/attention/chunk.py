@@ -9,17 +9,16 @@ The sequence is cut into chunks of ``C`` queries. A chunk ``c`` (queries ``[cC, 
 Every chunk therefore scores ``C x (2(W+C) + M)`` entries: cost and memory grow linearly with ``L`` for a fixed
 ``W``. All chunks are computed at once; there is no Python loop and no data-dependent shape.
 
-The key sets are concatenated and scored by **one** ``scaled_dot_product_attention`` call per chunk with a boolean
-mask (``sdpa=True``, the default), the same joint softmax as scoring each set separately (``sdpa=False``, kept as
-the cross-check). The eidetic keys are scored with other queries (``q_eid``, unrotated): queries and keys are then
-concatenated along the feature axis, ``[q_rot | q_eid]`` against ``[k | 0]`` for in-context and fading keys and
-``[0 | k_mem]`` for eidetic ones, so every score is the right dot product. A full window (``W >= L``) without
-padding, fading or memory is plain causal attention: one ``is_causal`` call over the whole sequence.
+The key sets are concatenated and go through **one** softmax per chunk (``fused=True``, the default): the rotated
+queries score the in-context, fading and self keys in one matmul, the eidetic queries (``q_eid``, unrotated) the
+memory slots in another, and one matmul weighs the concatenated values; the same joint softmax as scoring each set
+separately (``fused=False``, kept as the cross-check). A full window (``W >= L``) without padding, fading or memory
+is plain causal attention: one ``scaled_dot_product_attention(is_causal=True)`` call over the whole sequence.
 
 The self fading key (``k_self``: query ``i``'s own fading token) is one more block of ``C`` keys per chunk, the
 chunk's own self keys, under a diagonal mask. Logit biases (per head for a key set, per slot for the memory:
-``memory.bias``) turn the boolean mask into an additive float mask: ``bias`` where visible, the dtype's minimum
-where masked (exactly zero weight, since every row sees its own key). Without biases the boolean mask is kept.
+``memory.bias``) are added to the scores; masked scores are then replaced by the dtype's minimum (exactly zero
+weight, since every row sees its own key).
 """
 
 from __future__ import annotations
@@ -32,15 +31,16 @@ from ..selection.common import EideticMemory, map_slots
 from .common import joint_softmax, query_span
 
 
-def _chunk_windows(
+def _window_blocks(
     x: torch.Tensor, front: int, size: int, chunk: int, num_chunks: int, first: int = 0
-) -> torch.Tensor:
-    """``x [B, Lp, ...]`` -> ``[B, num_chunks, size, ...]``: the windows of chunks ``first .. first + num_chunks - 1``;
+) -> tuple[torch.Tensor, int]:
+    """``x [B, Lp, ...]`` -> ``(xb [B, num_chunks + span - 1, C, ...], span)``: the blocks of ``C`` positions whose
+    runs of ``span = size / C`` make the windows of chunks ``first .. first + num_chunks - 1`` (``_concat_windows``);
     window ``c`` holds positions ``[cC - front, cC - front + size)`` (zeros before the start and after the end).
     ``front`` and ``size`` are multiples of ``chunk``. Only the positions these windows cover are read.
 
-    Built from whole chunks (``size / C`` shifted slices of the padded sequence seen as blocks of ``C``), not with
-    ``unfold``: torch-xla 2.9 has no lowering for ``unfold`` and would run it on the CPU (tests/xla)."""
+    Windows are built from whole chunks (``span`` shifted slices of the padded sequence seen as blocks of ``C``), not
+    with ``unfold``: torch-xla 2.9 has no lowering for ``unfold`` and would run it on the CPU (tests/xla)."""
     if front % chunk or size % chunk:
         raise ValueError(f"window offsets ({front}, {size}) must be multiples of the chunk size {chunk}")
     span = size // chunk
@@ -51,8 +51,59 @@ def _chunk_windows(
     xs = x[:, lo : max(lo, min(start + total, x.shape[1]))]
     before = min(lo - start, total)
     pad = [0, 0] * (x.dim() - 2) + [before, total - before - xs.shape[1]]
-    xb = F.pad(xs, pad).unflatten(1, (blocks, chunk))  # [B, blocks, C, ...]
-    return torch.cat([xb[:, j : j + num_chunks] for j in range(span)], dim=2)
+    return F.pad(xs, pad).unflatten(1, (blocks, chunk)), span
+
+
+def _concat_windows(sets: list[tuple[torch.Tensor, int]], heads_first: bool = False) -> torch.Tensor:
+    """Key (or value) sets as blocks and spans (``_window_blocks``; a set of one block per chunk has span 1) -> their
+    per-chunk windows concatenated in order: ``[B, nC, K, Hkv, D]``, or with ``heads_first`` ``[B, Hkv, nC, K, D]``
+    (the layout the fused attention's matmuls take without another copy). With a gradient to compute, through
+    ``_ConcatWindows`` (its backward); otherwise, and in a traced graph (``torch.jit.trace`` cannot save a Python
+    autograd function), the same concatenation as plain ops."""
+    spans, blocks = tuple(span for _, span in sets), [xb for xb, _ in sets]
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and any(xb.requires_grad for xb in blocks)):
+        return _cat_windows(heads_first, spans, blocks)
+    return _ConcatWindows.apply(heads_first, spans, *blocks)
+
+
+def _cat_windows(heads_first: bool, spans: tuple[int, ...], blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Window ``c`` of a set ``(xb, span)`` is blocks ``c .. c + span - 1`` of ``xb [B, blocks, C_n, ...]``; every
+    set's windows concatenated in one copy (see ``_concat_windows``)."""
+    count = blocks[0].shape[1] - spans[0] + 1
+    pieces = [xb[:, j : j + count] for xb, span in zip(blocks, spans) for j in range(span)]
+    if heads_first:  # [B, nC, C_n, Hkv, D] -> [B, Hkv, nC, C_n, D], concatenated along the keys
+        return torch.cat([piece.permute(0, 3, 1, 2, 4) for piece in pieces], dim=3)
+    return torch.cat(pieces, dim=2)
+
+
+class _ConcatWindows(torch.autograd.Function):
+    """``_cat_windows`` with its own backward. Autograd's backward of a concatenation of shifted slices gives every
+    slice a zero-filled gradient of its whole input and sums them (``span`` full-size fills, copies and adds per
+    input); this backward adds each slice's gradient into one buffer per input, in place."""
+
+    @staticmethod
+    def forward(ctx, heads_first, spans, *blocks):
+        ctx.heads_first, ctx.spans = heads_first, spans
+        ctx.shapes = [xb.shape for xb in blocks]
+        return _cat_windows(heads_first, spans, list(blocks))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.heads_first:
+            grad = grad.permute(0, 2, 3, 1, 4)  # back to [B, nC, K, Hkv, D]
+        count = grad.shape[1]
+        sizes = [shape[2] for shape, span in zip(ctx.shapes, ctx.spans) for _ in range(span)]
+        pieces = iter(grad.split(sizes, dim=2))
+        grads = []
+        for shape, span in zip(ctx.shapes, ctx.spans):
+            if span == 1 and shape[1] == count:
+                grads.append(next(pieces).contiguous())
+                continue
+            out = grad.new_zeros(shape)
+            for j in range(span):
+                out[:, j : j + count] += next(pieces)
+            grads.append(out)
+        return None, None, *grads
 
 
 # Long on purpose: the chunked algorithm as one listing (as mamba's ssd_minimal), so it reads against the
@@ -74,7 +125,7 @@ def bmojo_attention_chunked(
     eidetic_bias: torch.Tensor | None = None,
     k_self: torch.Tensor | None = None,
     v_self: torch.Tensor | None = None,
-    sdpa: bool = True,
+    fused: bool = True,
     doc_start: torch.Tensor | None = None,
     query_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
@@ -91,8 +142,8 @@ def bmojo_attention_chunked(
         key_mask: ``[B, L]`` bool, ``False`` at padding keys.
         fading_bias, self_bias, eidetic_bias: ``[H]`` logit biases per query head, or ``None``; see the reference.
         k_self, v_self: ``[B, L, Hkv, D]`` the self fading key and value of each query, or ``None``.
-        sdpa: one ``scaled_dot_product_attention`` call over the concatenated key sets (default), or a softmax over
-            separately scored sets (``joint_softmax``); equal up to rounding.
+        fused: one softmax over the concatenated key sets of each chunk (default, ``_chunk_attention``), or a softmax
+            over separately scored sets (``joint_softmax``); equal up to rounding.
         doc_start: ``[B, L]`` long, the first position of each query's document, or ``None``: slot ``m`` is then
             also hidden from query ``i`` when ``pos < doc_start[i]`` (``memory_reset_at_document``).
         query_range: ``(start, end)``: compute the outputs of queries ``[start, end)`` only (``start`` a multiple
@@ -123,7 +174,7 @@ def bmojo_attention_chunked(
     count = last - first
     whole = start == 0 and end == length
     plain = k_fade is None and k_self is None and memory is None and key_mask is None
-    if sdpa and whole and plain and window >= padded:
+    if fused and whole and plain and window >= padded:
         return _causal_sdpa(q, k, v, scale, ctype)
     if key_mask is None:
         key_mask = torch.ones(bsz, length, dtype=torch.bool, device=device)
@@ -137,8 +188,8 @@ def bmojo_attention_chunked(
     def chunk_queries(x):  # [B, L, H, D] -> [B, count, C, Hkv, G, D]
         return chunk_rows(x).unflatten(3, (num_kv, groups)).to(ctype)
 
-    def windows(x, front):  # [B, L, ...] -> [B, count, W + C, ...]: positions [cC - front, cC - front + W + C)
-        return _chunk_windows(x, front, size, chunk, count, first)
+    def windows(x, front):  # [B, L, ...] -> blocks and span of the windows [cC - front, cC - front + W + C)
+        return _window_blocks(x, front, size, chunk, count, first)
 
     def head_bias(bias):  # [H] -> [1, 1, H, 1, 1]: a key set's bias in the [B, nC, H, C, K] layout
         return None if bias is None else bias.to(ctype).view(1, 1, num_heads, 1, 1)
@@ -156,10 +207,10 @@ def bmojo_attention_chunked(
     # In-context keys: positions [cC - W, cC + C).
     kpos = cidx - window + torch.arange(size, device=device)[None, :]  # [nC, K]
     key_flag = key_mask[..., None].to(torch.uint8)  # F.pad does not take bool tensors
-    real = windows(key_flag, window)[..., 0].bool()  # [B, count, K]
+    real = _concat_windows([windows(key_flag, window)])[..., 0].bool()  # [B, count, K]
     rel = qpos[:, :, None] - kpos[:, None, :]  # [nC, C, K]
     ctx_mask = (((rel >= 0) & (rel < window))[None] & real[:, :, None, :]) | (rel == 0)[None]
-    keys = [windows(k, window)]
+    keys = [windows(k, window)]  # per key set: (blocks, span), see _window_blocks
     vals = [windows(v, window)]
     masks = [ctx_mask]
     biases = [None]  # per key set: None or broadcastable to [B, nC, H, C, K]
@@ -167,7 +218,7 @@ def bmojo_attention_chunked(
     if k_fade is not None:
         # Fading keys: positions [cC - 2W, cC + C - W).
         fpos = kpos - window
-        freal = windows(key_flag, 2 * window)[..., 0].bool()
+        freal = _concat_windows([windows(key_flag, 2 * window)])[..., 0].bool()
         frel = qpos[:, :, None] - fpos[:, None, :]
         fade_mask = ((frel >= window) & (frel < 2 * window))[None] & freal[:, :, None, :]
         keys.append(windows(k_fade, 2 * window))
@@ -177,8 +228,8 @@ def bmojo_attention_chunked(
 
     if k_self is not None:
         # Self fading keys: the chunk's own C keys, query c*C+r seeing only key r (distance 0, always visible).
-        keys.append(chunk_rows(k_self))
-        vals.append(chunk_rows(v_self))
+        keys.append((chunk_rows(k_self), 1))
+        vals.append((chunk_rows(v_self), 1))
         masks.append(torch.eye(chunk, dtype=torch.bool, device=device).expand(bsz, count, chunk, chunk))
         biases.append(head_bias(self_bias))
 
@@ -198,12 +249,12 @@ def bmojo_attention_chunked(
         biases.append(eid_bias)
 
     biased = any(b is not None for b in biases)
-    if sdpa:
-        mask = _additive_mask(masks, biases, ctype) if biased else torch.cat(masks, dim=-1)[:, :, None]
-        out = _chunk_sdpa(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, mask, scale)
+    if fused:
+        out = _chunk_attention(qc, chunk_queries(q_eid) if memory is not None else None, keys, vals, memory, masks,
+                               biases, scale)
         return _unchunk(out.to(q.dtype), end - start)
-    scores = [score(qc, kw) for kw in keys]
-    values = [weighted(vw) for vw in vals]
+    scores = [score(qc, _concat_windows([kw])) for kw in keys]
+    values = [weighted(_concat_windows([vw])) for vw in vals]
     if memory is not None:
         scores.append(score(chunk_queries(q_eid), mem_k))
         values.append(weighted(mem_v))
@@ -233,36 +284,61 @@ def _by_kv_head(bias, num_kv, groups):
     return bias.unflatten(2, (num_kv, groups)) if bias.shape[2] == num_kv * groups else bias.unsqueeze(2)
 
 
-def _additive_mask(masks, biases, ctype):
-    """Boolean masks ``[B, nC, C, K_n]`` and biases (``None`` or broadcastable to ``[B, nC, H, C, K_n]``) per key set
-    -> one float mask ``[B, nC, 1 or H, C, K]``: the bias where visible, the dtype's minimum where masked."""
-    # A tensor fill value in the mask's dtype: a Python float would enter an XLA graph as an f64 scalar.
-    neg = torch.tensor(torch.finfo(ctype).min, dtype=ctype, device=masks[0].device)
-    zero = torch.zeros((), dtype=ctype, device=masks[0].device)
-    parts = [torch.where(m[:, :, None], zero if b is None else b, neg) for m, b in zip(masks, biases)]
+def _set_biases(masks, biases, ctype):
+    """Per key set a bias (``None`` or broadcastable to ``[B, nC, H, C, K_n]``) -> one bias ``[B, nC, 1 or H, C, K]``
+    over the concatenated sets (zero for a set without one); ``masks`` (``[B, nC, C, K_n]``) give the shapes."""
+    parts = [
+        torch.zeros((), dtype=ctype, device=m.device).expand(m[:, :, None].shape) if b is None
+        else b.to(ctype).expand(*m.shape[:2], b.shape[2], *m.shape[2:])
+        for m, b in zip(masks, biases)
+    ]
     heads = max(p.shape[2] for p in parts)
     return torch.cat([p.expand(*p.shape[:2], heads, *p.shape[3:]) for p in parts], dim=-1)
 
 
-def _chunk_sdpa(qc, qe, keys, vals, memory, mask, scale):
-    """One softmax over all key sets of every chunk through ``scaled_dot_product_attention``.
+def _chunk_attention(qc, qe, keys, vals, memory, masks, biases, scale):
+    """One softmax over all key sets of every chunk, as two score matmuls and one value matmul.
 
     ``qc [B, nC, C, Hkv, G, D]`` (rotated queries), ``qe`` the same shape (eidetic queries) or ``None``; ``keys`` /
-    ``vals``: ``[B, nC, K_n, Hkv, D]`` per in-context / fading / self set; ``memory``: the eidetic slots (``k, v [B,
-    nC, M, Hkv, D]``) or ``None``; ``mask``: ``[B, nC, 1 or H, C, K]``, bool or additive float, over every set (the
-    eidetic one last). Returns ``[B, nC, C, Hkv, G, D]`` in ``qc.dtype``."""
+    ``vals``: per in-context / fading / self set its blocks and span (``_window_blocks``); ``memory``: the eidetic
+    slots (``k, v [B, nC, M, Hkv, D]``) or ``None``; ``masks``: bool ``[B, nC, C, K_n]`` per set (the eidetic one
+    last), ``biases``: ``None`` or broadcastable to ``[B, nC, H, C, K_n]`` per set. Returns ``[B, nC, C, Hkv, G, D]``
+    in ``qc.dtype``.
+
+    Everything runs heads first, ``[B, Hkv, nC, rows, D]``: the key sets' windows are concatenated into that layout in
+    one copy (``_concat_windows``), grouped query heads are rows of their key head (``G * C`` rows), so no key or value
+    is repeated per query head and the matmuls read their operands as they are. The rotated queries score the
+    in-context, fading and self keys in one matmul, the eidetic queries the memory slots in another; the scores are
+    joined, masked with ``where`` (so a masked key's score never reaches the softmax, also when it is not finite), and
+    one matmul weighs the concatenated values. (``scaled_dot_product_attention`` does not fit: with queries of width
+    2D, for the eidetic scores, against values of width D it runs its math fallback, which scales and repeats every
+    key: the whole op measured ~1.5x slower than this form, forward and backward.)"""
     bsz, num_chunks, chunk, num_kv, groups, head_dim = qc.shape
-    k_all, v_all = torch.cat(keys, dim=2).to(qc.dtype), torch.cat(vals, dim=2).to(qc.dtype)
-    if memory is not None:  # feature-concatenate: [q | q_eid] . [k | 0] and [0 | k_mem]
-        q_all = torch.cat([qc, qe], dim=-1)
-        k_all = torch.cat([F.pad(k_all, [0, head_dim]), F.pad(memory.k.to(qc.dtype), [head_dim, 0])], dim=2)
-        v_all = torch.cat([v_all, memory.v.to(qc.dtype)], dim=2)
-    else:
-        q_all = qc
-    width = q_all.shape[-1]
-    n = bsz * num_chunks
-    qh = q_all.reshape(n, chunk, num_kv * groups, width).transpose(1, 2)  # [n, H, C, E]
-    kh = k_all.reshape(n, -1, num_kv, width).transpose(1, 2).repeat_interleave(groups, dim=1)  # [n, H, K, E]
-    vh = v_all.reshape(n, -1, num_kv, head_dim).transpose(1, 2).repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.reshape(n, mask.shape[2], chunk, -1), scale=scale)
-    return out.transpose(1, 2).reshape(bsz, num_chunks, chunk, num_kv, groups, head_dim)
+    dtype = qc.dtype
+
+    def grouped_queries(x):  # [B, nC, C, Hkv, G, D] -> [B, Hkv, nC, G * C, D], scaled
+        x = x.permute(0, 3, 1, 4, 2, 5) * scale
+        return x.reshape(bsz, num_kv, num_chunks, groups * chunk, head_dim)
+
+    key_sets = _concat_windows(keys, heads_first=True).to(dtype)  # [B, Hkv, nC, K, D]
+    scores = torch.matmul(grouped_queries(qc), key_sets.transpose(-1, -2))  # [B, Hkv, nC, G * C, K]
+    if memory is not None:
+        mem_k = memory.k.to(dtype).permute(0, 3, 1, 2, 4)  # [B, Hkv, nC, M, D]
+        scores = torch.cat([scores, torch.matmul(grouped_queries(qe), mem_k.transpose(-1, -2))], dim=-1)
+        vals = [*vals, (memory.v, 1)]
+    values = _concat_windows(vals, heads_first=True).to(dtype)  # [B, Hkv, nC, K (+ M), D]
+    scores = scores.view(bsz, num_kv, num_chunks, groups, chunk, -1)
+
+    def grouped(x):  # [B, nC, 1 or H, C, K] -> [B, 1 or Hkv, nC, 1 or G, C, K] (a view)
+        if x.shape[2] == 1:
+            return x.unsqueeze(1)
+        return x.unflatten(2, (num_kv, groups)).transpose(1, 2)
+
+    visible = grouped(torch.cat(masks, dim=-1)[:, :, None])
+    # A tensor fill value in the scores' dtype: a Python float would enter an XLA graph as an f64 scalar.
+    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=scores.device)
+    if any(b is not None for b in biases):
+        scores = scores + grouped(_set_biases(masks, biases, dtype))
+    probs = torch.softmax(torch.where(visible, scores, neg), dim=-1)
+    out = torch.matmul(probs.flatten(3, 4), values)  # [B, Hkv, nC, G * C, D]
+    return out.view(bsz, num_kv, num_chunks, groups, chunk, head_dim).permute(0, 2, 4, 1, 3, 5)
