@@ -1,5 +1,6 @@
-"""The chunked attention's one-call form: every key set (window, fading, eidetic) of a chunk under one
-``scaled_dot_product_attention`` call, equal to scoring each set separately (``joint_softmax``, ``fused=False``)."""
+"""The chunked attention's fused form: every key set (window, fading, self, eidetic) of a chunk under one softmax,
+scored by two matmuls and weighed by one, equal to scoring each set separately (``joint_softmax``,
+``fused=False``); a masked key never reaches a query, also when it is not finite."""
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _case(length, window, chunk, fading, eidetic, heads, kv_heads, padded, dtype
 
 @pytest.mark.parametrize("length,window,chunk,fading,eidetic,heads,kv_heads", CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_one_call_equals_separate_sets_fp32(length, window, chunk, fading, eidetic, heads, kv_heads, padded):
+def test_fused_equals_separate_sets_fp32(length, window, chunk, fading, eidetic, heads, kv_heads, padded):
     t, args, key_mask, names = _case(length, window, chunk, fading, eidetic, heads, kv_heads, padded, torch.float32)
     one = bmojo_attention_chunked(*args, key_mask=key_mask, fused=True)
     sep = bmojo_attention_chunked(*args, key_mask=key_mask, fused=False)
@@ -158,3 +159,28 @@ def test_concatenated_windows_backward_allocates_one_gradient_per_input():
     out_bytes = weight.numel() * weight.element_size()  # the loss's gradient w.r.t. the output, in both
     assert ours <= out_bytes + 1.05 * grad_bytes
     assert autograds >= out_bytes + span * grad_bytes
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_fused_softmax_runs_in_float32_under_bf16_autocast(monkeypatch, biased):
+    """Under bf16 autocast the score matmuls return bf16; the masking and the softmax must still run in float32 (with
+    and without key-set biases, whose float32 add would otherwise decide the precision), and the output stay close
+    to the float32 one."""
+    seen = []
+    real_softmax = torch.softmax
+
+    def softmax(x, *a, **kw):
+        seen.append(x.dtype)
+        return real_softmax(x, *a, **kw)
+
+    _, args, key_mask, _ = _case(37, 8, 4, True, True, 4, 2, True, torch.float32)
+    options = {}
+    if biased:
+        g = torch.Generator().manual_seed(1)
+        options = {name: torch.randn(4, generator=g) for name in ("fading_bias", "eidetic_bias")}
+    want = bmojo_attention_chunked(*args, key_mask=key_mask, **options)
+    monkeypatch.setattr(chunk_mod.torch, "softmax", softmax)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bmojo_attention_chunked(*args, key_mask=key_mask, **options)
+    assert seen == [torch.float32]
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

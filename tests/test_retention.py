@@ -294,7 +294,7 @@ def _attention_inputs(length, window, chunk):
 
 
 def test_reset_mask_in_every_attention_form():
-    """Reference, chunked (one SDPA call and separate sets) and the decoding step agree with ``doc_start``; a change
+    """Reference, chunked (the fused form and separate sets) and the decoding step agree with ``doc_start``; a change
     to the values of a slot from an earlier document never reaches a query (with the mask), but does without."""
     from bmojo.ops.attention import bmojo_attention_chunked, bmojo_attention_ref, bmojo_attention_step
 

@@ -151,9 +151,16 @@ def test_decay_exp_is_exp_with_underflowing_results_flushed(dtype):
     keep = x >= floor
     torch.testing.assert_close(got[keep], torch.exp(x[keep]), rtol=0, atol=0)
     assert (got[~keep] == 0).all() and keep.tolist() == [True, True, True, True, False, False, False]
+    assert torch.isnan(decay_exp(torch.tensor([float("nan")], dtype=dtype))).all()  # NaN is not hidden
     x = x[:-1].clone().requires_grad_()  # the gradient: exp's where kept, 0 where flushed (never NaN)
     decay_exp(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.where(x >= floor, torch.exp(x.detach()), 0.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decay_exp_refuses_half_precision(dtype):
+    with pytest.raises(ValueError, match="float32 or float64"):
+        decay_exp(torch.zeros(3, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -95,14 +95,17 @@ class _ConcatWindows(torch.autograd.Function):
         sizes = [shape[2] for shape, span in zip(ctx.shapes, ctx.spans) for _ in range(span)]
         pieces = iter(grad.split(sizes, dim=2))
         grads = []
-        for shape, span in zip(ctx.shapes, ctx.spans):
-            if span == 1 and shape[1] == count:
-                grads.append(next(pieces).contiguous())
-                continue
-            out = grad.new_zeros(shape)
-            for j in range(span):
-                out[:, j : j + count] += next(pieces)
-            grads.append(out)
+        for shape, span, needed in zip(ctx.shapes, ctx.spans, ctx.needs_input_grad[2:]):
+            parts = [next(pieces) for _ in range(span)]
+            if not needed:  # e.g. a detached memory's values
+                grads.append(None)
+            elif span == 1 and shape[1] == count:
+                grads.append(parts[0].contiguous())
+            else:
+                out = grad.new_zeros(shape)
+                for j, part in enumerate(parts):
+                    out[:, j : j + count] += part
+                grads.append(out)
         return None, None, *grads
 
 
@@ -327,7 +330,8 @@ def _chunk_attention(qc, qe, keys, vals, memory, masks, biases, scale):
         scores = torch.cat([scores, torch.matmul(grouped_queries(qe), mem_k.transpose(-1, -2))], dim=-1)
         vals = [*vals, (memory.v, 1)]
     values = _concat_windows(vals, heads_first=True).to(dtype)  # [B, Hkv, nC, K (+ M), D]
-    scores = scores.view(bsz, num_kv, num_chunks, groups, chunk, -1)
+    # Softmax math in the compute dtype: under bf16 autocast the matmuls return bf16 scores.
+    scores = scores.to(dtype).view(bsz, num_kv, num_chunks, groups, chunk, -1)
 
     def grouped(x):  # [B, nC, 1 or H, C, K] -> [B, 1 or Hkv, nC, 1 or G, C, K] (a view)
         if x.shape[2] == 1:

@@ -50,17 +50,23 @@ def segsum(a: Tensor) -> Tensor:
 
 
 def decay_exp(x: Tensor) -> Tensor:
-    """``torch.exp(x)`` for decay exponents ``x <= 0`` (``-inf`` allowed), with results below ``e^2`` times the
-    dtype's smallest normal number flushed to exactly 0 (``e^-85.3`` in float32, ``e^-706.4`` in float64: far below
-    anything a decay contributes next to the terms it is added to). On a CPU ``torch.exp`` leaves its vectorised path
-    when a result underflows: measured ~100x slower per element for float32 inputs below ``log(tiny) = -87.34`` and
-    ~15x for ``-inf``, and half of every chunk's segment-sum matrix is ``-inf``. Inputs are raised to the bound before
-    the ``exp`` and the flushed entries set to 0 after (a fixed-shape ``where``; their gradient is 0 instead of a
-    subnormal one)."""
+    """``torch.exp(x)`` for decay exponents ``x <= 0`` (``-inf`` allowed; float32 or float64, the SSD's compute
+    dtypes), with results below ``e^2`` times the dtype's smallest normal number flushed to exactly 0 (``e^-85.3`` in
+    float32, ``e^-706.4`` in float64: far below anything a decay contributes next to the terms it is added to); NaN
+    stays NaN. On a CPU ``torch.exp`` leaves its vectorised path when a result underflows: measured ~100x slower per
+    element for float32 inputs below ``log(tiny) = -87.34`` and ~15x for ``-inf``, and half of every chunk's
+    segment-sum matrix is ``-inf``. Inputs are raised to the bound before the ``exp`` and the flushed entries set to 0
+    after (a fixed-shape ``where``; their gradient is 0 instead of a subnormal one).
+
+    Raises:
+        ValueError: ``x`` neither float32 nor float64 (in half precision the bound would flush decays that matter).
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"decay_exp computes in float32 or float64, got {x.dtype}")
     # Bounds as tensors in x's dtype: a Python float would enter an XLA graph as an f64 scalar.
     floor = torch.tensor(math.log(torch.finfo(x.dtype).tiny) + 2.0, dtype=x.dtype, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(x >= floor, torch.exp(torch.maximum(x, floor)), zero)
+    return torch.where(x < floor, zero, torch.exp(x.clamp(min=floor)))
 
 
 def segsum_ref(a: Tensor) -> Tensor:
