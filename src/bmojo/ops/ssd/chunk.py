@@ -63,10 +63,32 @@ def decay_exp(x: Tensor) -> Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"decay_exp computes in float32 or float64, got {x.dtype}")
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and x.requires_grad):
+        return _flushed_exp(x)
+    return _DecayExp.apply(x)
+
+
+def _flushed_exp(x: Tensor) -> Tensor:
     # Bounds as tensors in x's dtype: a Python float would enter an XLA graph as an f64 scalar.
     floor = torch.tensor(math.log(torch.finfo(x.dtype).tiny) + 2.0, dtype=x.dtype, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     return torch.where(x < floor, zero, torch.exp(x.clamp(min=floor)))
+
+
+class _DecayExp(torch.autograd.Function):
+    """``_flushed_exp`` saving only its result, as ``exp`` does: the gradient is ``grad * y`` (0 where flushed).
+    Autograd through the ``where`` and the clamp would also keep their inputs and masks for every chunk."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = _flushed_exp(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y
 
 
 def segsum_ref(a: Tensor) -> Tensor:
