@@ -53,3 +53,13 @@ def autocast_off(device: torch.device):
     except (RuntimeError, ValueError, TypeError):  # a device type autocast does not know (meta)
         enabled = False
     return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def custom_backward_applies(*tensors: Tensor) -> bool:
+    """Whether an op should run through its ``torch.autograd.Function`` (a backward of its own) rather than the same
+    math as plain ops: only when a gradient will be computed for one of ``tensors`` and the call is not being traced
+    by ``torch.jit.trace``, which cannot record a Python autograd function (the trn1 prefill export). Plain ops
+    otherwise: a Function's forward adds a Python call per op and keeps its saved tensors for nothing."""
+    if torch.jit.is_tracing() or not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import compute_dtype
+from ..common import compute_dtype, custom_backward_applies
 from ..selection.common import EideticMemory, map_slots
 from .common import joint_softmax, query_span
 
@@ -61,9 +61,9 @@ def _concat_windows(sets: list[tuple[torch.Tensor, int]], heads_first: bool = Fa
     ``_ConcatWindows`` (its backward); otherwise, and in a traced graph (``torch.jit.trace`` cannot save a Python
     autograd function), the same concatenation as plain ops."""
     spans, blocks = tuple(span for _, span in sets), [xb for xb, _ in sets]
-    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and any(xb.requires_grad for xb in blocks)):
-        return _cat_windows(heads_first, spans, blocks)
-    return _ConcatWindows.apply(heads_first, spans, *blocks)
+    if custom_backward_applies(*blocks):
+        return _ConcatWindows.apply(heads_first, spans, *blocks)
+    return _cat_windows(heads_first, spans, blocks)
 
 
 def _cat_windows(heads_first: bool, spans: tuple[int, ...], blocks: list[torch.Tensor]) -> torch.Tensor:

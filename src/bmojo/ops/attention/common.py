@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..common import cast
+from ..common import cast, custom_backward_applies
 from ..selection.common import EideticMemory, map_slots
 
 # The attention op's inputs with one row per position (``[B, L, ...]``), by keyword; ``doc_start`` holds positions.
@@ -77,7 +77,7 @@ def _join(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The pieces of a block's input as one tensor (along dim 1); see ``_JoinPieces``."""
     if len(pieces) == 1:
         return pieces[0]
-    if any(p.requires_grad for p in pieces):
+    if custom_backward_applies(*pieces):
         return _JoinPieces.apply(*pieces)
     return torch.cat(pieces, dim=1)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import autocast_off, compute_dtype
+from ..common import autocast_off, compute_dtype, custom_backward_applies
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -63,9 +63,9 @@ def decay_exp(x: Tensor) -> Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"decay_exp computes in float32 or float64, got {x.dtype}")
-    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and x.requires_grad):
-        return _flushed_exp(x)
-    return _DecayExp.apply(x)
+    if custom_backward_applies(x):
+        return _DecayExp.apply(x)
+    return _flushed_exp(x)
 
 
 def _flushed_exp(x: Tensor) -> Tensor:
