@@ -135,7 +135,8 @@ TRAIN_EXAMPLES = """examples:
   bmojo train --out runs/notes --resume         # continue after a crash or to more --steps
   bmojo train --config runs/notes/train_config.yaml --out runs/again   # the same run again
   torchrun --standalone --nproc_per_node=2 -m bmojo_cli train --out runs/ddp
-  torchrun --standalone --nproc_per_node=4 -m bmojo_cli train --preset tiny --tp 2 --zero1 --out runs/tp
+  torchrun --standalone --nproc_per_node=4 -m bmojo_cli train --preset tiny --set model.ssm_ngroups=2 \\
+      --tp 2 --zero1 --out runs/tp
   bmojo train --init bmojo-llama/ --teacher llama-dir/ --trainable new --data corpus/ --out runs/primed
 """
 
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a model (default: the 'cpu' preset on the Python standard library, ~10 minutes on 2 cores)",
+        help="train a model (default: the 'cpu' preset on the Python standard library, ~12 minutes on 2 cores)",
         description="Train a model. Settings apply in order: the preset, --config, --set, the flags.",
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

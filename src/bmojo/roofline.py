@@ -5,7 +5,8 @@
 
 Nothing here runs on Trainium or measures anything: it counts what this package's chunked ops compute
 (``ops/ssd/chunk.py``, ``ops/attention/chunk.py``, ``ops/selection/chunk.py``, the layers) for a config, and divides
-by trn1's peak rates (``../shared/reference/neuron.md``, from the Neuron architecture guide). docs/roofline.md has
+by trn1's peak rates (the Neuron SDK's architecture guide,
+``nki/guides/architecture/trainium_inferentia2_arch.rst``). docs/roofline.md has
 the tables and what they mean; tests/test_roofline.py ties the FLOP counts to the code with torch's FLOP counter.
 It prices the options the config holds: the presets with the issue-11 defaults (the self fading key, the key-set
 biases, the learned selection bias, window-exit admission, eidetic keys at distance 0), ``--options v0``, the
@@ -55,7 +56,7 @@ PARAM_BYTES = 4  # float32 weights, gradients and AdamW moments (bf16 autocast k
 
 @dataclass(frozen=True)
 class Machine:
-    """Peak rates of one NeuronCore-v2 (trn1), ``neuron.md`` section 1 (the Neuron architecture guide)."""
+    """Peak rates of one NeuronCore-v2 (trn1), from the Neuron SDK's architecture guide (see the module docstring)."""
 
     name: str = "trn1 NeuronCore-v2"
     tensor_flops: tuple[tuple[str, float], ...] = (("bf16", 92e12), ("fp32", 23e12))

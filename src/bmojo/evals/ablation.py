@@ -1,10 +1,10 @@
 """Ablation studies that decide B'MOJO's defaults: tasks x variants x learning rates x seeds, resumable.
 
-    python -m bmojo.evals.ablation --study recall --out /work/studies --jobs 2    # the recall task mix
-    python -m bmojo.evals.ablation --study lm --out /work/studies --jobs 2        # language modelling
-    python -m bmojo.evals.ablation --study capacity --out /work/studies --screen  # accuracy vs state bytes
+    python -m bmojo.evals.ablation --study recall --out runs/studies --jobs 2    # the recall task mix
+    python -m bmojo.evals.ablation --study lm --out runs/studies --jobs 2        # language modelling
+    python -m bmojo.evals.ablation --study capacity --out runs/studies --screen  # accuracy vs state bytes
     python -m bmojo.evals.ablation --study recall --screen --variants bmojo_v0 bmojo_random ...  # 1 seed, a screen
-    python -m bmojo.evals.ablation --study recall --out /work/studies --summary-only  # tables and plots again
+    python -m bmojo.evals.ablation --study recall --out runs/studies --summary-only  # tables and plots again
 
 A study trains every variant at every learning rate of one grid with every seed. A run is one (variant, lr, seed):
 it is written atomically to ``OUT/<study>/<variant>/lr=<lr>_seed=<seed>.json`` when it ends, so a killed study
@@ -65,18 +65,18 @@ Sizing (measured on this 2-core machine, one torch thread, machine otherwise idl
     bmojo_v0         132        115        ~175 s                                   ~70 s   (B'MOJO variants alike)
 
 Under load (other agents' jobs, load average 5-10 on the 2 cores) the same runs took 2.5-3.5x longer: recall
-mamba2 340 s, bmojo_v0 486 s (``/work/studies/recall``, first runs of the base study).
+mamba2 340 s, bmojo_v0 486 s (``runs/studies/recall``, first runs of the base study).
 
 The final comparison, 8 variants (mamba2, swa, transformer, bmojo_f, bmojo_v0 and three B'MOJO options) x 2 lrs x
 3 seeds: recall 48 runs ~ 105 CPU-min, lm 48 runs ~ 43 CPU-min; ~75 min with ``--jobs 2`` on 2 free cores:
 
-    python -m bmojo.evals.ablation --study recall --out /work/studies --jobs 2 \
+    python -m bmojo.evals.ablation --study recall --out runs/studies --jobs 2 \
         --variants mamba2 swa transformer bmojo_f bmojo_v0 bmojo_random bmojo_recency bmojo_learned
-    python -m bmojo.evals.ablation --study lm --out /work/studies --jobs 2 \
+    python -m bmojo.evals.ablation --study lm --out runs/studies --jobs 2 \
         --variants mamba2 swa transformer bmojo_f bmojo_v0 bmojo_random bmojo_recency bmojo_learned
-    python -m bmojo.evals.ablation --study capacity --out /work/studies --jobs 2 --screen   # ~45 CPU-min
+    python -m bmojo.evals.ablation --study capacity --out runs/studies --jobs 2 --screen   # ~45 CPU-min
 
-(Runs already in ``/work/studies`` are skipped, so variants can be added to a finished study with the same command.)
+(Runs already in ``runs/studies`` are skipped, so variants can be added to a finished study with the same command.)
 The budget is what this machine allows, not zoology's: 1,200 steps is 38,400 training examples, a small fraction
 of zoology's standard sweep (and 40% of mqar_sweep's 3,000 steps), so the comparison is one of learning at an equal,
 small budget; ``--steps`` scales every variant alike (a study's settings are part of each run file: runs made with other
