@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +148,32 @@ def test_a_second_invocation_skips_finished_runs_and_redoes_a_partial_one(tmp_pa
     assert sorted(json.loads(json.dumps(t[0]))["seed"] for t in todo) == [2, 2]
     with pytest.raises(ValueError, match="was run with other settings; use another --out"):
         A.plan(replace(QUICK, steps=5), variants, lrs, seeds, tmp_path)
+
+
+def test_a_run_held_or_finished_by_another_process_is_skipped_not_trained_again(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    variants, lrs, seeds = ["mamba2"], [1e-3], [0, 1]
+    _, todo = A.plan(QUICK, variants, lrs, seeds, tmp_path)  # planned before the other process acts
+    held, other = (Path(path) for _, path in todo)
+    trained = []
+    real = A._train_and_write
+    monkeypatch.setattr(A, "_train_and_write", lambda spec, path: trained.append(path) or real(spec, path))
+    # seed 0: another study holds the run's lock (a separate open file: flock refuses it in this process too)
+    with FileLock(held.with_name(f".{held.name}.lock")):
+        record = A.execute(*todo[0])
+    assert record == {"status": "skipped", "reason": "another process is running it", "spec": todo[0][0]}
+    assert trained == [] and not held.exists()
+    # seed 1: another study finished it after this one planned; its file is left as it was
+    A.execute(*todo[1])
+    written = other.read_text()
+    assert A.execute(*todo[1])["reason"] == "another process finished it" and other.read_text() == written
+    assert trained == [other]
+    # run_study with the stale plan: seed 0 runs (its lock is free now), seed 1 is skipped and not returned
+    monkeypatch.setattr(A, "plan", lambda *args: ({}, todo))
+    records = A.run_study(QUICK, variants, lrs, seeds, tmp_path)
+    assert [r["spec"]["seed"] for r in records] == [0] and trained == [other, held]
+    assert A.read_run(held)["status"] == "ok"
 
 
 def test_a_failing_run_is_recorded_and_the_study_moves_on(tmp_path, monkeypatch):

@@ -10,7 +10,9 @@ A study trains every variant at every learning rate of one grid with every seed.
 it is written atomically to ``OUT/<study>/<variant>/lr=<lr>_seed=<seed>.json`` when it ends, so a killed study
 restarts where it was (finished runs are skipped; a run whose file is unreadable, or that failed, is run again).
 A run that raises (an option not implemented in this code, say) is recorded with ``"status": "failed"`` and its
-error, and the study moves on. ``--jobs N`` runs N runs at once, in processes with one torch thread each.
+error, and the study moves on. ``--jobs N`` runs N runs at once, in processes with one torch thread each. Studies
+started separately on one ``--out`` (in another terminal, on the same machine) share its runs: each run
+holds a lock file beside its result while it trains, and a run held or finished elsewhere is skipped.
 
 Fair comparison, by construction:
   * Variants are named dicts of ``BMojoConfig`` overrides on top of one base B'MOJO config (``VARIANTS``); a new
@@ -101,6 +103,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 
 from ..cache import BMojoCache
 from ..configuration_bmojo import V0_OPTIONS, BMojoConfig
@@ -522,7 +525,29 @@ def write_atomic(path: Path, record: dict) -> None:
 
 
 def execute(spec: dict, path: str) -> dict:
-    """Train and evaluate one run; write its record (status "ok" or "failed" with the error) to ``path``."""
+    """Train and evaluate one run; write its record (status "ok" or "failed" with the error) to ``path``.
+
+    The run holds ``.<file name>.lock`` beside its file while it trains, so studies started in several processes on
+    one ``--out`` share the work instead of repeating it: a run another process holds, or finished since this
+    process planned its list, is not trained and comes back as ``{"status": "skipped", "reason": ...}`` (not
+    written)."""
+    run_file = Path(path)
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_file.with_name(f".{run_file.name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return {"status": "skipped", "reason": "another process is running it", "spec": spec}
+    try:
+        done = read_run(run_file)
+        if done is not None and done["status"] == "ok":
+            return {"status": "skipped", "reason": "another process finished it", "spec": spec}
+        return _train_and_write(spec, run_file)
+    finally:
+        lock.release()
+
+
+def _train_and_write(spec: dict, path: Path) -> dict:
     torch.set_num_threads(1)
     started = time.time()
     s = Settings(
@@ -537,7 +562,7 @@ def execute(spec: dict, path: str) -> dict:
     except Exception as error:  # recorded, and the study moves on
         record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     record.update(spec=spec, seconds=time.time() - started)
-    write_atomic(Path(path), record)
+    write_atomic(path, record)
     return record
 
 
@@ -594,6 +619,8 @@ def plan(s: Settings, variants, lrs, seeds, out: Path):
 
 
 def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> list[dict]:
+    """Run what ``plan`` says is still to do; returns the records of the runs this call trained (skipped ones are
+    reported on the progress bar, not returned)."""
     from tqdm import tqdm
 
     configs, todo = plan(s, variants, lrs, seeds, out)
@@ -612,11 +639,14 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
     with tqdm(total=len(todo), desc=f"{s.study} runs", unit="run") as bar:
 
         def finished(record):
-            records.append(record)
             spec = record["spec"]
             bar.set_postfix_str(f"{spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['status']}")
             if record["status"] == "failed":
                 tqdm.write(f"FAILED {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['error']}")
+            if record["status"] == "skipped":
+                tqdm.write(f"skipped {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['reason']}")
+            else:
+                records.append(record)
             bar.update(1)
 
         if jobs <= 1:
