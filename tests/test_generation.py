@@ -101,6 +101,26 @@ def test_bad_input_gives_a_clear_error(model, ids, error, message):
         model(ids)
 
 
+def test_under_torch_compile_token_ids_are_checked_without_recompiling_as_their_range_changes(model):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    try:
+        first = compiled(torch.tensor([[3, 4, 5, 6]])).logits
+        frames = counter.frame_count
+        again = compiled(torch.tensor([[1, 9, 63, 0]])).logits  # another smallest and largest id, same shape
+        assert counter.frame_count == frames > 0  # the range check runs eagerly: no graph depends on the values
+        assert torch.allclose(first, model(torch.tensor([[3, 4, 5, 6]])).logits, atol=1e-5)
+        assert torch.allclose(again, model(torch.tensor([[1, 9, 63, 0]])).logits, atol=1e-5)
+        message = r"token ids must lie in \[0, 64\) \(vocab_size\); got values in \[1, 64\]"
+        with pytest.raises(ValueError, match=message):
+            compiled(torch.tensor([[1, 2, 64, 5]]))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bad_attention_masks_are_rejected(model):
     ids = torch.ones(2, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="at least one real token"):

@@ -262,6 +262,15 @@ class BMojoCausalLMOutput(_CacheAlias, ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
+@torch.compiler.disable
+def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless every id lies in [0, vocab_size). Run eagerly under ``torch.compile``: traced, the two host
+    reads would specialize the graph on the batch's smallest and largest ids and recompile as they change."""
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size); got values in [{lo}, {hi}]")
+
+
 class BMojoModel(BMojoPreTrainedModel):
     def __init__(self, config: BMojoConfig):
         super().__init__(config)
@@ -286,11 +295,7 @@ class BMojoModel(BMojoPreTrainedModel):
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row")
         if input_ids.device.type != "xla":  # a data-dependent check would force a graph sync on XLA
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size); got values in [{lo}, {hi}]"
-                )
+            _check_token_range(input_ids, self.config.vocab_size)
 
     def _rope(self, positions: torch.Tensor) -> Rope:
         """Angles for ``positions [B or 1, L]`` and the fixed eidetic rotation (``2W``; ``None`` where no layer
