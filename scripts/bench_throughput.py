@@ -6,6 +6,7 @@ Mamba2ForCausalLM, all at (about) equal parameter counts, on this CPU.
     python scripts/bench_throughput.py --quick --threads 1     # fewer rounds, shorter decode runs (~10 min)
     python scripts/bench_throughput.py --checkpointing ...     # also B'MOJO with activation checkpointing
     python scripts/bench_throughput.py --selective-recompute ... # also B'MOJO recomputing its attention and SSD ops
+    python scripts/bench_throughput.py --compile ...           # also B'MOJO and Llama under torch.compile
 
 Measures, for each thread count in ``--threads``:
 
@@ -31,7 +32,11 @@ selective recompute" (after ``selective_recompute_enable()``: the attention and 
 backward, the rest of the layer is kept); both flags also add "B'MOJO, checkpointing + selective recompute" (the
 layers' recomputation then recomputes the attention and SSD ops one block of the sequence at a time,
 ``sequence_block_size``: the lowest peak). Every model of ours runs its configuration's ``sequence_block_size`` (the
-line printed for it says ``seq_block=``).
+line printed for it says ``seq_block=``). ``--compile`` adds "B'MOJO, torch.compile" and "transformers Llama,
+torch.compile": the same models wrapped in ``torch.compile`` (inductor's CPU backend, ``dynamic=False``), measured
+in the training rounds only (tokens/s; their memory and decoding are not measured). Each compiles in a warm-up step
+at each training length, outside the timed rounds (~6 minutes for B'MOJO's ``cpu`` preset on one core, under a
+minute for Llama), and again at each thread count (inductor's kernels fix their thread count when generated).
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
@@ -74,6 +79,8 @@ REF = "B'MOJO"
 CHECKPOINTED = "B'MOJO, activation checkpointing"
 RECOMPUTED = "B'MOJO, selective recompute"
 BOTH = "B'MOJO, checkpointing + selective recompute"
+LLAMA = "transformers Llama"
+COMPILED = {REF: "B'MOJO, torch.compile", LLAMA: "transformers Llama, torch.compile"}  # --compile: eager -> compiled
 # --skip keys -> the name prefix of the models they leave out (the targets' models, B'MOJO, its SWA case, Llama and
 # Mamba2, cannot be skipped)
 SKIPPABLE = {"full": "B'MOJO full-attention case", "ssm-case": "B'MOJO Mamba-2 case", "mistral": "transformers Mistral"}
@@ -85,13 +92,19 @@ def count(model) -> int:
 
 
 def build_specs(
-    preset: str, overrides: dict, max_length: int, checkpointing: bool = False, selective_recompute: bool = False
+    preset: str,
+    overrides: dict,
+    max_length: int,
+    checkpointing: bool = False,
+    selective_recompute: bool = False,
+    compile_models: bool = False,
 ) -> dict:
     """Name -> (factory(window=None) -> model, kind, our equivalent config). ``window`` only matters for the
     full-attention case (``W >= L``; rounded up to a multiple of the chunk). ``checkpointing``: also B'MOJO with
     activation checkpointing (``CHECKPOINTED``, right after it); ``selective_recompute``: also B'MOJO recomputing
     its attention and SSD ops (``RECOMPUTED``, after those); both: also B'MOJO with both (``BOTH``: the layers'
-    recomputation recomputes the attention and SSD ops block by block, ``sequence_block_size``)."""
+    recomputation recomputes the attention and SSD ops block by block, ``sequence_block_size``). ``compile_models``:
+    also B'MOJO and Llama wrapped in ``torch.compile`` (``COMPILED``, kind "compiled": trained, never decoded)."""
     base = preset_config(preset, **overrides)
     target = count(BMojoForCausalLM(base))
     chunk = base.chunk_size
@@ -155,16 +168,23 @@ def build_specs(
         extra[RECOMPUTED] = (recomputed, "ours", ours().config)
     if checkpointing and selective_recompute:
         extra[BOTH] = (both, "ours", ours().config)
-    return {
+    specs = {
         REF: (lambda window=None: ours(), "ours", ours().config),
         **extra,
         "B'MOJO SWA case": (lambda window=None: ours(**attn), "ours", ours(**attn).config),
         "B'MOJO full-attention case": (full, "ours", full().config),
         "B'MOJO Mamba-2 case": (lambda window=None: ours(**ssm), "ours", ours(**ssm).config),
-        "transformers Llama": (llama, "hf_llama", full().config),
+        LLAMA: (llama, "hf_llama", full().config),
         f"transformers Mistral (W={base.window_size})": (mistral, "hf_mistral", ours(**attn).config),
         "transformers Mamba2": (mamba2, "hf_mamba2", ours(**ssm).config),
     }
+    if compile_models:
+        for name, compiled_name in COMPILED.items():
+            factory, _, config = specs[name]
+            # dynamic=False: one graph per training length, each compiled in its warm-up step
+            compiled = lambda window=None, f=factory: torch.compile(f(), dynamic=False)
+            specs[compiled_name] = (compiled, "compiled", config)
+    return specs
 
 
 def skipped(specs: dict, keys) -> dict:
@@ -360,11 +380,14 @@ def train_step(model, opt, x) -> None:
     release_memory()
 
 
-def train_tokens_per_s(models, length, batch, rounds, vocab):
+def train_tokens_per_s(models, length, batch, rounds, vocab, warm_at_length=()):
+    """Median training tokens/s per model over ``rounds`` interleaved rounds at [batch, length]. Each model takes
+    one untimed warm-up step first (allocator, first calls): at [1, 256], or at [batch, length] for the names in
+    ``warm_at_length`` (compiled models: their graph for this shape is compiled there)."""
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    warm = torch.randint(3, vocab, (1, 256), generator=torch.Generator().manual_seed(0))
-    for name, model in models.items():  # warm-up: allocator, first calls
-        train_step(model, opts[name], warm)
+    for name, model in models.items():
+        shape = (batch, length) if name in warm_at_length else (1, 256)
+        train_step(model, opts[name], torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(0)))
     times = {name: [] for name in models}
     for r in range(rounds):
         x = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(r + 1))
@@ -522,6 +545,12 @@ def parse_args():
         f"{BOTH!r}",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"also measure {COMPILED[REF]!r} and {COMPILED[LLAMA]!r} (training tokens/s only; each compiles in an "
+        "untimed warm-up step per training length and thread count, ~6 min for the cpu preset's B'MOJO)",
+    )
+    parser.add_argument(
         "--skip",
         nargs="+",
         default=[],
@@ -588,13 +617,19 @@ def main() -> None:
         overrides["sequence_block_size"] = None if args.sequence_block_size == "none" else args.sequence_block_size
     torch.manual_seed(0)
     specs = build_specs(
-        args.preset, overrides, max(args.train_lengths + args.contexts), args.checkpointing, args.selective_recompute
+        args.preset,
+        overrides,
+        max(args.train_lengths + args.contexts),
+        args.checkpointing,
+        args.selective_recompute,
+        args.compile,
     )
     specs = skipped(specs, args.skip)
+    compiled = {name for name, (_, kind, _) in specs.items() if kind == "compiled"}
     vocab = preset_config(args.preset, **overrides).vocab_size
     models = {name: factory() for name, (factory, _, _) in specs.items()}
     params = {name: count(m) for name, m in models.items()}
-    configs = {name: describe(m) for name, m in models.items()}
+    configs = {name: describe(getattr(m, "_orig_mod", m)) for name, m in models.items()}  # compiled: the model inside
     for name in models:
         print(f"{name:34s} {params[name] / 1e6:6.2f}M  {configs[name]}")
     flops = {
@@ -623,7 +658,11 @@ def main() -> None:
     for L in args.train_lengths:
         x = torch.randint(3, vocab, (args.train_batch, L))
         for name, model in models.items():
-            if args.peak_memory:  # both in a child process per model; a child that fails is recorded, not fatal
+            if name in compiled:  # trained only
+                results["activation_bytes"][name][L] = None
+                if args.peak_memory:
+                    results["peak_step_bytes"][name][L] = None
+            elif args.peak_memory:  # both in a child process per model; a child that fails is recorded, not fatal
                 try:
                     peak, saved = peak_step_bytes(args, overrides, name, L, vocab)
                 except RuntimeError as err:
@@ -640,10 +679,12 @@ def main() -> None:
             print(f"L={L:6d} peak step memory: " + ", ".join(f"{n} {mib(b[L])}" for n, b in peaks))
     for threads in args.threads:
         torch.set_num_threads(threads)
+        if compiled:
+            torch._dynamo.reset()  # inductor's kernels keep the thread count they were generated for
         train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
         lengths = args.train_lengths if threads == args.threads[0] else (args.later_lengths or args.train_lengths)
         for L in lengths:
-            tps = train_tokens_per_s(models, L, args.train_batch, args.rounds, vocab)
+            tps = train_tokens_per_s(models, L, args.train_batch, args.rounds, vocab, warm_at_length=compiled)
             for name in models:
                 train[name][L] = tps[name]
                 ideal = flops[name][L] / flops[REF][L]
@@ -651,7 +692,7 @@ def main() -> None:
                       f"B'MOJO/this {tps[REF] / tps[name]:.2f}x (ideal {ideal:.2f}x)")  # fmt: skip
             save_partial(results, out)
         # decoding never checkpoints nor recomputes: those models decode as B'MOJO does
-        decoders = {n: spec for n, spec in specs.items() if n not in (CHECKPOINTED, RECOMPUTED, BOTH)}
+        decoders = {n: spec for n, spec in specs.items() if n not in (CHECKPOINTED, RECOMPUTED, BOTH, *compiled)}
         decode = results["decode_ms_per_token"][threads] = {n: {} for n in decoders}
         for context in args.contexts:
             ms, size = decode_ms_per_token(decoders, context, args.decode_steps, 3, vocab)
@@ -699,7 +740,7 @@ def targets(results) -> list[str]:
     """The issue's targets, each with the measured ratio and met / missed ("not measured" where a value is missing:
     a failed or unfinished run)."""
     lines = []
-    llama, mamba2, swa = "transformers Llama", "transformers Mamba2", "B'MOJO SWA case"
+    llama, mamba2, swa = LLAMA, "transformers Mamba2", "B'MOJO SWA case"
 
     def verdict(label: str, r, goal: str, met: bool) -> None:
         lines.append(f"{label}: not measured (target {goal})" if r is None
@@ -710,6 +751,10 @@ def targets(results) -> list[str]:
             if cell(train, REF, L) is not None:
                 r = ratio(train, REF, llama, L)
                 verdict(f"[{threads} thr] training tokens/s B'MOJO/Llama at L={L}", r, f">= {goal}", r and r >= goal)
+            if cell(train, COMPILED[REF], L) is not None:  # --compile: the same target with both compiled
+                r = ratio(train, COMPILED[REF], COMPILED[LLAMA], L)
+                label = f"[{threads} thr] training tokens/s B'MOJO/Llama at L={L}, both torch.compile"
+                verdict(label, r, f">= {goal}", r and r >= goal)
         ratios = [r for r in (ratio(train, REF, swa, L) for L in train.get(REF, {})) if r is not None]
         worst = min(ratios, default=None)
         verdict(f"[{threads} thr] B'MOJO/own SWA case, worst L", worst, ">= 0.9", worst and worst >= 0.9)

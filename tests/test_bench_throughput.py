@@ -189,7 +189,7 @@ def test_a_crash_keeps_what_was_measured_and_report_only_renders_it_next_to_the_
 
 
 def test_report_only_renders_a_run_killed_after_its_memory_phase(monkeypatch, tmp_path):
-    def train_tokens_per_s(*args):
+    def train_tokens_per_s(*args, **kwargs):
         raise MemoryError  # the first training round at a length that does not fit
 
     monkeypatch.setattr(bench, "train_tokens_per_s", train_tokens_per_s)
@@ -290,3 +290,75 @@ def test_sequence_block_size_reaches_every_model_of_ours_and_its_configuration_l
         run_main(monkeypatch, "--preset", "tiny", "--train-lengths", "64", "--contexts", "64", *(
             ["--sequence-block-size", *value] if value else []))
     assert built and all(f" seq_block={expected} " in line for line in built.values())
+
+
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """``torch.compile`` with dynamo's frame counter as its backend: the graphs run eagerly (no inductor build in
+    the tests) and every compilation is counted."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=counter, **kw))
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_compile_adds_compiled_bmojo_and_llama_that_compile_in_the_warm_up_not_in_the_timed_rounds(
+    monkeypatch, counted_compile
+):
+    specs = bench.build_specs("tiny", {}, 64, compile_models=True)
+    assert list(specs)[-2:] == [bench.COMPILED[bench.REF], bench.COMPILED[bench.LLAMA]]
+    assert bench.COMPILED[bench.REF] not in bench.build_specs("tiny", {}, 64)
+    for eager, compiled in bench.COMPILED.items():
+        factory, kind, config = specs[compiled]
+        model = factory()
+        assert kind == "compiled" and config is specs[eager][2] and hasattr(model, "_orig_mod")
+        assert type(model._orig_mod) is type(specs[eager][0]()) and bench.count(model) == bench.count(specs[eager][0]())
+    models = {name: specs[name][0]() for name in (bench.REF, bench.COMPILED[bench.REF])}
+    frames = []  # compilations so far, after each training step of the compiled model
+    real_step = bench.train_step
+    monkeypatch.setattr(
+        bench,
+        "train_step",
+        lambda model, *a: real_step(model, *a) or (model is models[bench.COMPILED[bench.REF]] and frames.append(
+            counted_compile.frame_count
+        )),
+    )
+    bench.train_tokens_per_s(models, 64, 1, 3, 64, warm_at_length={bench.COMPILED[bench.REF]})
+    assert len(frames) == 4 and frames[0] > 0 and frames == frames[:1] * 4  # compiled once, in the warm-up
+    frames.clear()
+    torch._dynamo.reset()  # the old warm-up, at [1, 256]: the first timed round would compile again
+    bench.train_tokens_per_s(models, 64, 1, 3, 64)
+    assert frames[1] > frames[0]
+
+
+def test_a_compile_run_trains_the_compiled_models_at_every_thread_count_and_measures_nothing_else(
+    monkeypatch, tmp_path, counted_compile
+):
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
+    run_main(monkeypatch, *TINY_RUN, "--threads", "1", "2", "--compile", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    compiled = list(bench.COMPILED.values())
+    assert len(resets) == 2 and counted_compile.frame_count > 0  # recompiled for each thread count
+    for threads in ("1", "2"):
+        assert all(result["train_tokens_per_s"][threads][n]["64"] > 0 for n in compiled)
+        assert not set(compiled) & set(result["decode_ms_per_token"][threads])
+    assert all(result["activation_bytes"][n] == {"64": None} for n in compiled)
+    assert result["configs"][bench.COMPILED[bench.REF]] == result["configs"][bench.REF]
+    report = (tmp_path / "throughput.md").read_text()
+    assert f"| {compiled[0]} | - |" in report  # its memory cell: not measured
+
+
+def test_the_targets_name_the_compiled_pairs_ratio_next_to_the_eager_one():
+    tps = {bench.REF: 50.0, bench.LLAMA: 100.0, bench.COMPILED[bench.REF]: 60.0, bench.COMPILED[bench.LLAMA]: 150.0}
+    train = {name: {"2048": value} for name, value in tps.items()}
+    lines = bench.targets(
+        {"train_tokens_per_s": {"1": train}, "decode_ms_per_token": {}, "activation_bytes": {bench.REF: {}}}
+    )
+    assert "[1 thr] training tokens/s B'MOJO/Llama at L=2048: 0.50x (target >= 1.0): missed" in lines
+    both = "[1 thr] training tokens/s B'MOJO/Llama at L=2048, both torch.compile: 0.40x (target >= 1.0): missed"
+    assert both in lines
