@@ -35,8 +35,9 @@ layers' recomputation then recomputes the attention and SSD ops one block of the
 line printed for it says ``seq_block=``). ``--compile`` adds "B'MOJO, torch.compile" and "transformers Llama,
 torch.compile": the same models wrapped in ``torch.compile`` (inductor's CPU backend, ``dynamic=False``), measured
 in the training rounds only (tokens/s; their memory and decoding are not measured). Each compiles in a warm-up step
-at each training length, outside the timed rounds (~6 minutes for B'MOJO's ``cpu`` preset on one core, under a
-minute for Llama), and again at each thread count (inductor's kernels fix their thread count when generated).
+at each training length, outside the timed rounds (~6 minutes for B'MOJO's ``cpu`` preset on one core the first
+time, under a minute for Llama; inductor caches what it built under ``/tmp/torchinductor_$USER``), and again at each
+thread count (inductor's kernels fix their thread count when generated).
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
