@@ -150,7 +150,7 @@ def test_a_second_invocation_skips_finished_runs_and_redoes_a_partial_one(tmp_pa
         A.plan(replace(QUICK, steps=5), variants, lrs, seeds, tmp_path)
 
 
-def test_a_run_held_or_finished_by_another_process_is_skipped_not_trained_again(tmp_path, monkeypatch):
+def test_a_run_held_or_finished_by_another_process_is_skipped_not_trained_again(tmp_path, monkeypatch, capsys):
     from filelock import FileLock
 
     variants, lrs, seeds = ["mamba2"], [1e-3], [0, 1]
@@ -169,11 +169,41 @@ def test_a_run_held_or_finished_by_another_process_is_skipped_not_trained_again(
     written = other.read_text()
     assert A.execute(*todo[1])["reason"] == "another process finished it" and other.read_text() == written
     assert trained == [other]
-    # run_study with the stale plan: seed 0 runs (its lock is free now), seed 1 is skipped and not returned
+    # run_study with the stale plan while seed 0 is still held elsewhere: nothing trained, the summary's gap named
     monkeypatch.setattr(A, "plan", lambda *args: ({}, todo))
+    with FileLock(held.with_name(f".{held.name}.lock")):
+        assert A.run_study(QUICK, variants, lrs, seeds, tmp_path) == []
+    assert "1 runs were still being trained by another process: the summary written now lacks them" in (
+        capsys.readouterr().out
+    )
+    # again, the lock free: seed 0 runs, seed 1 is skipped and not returned
     records = A.run_study(QUICK, variants, lrs, seeds, tmp_path)
     assert [r["spec"]["seed"] for r in records] == [0] and trained == [other, held]
     assert A.read_run(held)["status"] == "ok"
+    # a run another process finished with other settings (same path): reported failed, its file left alone
+    written = held.read_text()
+    record = A.execute(dict(todo[0][0], lr=0.5), todo[0][1])
+    assert record["status"] == "failed" and "was run with other settings by another process" in record["error"]
+    assert held.read_text() == written and trained == [other, held]
+
+
+def test_summaries_are_written_one_study_process_at_a_time(tmp_path, monkeypatch):
+    import threading
+
+    import matplotlib.figure  # noqa: F401 (imported before timing: the summary's first import is slow)
+    from filelock import FileLock
+
+    A.run_study(QUICK, ["mamba2"], [1e-3], [0], tmp_path)
+    reads = []
+    real = A.load_records
+    monkeypatch.setattr(A, "load_records", lambda *args: reads.append(1) or real(*args))
+    with FileLock(tmp_path / QUICK.study / ".summary.lock"):  # another study process writing its summary
+        writer = threading.Thread(target=A.write_summary, args=(tmp_path, QUICK, "cmd"))
+        writer.start()
+        writer.join(timeout=2)
+        assert writer.is_alive() and reads == []  # waits, without reading the runs
+    writer.join(timeout=60)
+    assert reads == [1] and "mamba2" in (tmp_path / QUICK.study / "summary.md").read_text()
 
 
 def test_a_failing_run_is_recorded_and_the_study_moves_on(tmp_path, monkeypatch):

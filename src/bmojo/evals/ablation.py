@@ -106,6 +106,7 @@ import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
 from ..cache import BMojoCache
+from ..checkpoint import write_text_atomic
 from ..configuration_bmojo import V0_OPTIONS, BMojoConfig
 from ..modeling_bmojo import BMojoForCausalLM
 from .mqar import IGNORE_INDEX, mqar_accuracy
@@ -519,18 +520,18 @@ def run_spec(s: Settings, variant: str, overrides: dict, config, lr: float, seed
 
 def write_atomic(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)  # a reader sees the whole file or none
+    write_text_atomic(path, json.dumps(record, indent=1))  # a reader sees the whole file or none
 
 
 def execute(spec: dict, path: str) -> dict:
     """Train and evaluate one run; write its record (status "ok" or "failed" with the error) to ``path``.
 
     The run holds ``.<file name>.lock`` beside its file while it trains, so studies started in several processes on
-    one ``--out`` share the work instead of repeating it: a run another process holds, or finished since this
-    process planned its list, is not trained and comes back as ``{"status": "skipped", "reason": ...}`` (not
-    written)."""
+    one ``--out`` share the work instead of repeating it: a run another process holds, or finished successfully
+    since this process planned its list, is not trained and comes back as ``{"status": "skipped", "reason": ...}``
+    (not written); one that other process finished with another spec (other settings on the same ``--out``) comes
+    back failed, its file left alone. (The lock is ``flock``'s, released when a process dies; where a filesystem
+    has no ``flock``, ``filelock`` falls back to a lock file that a crash can leave behind: delete it.)"""
     run_file = Path(path)
     run_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(run_file.with_name(f".{run_file.name}.lock"), timeout=0)
@@ -541,6 +542,9 @@ def execute(spec: dict, path: str) -> dict:
     try:
         done = read_run(run_file)
         if done is not None and done["status"] == "ok":
+            if done["spec"] != spec:
+                error = f"ValueError: {run_file} was run with other settings by another process; use another --out"
+                return {"status": "failed", "error": error, "spec": spec, "written": False}
             return {"status": "skipped", "reason": "another process finished it", "spec": spec}
         return _train_and_write(spec, run_file)
     finally:
@@ -620,7 +624,8 @@ def plan(s: Settings, variants, lrs, seeds, out: Path):
 
 def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> list[dict]:
     """Run what ``plan`` says is still to do; returns the records of the runs this call trained (skipped ones are
-    reported on the progress bar, not returned)."""
+    reported on the progress bar, not returned). Warns when runs were left to another process still training them:
+    the summary written next misses them until the last study to finish writes its own (or ``--summary-only``)."""
     from tqdm import tqdm
 
     configs, todo = plan(s, variants, lrs, seeds, out)
@@ -635,7 +640,7 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
         )
     total = len(variants) * len(lrs) * len(seeds)
     print(f"{total - len(todo)} of {total} runs already done in {out / s.study}; {len(todo)} to run", flush=True)
-    records = []
+    records, held = [], []
     with tqdm(total=len(todo), desc=f"{s.study} runs", unit="run") as bar:
 
         def finished(record):
@@ -645,6 +650,7 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
                 tqdm.write(f"FAILED {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['error']}")
             if record["status"] == "skipped":
                 tqdm.write(f"skipped {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['reason']}")
+                held.append(record) if record["reason"] == "another process is running it" else None
             else:
                 records.append(record)
             bar.update(1)
@@ -656,6 +662,11 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
                 for future in as_completed([pool.submit(execute, spec, path) for spec, path in todo]):
                     finished(future.result())
+    if held:
+        print(
+            f"{len(held)} runs were still being trained by another process: the summary written now lacks them; the "
+            "last study to finish writes a complete one (or run this command again with --summary-only)"
+        )
     return records
 
 
@@ -716,13 +727,21 @@ def _cell(stat: dict, digits: int = 3) -> str:
 
 
 def write_summary(out: Path, s: Settings, command: str) -> dict:
+    """Summarize every run of ``s`` under ``out`` into ``OUT/<study>/summary.{json,md}`` and plots; returns the
+    summary. Studies in several processes on one ``--out`` write it one at a time (``.summary.lock``), each from the
+    run files it reads once it holds the lock, so the last writer's summary has every run finished before it."""
+    folder = out / s.study
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / ".summary.lock"):
+        return _write_summary(folder, out, s, command)
+
+
+def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
     from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
-    folder = out / s.study
     summary = summarize(load_records(out, s), lower_is_better=s.study == "lm")
     summary.update(command=command, settings=asdict(s))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=1))
     variants = summary["variants"]
     lines = [
         f"# Ablation study `{s.study}`",
@@ -805,7 +824,7 @@ def write_summary(out: Path, s: Settings, command: str) -> dict:
         lines += ["", "## Failed runs", ""] + [
             f"- {f['variant']} lr={f['lr']:g} seed={f['seed']}: {f['error']}" for f in summary["failed"]
         ]
-    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(folder / "summary.md", "\n".join(lines) + "\n")
     return summary
 
 
