@@ -36,8 +36,9 @@ line printed for it says ``seq_block=``). ``--compile`` adds "B'MOJO, torch.comp
 torch.compile": the same models wrapped in ``torch.compile`` (inductor's CPU backend, ``dynamic=False``), measured
 in the training rounds only (tokens/s; their memory and decoding are not measured). Each compiles in a warm-up step
 at each training length, outside the timed rounds (~6 minutes for B'MOJO's ``cpu`` preset on one core the first
-time, under a minute for Llama; inductor caches what it built under ``/tmp/torchinductor_$USER``), and again at each
-thread count (inductor's kernels fix their thread count when generated).
+time, under 30 s for Llama; inductor caches what it built under ``/tmp/torchinductor_$USER``), and again at each
+thread count (inductor's kernels fix their thread count when generated); with them, every model's untimed warm-up
+step runs at the measured shape.
 
 Decoding state: our caches have static shapes and decoding cost does not depend on the values held, so our cache
 is created empty and moved to position ``t``. Our full-attention case keeps a ring of ``W >= t`` slots (a
@@ -642,6 +643,7 @@ def main() -> None:
         "command": " ".join(["python scripts/bench_throughput.py", *map(shlex.quote, without_note(sys.argv[1:]))])
         + (" --note TEXT" if args.note else ""),
         "note": args.note,
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
         "preset": args.preset,
         "overrides": overrides,
         "parameters": params,
@@ -680,12 +682,15 @@ def main() -> None:
             print(f"L={L:6d} peak step memory: " + ", ".join(f"{n} {mib(b[L])}" for n, b in peaks))
     for threads in args.threads:
         torch.set_num_threads(threads)
-        if compiled:
-            torch._dynamo.reset()  # inductor's kernels keep the thread count they were generated for
+        if compiled:  # inductor's kernels keep the thread count they were generated for (part of its cache key)
+            torch._inductor.config.cpp.threads = threads
         train = results["train_tokens_per_s"][threads] = {n: {} for n in models}
         lengths = args.train_lengths if threads == args.threads[0] else (args.later_lengths or args.train_lengths)
         for L in lengths:
-            tps = train_tokens_per_s(models, L, args.train_batch, args.rounds, vocab, warm_at_length=compiled)
+            if compiled:  # one graph per length (dynamic=False): no cache of graphs to outgrow its recompile limit
+                torch._dynamo.reset()
+            # with compiled models, every model warms up at the measured shape (the compiled ones compile there)
+            tps = train_tokens_per_s(models, L, args.train_batch, args.rounds, vocab, set(models) if compiled else ())
             for name in models:
                 train[name][L] = tps[name]
                 ideal = flops[name][L] / flops[REF][L]
@@ -710,6 +715,12 @@ def main() -> None:
 
 
 PARTIAL = "throughput.partial.json"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def save_partial(results, out: Path) -> None:
@@ -813,7 +824,8 @@ def write_report(results, out: Path, stem: str = "throughput") -> None:
     lines = [
         "# Throughput on the CPU: B'MOJO against its special cases and transformers' models",
         "",
-        f"Regenerate: `{results['command']}`. {results['note']}",
+        f"Regenerate: `{results['command']}`. {results['note']}"
+        + "".join(f" {name} {version}." for name, version in (results.get("versions") or {}).items()),
         "",
         *(
             [

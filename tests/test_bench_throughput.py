@@ -337,13 +337,22 @@ def test_compile_adds_compiled_bmojo_and_llama_that_compile_in_the_warm_up_not_i
 def test_a_compile_run_trains_the_compiled_models_at_every_thread_count_and_measures_nothing_else(
     monkeypatch, tmp_path, counted_compile
 ):
-    resets = []
+    frames_at_reset, threads_at_reset = [], []  # compilations so far and inductor's thread count, at each reset
     real_reset = torch._dynamo.reset
-    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
+    monkeypatch.setattr(torch._inductor.config.cpp, "threads", torch._inductor.config.cpp.threads)  # restored after
+
+    def reset():
+        frames_at_reset.append(counted_compile.frame_count)
+        threads_at_reset.append(torch._inductor.config.cpp.threads)
+        real_reset()
+
+    monkeypatch.setattr(torch._dynamo, "reset", reset)
     run_main(monkeypatch, *TINY_RUN, "--threads", "1", "2", "--compile", "--out", str(tmp_path))
     result = json.loads((tmp_path / "throughput.json").read_text())
     compiled = list(bench.COMPILED.values())
-    assert len(resets) == 2 and counted_compile.frame_count > 0  # recompiled for each thread count
+    # compiled again at each thread count, for that thread count
+    assert threads_at_reset == [1, 2] and frames_at_reset[0] < frames_at_reset[1] < counted_compile.frame_count
+    assert result["versions"] == {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     for threads in ("1", "2"):
         assert all(result["train_tokens_per_s"][threads][n]["64"] > 0 for n in compiled)
         assert not set(compiled) & set(result["decode_ms_per_token"][threads])

@@ -264,8 +264,8 @@ class BMojoCausalLMOutput(_CacheAlias, ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------
 @torch.compiler.disable
 def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """ValueError unless every id lies in [0, vocab_size). Run eagerly under ``torch.compile``: traced, the two host
-    reads would specialize the graph on the batch's smallest and largest ids and recompile as they change."""
+    """ValueError unless every id lies in [0, vocab_size). Run eagerly under ``torch.compile``: traced, its host
+    reads made dynamo guard the rest of the check on the batch's smallest id and recompile it as that changed."""
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size); got values in [{lo}, {hi}]")
