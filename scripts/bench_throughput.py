@@ -825,7 +825,7 @@ def write_report(results, out: Path, stem: str = "throughput") -> None:
         "# Throughput on the CPU: B'MOJO against its special cases and transformers' models",
         "",
         f"Regenerate: `{results['command']}`. {results['note']}"
-        + "".join(f" {name} {version}." for name, version in (results.get("versions") or {}).items()),
+        + (f" ({', '.join(f'{n} {v}' for n, v in results['versions'].items())})" if results.get("versions") else ""),
         "",
         *(
             [
