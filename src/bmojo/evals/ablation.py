@@ -544,7 +544,7 @@ def execute(spec: dict, path: str) -> dict:
         if done is not None and done["status"] == "ok":
             if done["spec"] != spec:
                 error = f"ValueError: {run_file} was run with other settings by another process; use another --out"
-                return {"status": "failed", "error": error, "spec": spec, "written": False}
+                return {"status": "failed", "error": error, "spec": spec}
             return {"status": "skipped", "reason": "another process finished it", "spec": spec}
         return _train_and_write(spec, run_file)
     finally:
@@ -650,7 +650,8 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
                 tqdm.write(f"FAILED {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['error']}")
             if record["status"] == "skipped":
                 tqdm.write(f"skipped {spec['variant']} lr={spec['lr']:g} seed={spec['seed']}: {record['reason']}")
-                held.append(record) if record["reason"] == "another process is running it" else None
+                if record["reason"] == "another process is running it":
+                    held.append(record)
             else:
                 records.append(record)
             bar.update(1)
