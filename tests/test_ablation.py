@@ -275,6 +275,17 @@ def test_cli_screen_writes_tables_and_plots(tmp_path):
     assert all(0 <= v["mean"] <= 1 for v in summary["variants"]["mamba2"]["test"].values())
 
 
+def test_capacity_plot_labels_name_each_points_knob_value():
+    for family, members in A.CAPACITY.items():
+        for name, overrides in members.items():
+            label = A.capacity_label(family, name)
+            if family == "Transformer":
+                assert label == ""
+                continue
+            letter = family[family.index("(") + 1 : -1]  # "Mamba-2 (N)" -> "N"
+            assert int(label) == overrides[A.CAPACITY_KNOBS[family]] and name.endswith(f"_{letter}{label}")
+
+
 def test_capacity_study_plots_accuracy_against_state_bytes(tmp_path):
     A.main(
         [

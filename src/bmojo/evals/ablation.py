@@ -172,6 +172,16 @@ CAPACITY: dict[str, dict[str, dict]] = {
     "B'MOJO (M)": {f"bmojo_new_M{m}": dict(memory_size=m) for m in (4, 8, 16, 32, 64)},
 }
 ALL_VARIANTS = {**VARIANTS, **{name: o for family in CAPACITY.values() for name, o in family.items()}}
+# the config field each family's letter names (the Transformer has no knob: its cache grows with the sequence)
+CAPACITY_KNOBS = {"Mamba-2 (N)": "ssm_state_size", "SWA (W)": "window_size", "B'MOJO (M)": "memory_size"}
+
+
+def capacity_label(family: str, name: str) -> str:
+    """The capacity plot's label of one point: its knob's value ("16"; the legend names the knob, "Mamba-2 (N)");
+    "" for a family without one."""
+    field = CAPACITY_KNOBS.get(family)
+    return "" if field is None else str(CAPACITY[family][name][field])
+
 
 # The issue-11 options: a variant setting one of them must change the model (see check_changes_model).
 OPTIONS = (
@@ -800,16 +810,17 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
         fig = Figure(figsize=(6, 4), layout="tight")
         ax = fig.subplots()
         for family, members in CAPACITY.items():
-            got = [variants[n] for n in members if n in variants and key in variants[n]["test"]]
-            if got:
-                ax.errorbar(
-                    [v["state_bytes"] for v in got],
-                    [v["test"][key]["mean"] for v in got],
-                    yerr=[v["test"][key]["std"] for v in got],
-                    marker="o",
-                    capsize=3,
-                    label=family,
+            names = [n for n in members if n in variants and key in variants[n]["test"]]
+            if names:
+                xs = [variants[n]["state_bytes"] for n in names]
+                ys = [variants[n]["test"][key]["mean"] for n in names]
+                line = ax.errorbar(
+                    xs, ys, yerr=[variants[n]["test"][key]["std"] for n in names], marker="o", capsize=3, label=family
                 )
+                below = family == "B'MOJO (M)"  # its points sit next to Mamba-2's largest and the Transformer
+                for n, x, y in zip(names, xs, ys):  # which state size each point is
+                    ax.annotate(capacity_label(family, n), (x, y), textcoords="offset points", ha="center",
+                                xytext=(0, -12 if below else 6), fontsize=7, color=line[0].get_color())  # fmt: skip
         ax.set(
             xscale="log",
             xlabel="decoding state (bytes, float32, batch 1)",
@@ -818,7 +829,7 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
             ylim=(-0.02, 1.02),
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
         fig.savefig(folder / "capacity.png", dpi=110)
         lines += ["", "![capacity](capacity.png)"]
     if summary["failed"]:
