@@ -160,6 +160,8 @@ VARIANTS.update(
     bmojo_new_recency=dict(learned_selection=False, selection_score="recency"),
     # the learned bias on a random score: what learned selection does without the innovation score
     bmojo_new_random_learned=dict(selection_score="random"),
+    # retention that refreshes on top of the defaults (the screen's bmojo_decay value): slot scores fade with age
+    bmojo_new_decay=dict(memory_score_decay=0.9),
 )
 BASELINES = ("mamba2", "swa", "transformer", "bmojo_f", "bmojo_v0")
 
