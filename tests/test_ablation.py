@@ -366,3 +366,19 @@ def test_predictable_gap_study_puts_every_pair_beyond_what_recency_keeps_and_ran
                 if variant == "bmojo_new_recency":  # selection by position alone: no query ever sees a pair token
                     assert layer["classes"]["memory"]["count"] == 0
     assert held["bmojo_new_recency"] == 0 and held["bmojo_new_random"] > 0
+
+
+@pytest.mark.parametrize("study", ["mqar", "lm"])
+def test_every_variant_that_sets_an_option_changes_the_model_in_its_studys_shape(study):
+    """The run-time guard (check_changes_model) passes for every variant, so none fails its runs or trains a model
+    identical to another's; each option-setting variant is compared to itself with its options at v0's values."""
+    s = A.STUDIES[study]["settings"]
+    checked = []
+    for name, overrides in A.ALL_VARIANTS.items():
+        config = A.matched_config(s, overrides)
+        A.check_changes_model(config, s.seq_len)
+        if any(getattr(config, o) != A.V0.get(o, getattr(A.BMojoConfig(), o)) for o in A.OPTIONS):
+            checked.append(name)
+    # every default (bmojo_new*) variant sets options away from v0, and so do the single-option ones
+    assert {n for n in A.ALL_VARIANTS if n.startswith("bmojo_new")} <= set(checked)
+    assert {"bmojo_random", "bmojo_decay", "bmojo_self_key", "bmojo_per_head"} <= set(checked)
