@@ -382,3 +382,40 @@ def test_every_variant_that_sets_an_option_changes_the_model_in_its_studys_shape
     # every default (bmojo_new*) variant sets options away from v0, and so do the single-option ones
     assert {n for n in A.ALL_VARIANTS if n.startswith("bmojo_new")} <= set(checked)
     assert {"bmojo_random", "bmojo_decay", "bmojo_self_key", "bmojo_per_head"} <= set(checked)
+
+
+def test_memory_slots_used_is_where_a_larger_memory_stops_changing_the_model():
+    """Past the slots a row fills, nothing is evicted: a larger memory computes the same logits from the same
+    weights, and one slot fewer evicts and changes them (why M = 32 and M = 64 are one model on MQAR's rows)."""
+
+    def config(m):
+        return A.make_config(QUICK, {"memory_size": m})
+
+    used = A.memory_slots_used(config(64), QUICK.seq_len)
+    assert 0 < used < 64 and A.memory_slots_used(config(used - 1), QUICK.seq_len) == used - 1
+    x = torch.randint(3, 128, (2, QUICK.seq_len), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    reference = BMojoForCausalLM(config(used)).eval()
+    logits = {}
+    for m in (used - 1, used, 64):
+        model = BMojoForCausalLM(config(m)).eval()
+        model.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            logits[m] = model(input_ids=x).logits
+    assert torch.equal(logits[used], logits[64]) and not torch.equal(logits[used - 1], logits[used])
+    assert A.memory_note("m", config(used - 1), QUICK.seq_len) is None
+    assert A.memory_note("m", config(64), QUICK.seq_len) == (
+        f"m: its memory never fills in a {QUICK.seq_len}-token row ({used} of 64 slots after the last token): nothing"
+        f" is evicted, and any memory_size >= {used} is the same model here"
+    )
+    assert A.memory_slots_used(A.make_config(QUICK, A.VARIANTS["mamba2"]), QUICK.seq_len) == 0
+
+
+def test_a_study_says_which_memories_never_fill_before_training_and_in_its_summary(tmp_path, capsys):
+    argv = ["--study", "mqar", "--quick", "--screen", "--lrs", "0.001", "--out", str(tmp_path)]
+    A.main(argv + ["--variants", "bmojo_new_M4", "bmojo_new_M64"])
+    printed = capsys.readouterr().out
+    summary = (tmp_path / "mqar" / "summary.md").read_text()
+    for text in (printed, summary):
+        assert "bmojo_new_M64: its memory never fills in a 64-token row" in text
+        assert "bmojo_new_M4: its memory" not in text

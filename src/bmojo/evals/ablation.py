@@ -347,6 +347,39 @@ def state_bytes(config: BMojoConfig) -> int:
     return BMojoCache.empty(config, batch_size=1).nbytes()
 
 
+def memory_slots_used(config: BMojoConfig, seq_len: int) -> int:
+    """The most eidetic-memory slots any layer holds after one row of ``seq_len`` tokens (read from the decoding
+    cache of a forward with ``use_cache=True`` on random tokens without document ends; the number of picks does not
+    depend on their content); 0 without a memory. Below ``config.memory_size`` the memory never fills on rows of
+    the study's length: nothing is evicted, and every larger memory computes the same function there."""
+    if config.memory_size == 0 or "bmojo" not in config.layers_block_type:
+        return 0
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(config).eval()
+    x = torch.randint(3, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    if config.eos_token_id is not None:
+        x[x == config.eos_token_id] = 3
+    with torch.no_grad():
+        cache = model(input_ids=x, use_cache=True).cache
+    held = [
+        int((layer.eidetic.mem_score >= 0).sum(-1).max())
+        for layer in cache.layers
+        if getattr(layer, "eidetic", None) is not None
+    ]
+    return max(held, default=0)
+
+
+def memory_note(name: str, config: BMojoConfig, seq_len: int) -> str | None:
+    """One line when ``config``'s memory never fills in a row of ``seq_len`` tokens (see ``memory_slots_used``)."""
+    used = memory_slots_used(config, seq_len)
+    if 0 < config.memory_size and used < config.memory_size:
+        return (
+            f"{name}: its memory never fills in a {seq_len}-token row ({used} of {config.memory_size} slots after the"
+            f" last token): nothing is evicted, and any memory_size >= {used} is the same model here"
+        )
+    return None
+
+
 def check_changes_model(config: BMojoConfig, seq_len: int) -> None:
     """Raise RuntimeError when the issue-11 options ``config`` sets away from the original design (``V0``) change
     neither the parameters nor the logits (on a sequence long enough to evict memory, with document ends in it) of
@@ -653,6 +686,9 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             f"  {name:18s} {parameter_count(config):>9,} parameters  state {state_bytes(config):>8,} B  "
             f"intermediate_size {config.intermediate_size}  overrides {ALL_VARIANTS[name]}"
         )
+        note = memory_note(name, config, s.seq_len)
+        if note:
+            print(f"    note: {note}")
     total = len(variants) * len(lrs) * len(seeds)
     print(f"{total - len(todo)} of {total} runs already done in {out / s.study}; {len(todo)} to run", flush=True)
     records, held = [], []
@@ -837,6 +873,9 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
         ax.legend(fontsize=8, loc="upper left")
         fig.savefig(folder / "capacity.png", dpi=110)
         lines += ["", "![capacity](capacity.png)"]
+    notes = [memory_note(n, matched_config(s, ALL_VARIANTS[n]), s.seq_len) for n in variants if n in ALL_VARIANTS]
+    if any(notes):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes if note]
     if summary["failed"]:
         lines += ["", "## Failed runs", ""] + [
             f"- {f['variant']} lr={f['lr']:g} seed={f['seed']}: {f['error']}" for f in summary["failed"]
