@@ -302,10 +302,14 @@ def test_capacity_study_plots_accuracy_against_state_bytes(tmp_path):
             "swa_W8",
             "bmojo_new_M4",
             "bmojo_new_M8",
+            "bmojo_new_M64",
         ]
     )
     summary = json.loads((tmp_path / "capacity" / "summary.json").read_text())
     assert summary["variants"]["bmojo_new_M8"]["state_bytes"] > summary["variants"]["bmojo_new_M4"]["state_bytes"]
+    # the point whose state bytes count slots a row never fills is named under Notes (and drawn open)
+    notes = (tmp_path / "capacity" / "summary.md").read_text().split("## Notes")[1]
+    assert "bmojo_new_M64: its memory never fills" in notes and "bmojo_new_M8" not in notes
     assert (tmp_path / "capacity" / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -846,6 +846,8 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
         ax.legend(fontsize=7)
         fig.savefig(folder / f"{task}.png", dpi=110)
         lines += ["", f"![{task}]({task}.png)"]
+    notes = {n: memory_note(n, matched_config(s, ALL_VARIANTS[n]), s.seq_len) for n in variants if n in ALL_VARIANTS}
+    unfilled = {n for n, note in notes.items() if note}
     if s.study == "capacity":
         key = f"mqar kv={CAPACITY_PAIRS}"
         fig = Figure(figsize=(6, 4), layout="tight")
@@ -862,6 +864,11 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
                 for n, x, y in zip(names, xs, ys):  # which state size each point is
                     ax.annotate(capacity_label(family, n), (x, y), textcoords="offset points", ha="center",
                                 xytext=(0, -12 if below else 6), fontsize=7, color=line[0].get_color())  # fmt: skip
+                    if n in unfilled:  # its state bytes count slots no row fills: an open marker
+                        ax.plot([x], [y], "o", mfc="white", mec=line[0].get_color(), zorder=3)
+        if unfilled:
+            ax.text(0.02, 0.6, f"open marker: the memory never fills\nin a {s.seq_len}-token row (Notes)",
+                    transform=ax.transAxes, fontsize=7)  # fmt: skip
         ax.set(
             xscale="log",
             xlabel="decoding state (bytes, float32, batch 1)",
@@ -873,9 +880,8 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
         ax.legend(fontsize=8, loc="upper left")
         fig.savefig(folder / "capacity.png", dpi=110)
         lines += ["", "![capacity](capacity.png)"]
-    notes = [memory_note(n, matched_config(s, ALL_VARIANTS[n]), s.seq_len) for n in variants if n in ALL_VARIANTS]
-    if any(notes):
-        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes if note]
+    if unfilled:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes.values() if note]
     if summary["failed"]:
         lines += ["", "## Failed runs", ""] + [
             f"- {f['variant']} lr={f['lr']:g} seed={f['seed']}: {f['error']}" for f in summary["failed"]
