@@ -162,7 +162,7 @@ VARIANTS.update(
     bmojo_new_random_learned=dict(selection_score="random"),
     # retention that refreshes on top of the defaults (the screen's bmojo_decay value): slot scores fade with age
     bmojo_new_decay=dict(memory_score_decay=0.9),
-    # the baselines at M = 32, the memory size that came closest to the MQAR target beside M = 64
+    # the baselines at M = 32: on MQAR's 64-token rows a memory that never fills (26 slots used; memory_note)
     bmojo_new_M32_random=dict(memory_size=32, learned_selection=False, selection_score="random"),
     bmojo_new_M32_recency=dict(memory_size=32, learned_selection=False, selection_score="recency"),
 )
