@@ -23,7 +23,15 @@ CONFIGS = {
     "1 thread": dict(threads=1, env={}),
     "2 threads, OMP_WAIT_POLICY=PASSIVE": dict(threads=2, env={"OMP_WAIT_POLICY": "PASSIVE"}),
 }
-BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a @ a"
+
+
+def busy_source(parent_pid: int) -> str:
+    """A one-thread matmul loop that keeps one core busy until its parent (this script) is gone: a benchmark killed
+    outright (SIGKILL, or a SIGTERM that skips the ``finally``) must not leave a core spinning forever."""
+    return (
+        "import os, torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\n"
+        f"while os.getppid() == {parent_pid}:\n    a @ a"
+    )
 
 
 def one_run(threads: int, steps: int, budget: float) -> float:
@@ -64,7 +72,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.reps):
         for load in ("idle", "one busy core"):
-            busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load != "idle" else None
+            busy = subprocess.Popen([sys.executable, "-c", busy_source(os.getpid())]) if load != "idle" else None
             try:
                 time.sleep(1.0 if busy else 0.0)
                 for name, cfg in CONFIGS.items():

@@ -342,6 +342,41 @@ def test_single_task_studies_train_and_test_only_their_task(study):
     assert replace(s, study="mqar", tasks=A.STUDIES["mqar"]["settings"].tasks) == A.STUDIES["mqar"]["settings"]
 
 
+def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_queued_runs(tmp_path):
+    """A study with --jobs 2 killed outright (SIGKILL, or a SIGTERM that skips its cleanup) leaves no worker behind:
+    at most the runs in progress when it died may still land, none of the runs queued to its pool (there are always
+    a few: ProcessPoolExecutor feeds each worker ahead). Before the watcher, orphans trained the queue unseen."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["--study", "mqar", "--quick", "--lrs", "0.001", "0.003", "--seeds", *map(str, range(8))]
+    cmd = [sys.executable, "-m", "bmojo.evals.ablation", *argv, "--variants", "mamba2", "--jobs", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = tmp_path / "study.log"
+    with open(log, "w") as sink:  # a file, not a pipe: the progress bar must never block the study
+        study = subprocess.Popen([*cmd, "--out", str(tmp_path)], env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+    def written():
+        return len(list((tmp_path / "mqar").glob("*/*.json")))
+
+    deadline = time.time() + 300
+    while written() == 0 and study.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert study.poll() is None, log.read_text()[-2000:]  # still running: 16 runs take far longer
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    at_kill = written()
+    time.sleep(5)  # the workers notice within half a second
+    settled = written()
+    time.sleep(10)
+    final = written()
+    # the two runs in progress at most; nothing queued
+    assert final == settled <= at_kill + 2 < 16, (at_kill, settled, final, log.read_text()[-2000:])
+
+
 def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):
     common = ["--study", "recall", "--quick", "--screen", "--lrs", "0.001", "--out", str(tmp_path)]
     A.main([*common, "--variants", "mamba2"])
@@ -370,6 +405,28 @@ def test_predictable_gap_study_puts_every_pair_beyond_what_recency_keeps_and_ran
                 if variant == "bmojo_new_recency":  # selection by position alone: no query ever sees a pair token
                     assert layer["classes"]["memory"]["count"] == 0
     assert held["bmojo_new_recency"] == 0 and held["bmojo_new_random"] > 0
+
+
+def test_predictable_gap_at_32_slots_evicts_and_recency_reaches_the_queried_pair_at_some_queries_only():
+    """The M = 32 comparison on predictable-gap rows (docs/eidetic.md) is one of memories that must drop picks: each
+    of the three rules fills its 32 slots (a row offers 54), and recency's span past the window (W + M*C/k = 72
+    tokens) now exceeds the gap, so its slots hold the queried pair at some queries and at fewer as pairs push the
+    queries later — unlike M = 16, where they hold none (test above)."""
+    from bmojo.evals.coverage import answer_visibility
+
+    s = A.STUDIES["predictable_gap"]["settings"]
+    assert A.memory_slots_used(A.matched_config(s, {"memory_size": 64}), s.seq_len) > 32
+    for variant in ("bmojo_new_M32", "bmojo_new_M32_random", "bmojo_new_M32_recency"):
+        assert A.memory_slots_used(A.matched_config(s, A.ALL_VARIANTS[variant]), s.seq_len) == 32
+        assert A.memory_note(variant, A.matched_config(s, A.ALL_VARIANTS[variant]), s.seq_len) is None
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(A.matched_config(s, A.ALL_VARIANTS["bmojo_new_M32_recency"])).eval()
+    shares = []
+    for x, y in A.recall_sets(replace(s, test_examples=50), "test").values():
+        layers = list(answer_visibility(model, (x, y))["layers"].values())
+        assert all(layer["classes"]["window"]["count"] == 0 for layer in layers)
+        shares.append(layers[-1]["classes"]["memory"]["fraction"])
+    assert 0 < shares[-1] < shares[0] < 1  # 2 pairs: some queries see their pair; 8 pairs: fewer, not none
 
 
 @pytest.mark.parametrize("study", ["mqar", "lm"])

@@ -92,6 +92,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -711,7 +712,9 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             for spec, path in todo:
                 finished(execute(spec, path))
         else:
-            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+            with ProcessPoolExecutor(
+                jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
+            ) as pool:
                 for future in as_completed([pool.submit(execute, spec, path) for spec, path in todo]):
                     finished(future.result())
     if held:
@@ -725,6 +728,20 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
 def _one_thread():
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+def _worker_init(study_pid: int, poll_seconds: float = 0.5) -> None:
+    """A study's worker: one torch thread, and it exits as soon as the study process is gone (killed, or ended by a
+    signal that skips its cleanup). Otherwise it would go on training the runs already queued to it, unseen; its run
+    in progress is dropped unwritten (its lock dies with it) and the same command later resumes it."""
+    _one_thread()
+
+    def watch():
+        while os.getppid() == study_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="study-watch", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------------------------
