@@ -581,6 +581,8 @@ def execute(spec: dict, path: str) -> dict:
     (not written); one that other process finished with another spec (other settings on the same ``--out``) comes
     back failed, its file left alone. (The lock is ``flock``'s, released when a process dies; where a filesystem
     has no ``flock``, ``filelock`` falls back to a lock file that a crash can leave behind: delete it.)"""
+    if _study_pid is not None and os.getppid() != _study_pid:
+        os._exit(1)  # a worker whose study was killed: start none of the runs still queued to it (_worker_init)
     run_file = Path(path)
     run_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(run_file.with_name(f".{run_file.name}.lock"), timeout=0)
@@ -730,10 +732,16 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+_study_pid = None  # in a study's worker process: the study process's pid (_worker_init)
+
+
 def _worker_init(study_pid: int, poll_seconds: float = 0.5) -> None:
     """A study's worker: one torch thread, and it exits as soon as the study process is gone (killed, or ended by a
-    signal that skips its cleanup). Otherwise it would go on training the runs already queued to it, unseen; its run
-    in progress is dropped unwritten (its lock dies with it) and the same command later resumes it."""
+    signal that skips its cleanup). Otherwise it would go on training the runs already queued to it, unseen. A run
+    queued to it is never started once the study is gone (``execute`` checks first); the run in progress is dropped
+    unwritten within ``poll_seconds`` (its lock dies with it), and the same command later resumes it."""
+    global _study_pid
+    _study_pid = study_pid
     _one_thread()
 
     def watch():
