@@ -480,3 +480,100 @@ def test_a_study_says_which_memories_never_fill_before_training_and_in_its_summa
     for text in (printed, summary):
         assert "bmojo_new_M64: its memory never fills in a 64-token row" in text
         assert "bmojo_new_M4: its memory" not in text
+
+
+def _lm_settings(tmp_path):
+    data = tmp_path / "salad.txt"
+    words = ["def", "return", "self", "import", "(x)", ":", "\n    "]
+    data.write_text(" ".join(np.random.default_rng(0).choice(words, size=20000)))
+    return replace(A.STUDIES["lm"]["settings"], **A.QUICK_LM, lm_data=str(data))
+
+
+def _one_run(s, tmp_path, name):
+    """The spec of the defaults' run at lr 3e-3, seed 0, and its file under ``tmp_path/name``."""
+    config = A.matched_config(s, A.VARIANTS["bmojo_new"])
+    spec = A.run_spec(s, "bmojo_new", A.VARIANTS["bmojo_new"], config, 3e-3, 0)
+    return spec, str(A.run_path(tmp_path / name, s, "bmojo_new", 3e-3, 0))
+
+
+def _die_after_saving(monkeypatch, at_step):
+    """The run's process dies right after its save of ``at_step`` (KeyboardInterrupt stands for the kill: it is not
+    an ``Exception``, so no record is written, as when the process is gone)."""
+    real = A.save_checkpoint
+
+    def save_then_die(folder, step, *args, **kwargs):
+        saved = real(folder, step, *args, **kwargs)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(A, "CHECKPOINT_SECONDS", 0.0)  # save after every step
+    monkeypatch.setattr(A, "save_checkpoint", save_then_die)
+    return real
+
+
+def _count_training_steps(monkeypatch) -> list:
+    steps = []
+    forward = BMojoForCausalLM.forward
+
+    def counted(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            steps.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BMojoForCausalLM, "forward", counted)
+    return steps
+
+
+RESULT = ("status", "final_loss", "val", "test", "val_score", "parameters", "state_bytes")
+
+
+@pytest.mark.parametrize("study", ["mqar", "lm"])
+def test_a_run_killed_after_a_save_continues_from_it_to_the_uninterrupted_result(study, tmp_path, monkeypatch):
+    """Nothing but the steps after the last save is lost: the second attempt trains only the remaining steps
+    (counted) and ends with the uninterrupted run's record, bit for bit (recall data is indexed by step; the LM's
+    batches come from a numpy stream whose state the save holds)."""
+    s = replace(_lm_settings(tmp_path) if study == "lm" else replace(QUICK, study=study), steps=8)
+    spec, whole_path = _one_run(s, tmp_path, "whole")
+    whole = A.execute(spec, whole_path)  # saves every 2 minutes: none in a run of seconds
+    assert whole["status"] == "ok", whole.get("traceback")
+    assert "resumed_at_step" not in whole and not A.partial_dir(Path(whole_path)).exists()
+
+    _, path = _one_run(s, tmp_path, "killed")
+    real = _die_after_saving(monkeypatch, at_step=5)
+    with pytest.raises(KeyboardInterrupt):
+        A.execute(spec, path)
+    partial = A.partial_dir(Path(path))
+    assert not Path(path).exists() and [p.name for p in A.list_checkpoints(partial)] == ["step_000005"]  # keep=1
+    monkeypatch.setattr(A, "save_checkpoint", real)
+    steps = _count_training_steps(monkeypatch)
+    again = A.execute(spec, path)
+    assert again.get("resumed_at_step") == 5, again
+    assert len(steps) == 3
+    assert {k: again[k] for k in RESULT} == {k: whole[k] for k in RESULT}
+    assert not partial.exists()  # removed once the record is written
+    assert A.plan(s, ["bmojo_new"], [3e-3], [0], tmp_path / "killed")[1] == []  # and the study counts it done
+
+
+@pytest.mark.parametrize("fault", ["other settings", "damaged"])
+def test_a_save_that_does_not_fit_the_run_is_not_continued_and_the_run_starts_again(fault, tmp_path, monkeypatch):
+    s = replace(QUICK, steps=8)
+    spec, path = _one_run(s, tmp_path, "out")
+    real = _die_after_saving(monkeypatch, at_step=5)
+    with pytest.raises(KeyboardInterrupt):
+        A.execute(spec, path)
+    monkeypatch.setattr(A, "save_checkpoint", real)
+    monkeypatch.setattr(A, "CHECKPOINT_SECONDS", 120.0)
+    if fault == "other settings":  # the study's settings changed since the save (the same run file name)
+        s = replace(s, steps=10)
+        spec, _ = _one_run(s, tmp_path, "out")
+    else:  # the disk damaged the save: its checksums fail
+        (saved,) = A.list_checkpoints(A.partial_dir(Path(path)))
+        weights = saved / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    fresh_spec, fresh_path = _one_run(s, tmp_path, "fresh")
+    fresh = A.execute(fresh_spec, fresh_path)
+    steps = _count_training_steps(monkeypatch)
+    again = A.execute(spec, path)
+    assert len(steps) == s.steps and "resumed_at_step" not in again
+    assert {k: again[k] for k in RESULT} == {k: fresh[k] for k in RESULT}

@@ -9,6 +9,10 @@
 A study trains every variant at every learning rate of one grid with every seed. A run is one (variant, lr, seed):
 it is written atomically to ``OUT/<study>/<variant>/lr=<lr>_seed=<seed>.json`` when it ends, so a killed study
 restarts where it was (finished runs are skipped; a run whose file is unreadable, or that failed, is run again).
+A run in progress also saves its training state every ``CHECKPOINT_SECONDS`` (2 minutes) into
+``.lr=<lr>_seed=<seed>.partial/`` beside its file (``bmojo.checkpoint``'s atomic, checksummed format; removed when
+the run file is written), and the same command continues it from there to the result of an uninterrupted run: a
+crash, a kill or a signal loses at most the last 2 minutes of each run in progress.
 A run that raises (an option not implemented in this code, say) is recorded with ``"status": "failed"`` and its
 error, and the study moves on. ``--jobs N`` runs N runs at once, in processes with one torch thread each. Studies
 started separately on one ``--out`` (in another terminal, on the same machine) share its runs: each run
@@ -91,6 +95,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -107,8 +112,17 @@ import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
 from ..cache import BMojoCache
-from ..checkpoint import write_text_atomic
+from ..checkpoint import (
+    STATE_JSON,
+    list_checkpoints,
+    load_model,
+    load_training_state,
+    newest_verified,
+    save_checkpoint,
+    write_text_atomic,
+)
 from ..configuration_bmojo import V0_OPTIONS, BMojoConfig
+from ..errors import BMojoError
 from ..modeling_bmojo import BMojoForCausalLM
 from .mqar import IGNORE_INDEX, mqar_accuracy
 from .recall import generate
@@ -420,20 +434,81 @@ def _schedule(optimizer, steps: int):
     )
 
 
-def _train(model, lr: float, s: Settings, batches) -> float:
-    """AdamW (weight decay ``s.weight_decay``, gradients clipped at 1) over ``batches``, an iterator that yields
-    each step's loss (computed after the previous step); returns the mean loss of the last 10 steps."""
+CHECKPOINT_SECONDS = 120.0  # a run in progress saves its training state this often (wall clock)
+
+
+class RunCheckpoints:
+    """A run's training state in ``folder`` (``bmojo.checkpoint``'s format, the newest save kept): saved by
+    ``_train`` every ``CHECKPOINT_SECONDS`` and found there by the next attempt at the run, which continues from it
+    to the result an uninterrupted run gives (model, AdamW moments, lr schedule, torch RNG, the data stream's RNG
+    and the last losses are all restored). A save made with another config, settings or lr (the study's settings
+    changed since), or one whose checksums fail, is not used: the run starts again from step 0, with a message.
+    After ``_train``: ``resumed_at_step`` (0: from the start) and ``seconds_before`` (training time of the earlier
+    attempts)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.resumed_at_step, self.seconds_before = 0, 0.0
+
+    def resume(self, identity: dict, model, optimizer, schedule, data_rng) -> tuple[int, list[float]]:
+        """Restore the newest save into ``model``, ``optimizer``, ``schedule`` and ``data_rng`` (a numpy Generator
+        or None): ``(its step, its last losses)``, or ``(0, [])`` when there is none to use."""
+        if not list_checkpoints(self.folder):
+            return 0, []
+        try:
+            checkpoint, _ = newest_verified(self.folder, warn=lambda message: print(message, file=sys.stderr))
+            state = json.loads((checkpoint / STATE_JSON).read_text())
+            if state.get("identity") != identity:
+                raise BMojoError(f"{checkpoint} was saved with another config, settings or lr")
+            weights = load_model(checkpoint).state_dict()
+            load_training_state(checkpoint, optimizer)  # AdamW moments, lr, the torch RNG
+        except (BMojoError, OSError, ValueError) as error:
+            print(f"not resuming from {self.folder} ({error}); training from step 0", file=sys.stderr, flush=True)
+            return 0, []
+        model.load_state_dict(weights)
+        schedule.load_state_dict(state["schedule"])
+        if data_rng is not None:
+            data_rng.bit_generator.state = state["data_rng"]
+        self.resumed_at_step, self.seconds_before = state["step"], state["seconds"]
+        return state["step"], state["losses"]
+
+    def save(self, step: int, identity: dict, model, optimizer, schedule, data_rng, losses, seconds, tokens):
+        state = dict(identity=identity, losses=losses[-10:], seconds=seconds, tokens=tokens)
+        state["schedule"] = schedule.state_dict()  # its lambda is code, saved as None: its step and lrs are state
+        state["data_rng"] = None if data_rng is None else data_rng.bit_generator.state
+        save_checkpoint(self.folder, step, model, optimizer, state, keep=1)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _train(model, lr: float, s: Settings, loss_at, checkpoints: RunCheckpoints | None = None, data_rng=None) -> float:
+    """AdamW (weight decay ``s.weight_decay``, gradients clipped at 1) for ``s.steps`` steps; ``loss_at(step)`` is
+    that step's loss (drawing its batch from ``data_rng``, a numpy Generator, when the data stream is not a function
+    of the step). With ``checkpoints`` the run continues from its last save there and saves every
+    ``CHECKPOINT_SECONDS``. Returns the mean loss of the last 10 steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
     schedule = _schedule(optimizer, s.steps)
-    losses = []
+    # what a save must match to be continued (JSON-normal: tuples as lists); the seed is in the run's file name
+    identity = json.loads(json.dumps({"config": model.config.to_dict(), "settings": asdict(s), "lr": lr}))
+    start, losses = 0, []
+    if checkpoints is not None:
+        start, losses = checkpoints.resume(identity, model, optimizer, schedule, data_rng)
+    began = last_save = time.monotonic()
     model.train()
-    for loss in batches:
+    for step in range(start, s.steps):
+        loss = loss_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if checkpoints is not None and step + 1 < s.steps and time.monotonic() - last_save >= CHECKPOINT_SECONDS:
+            seconds = checkpoints.seconds_before + time.monotonic() - began
+            tokens = (step + 1) * s.batch_size * s.seq_len
+            checkpoints.save(step + 1, identity, model, optimizer, schedule, data_rng, losses, seconds, tokens)
+            last_save = time.monotonic()
     model.eval()
     return float(np.mean(losses[-10:]))
 
@@ -472,27 +547,31 @@ def recall_accuracy(model, sets: dict) -> dict:
     }
 
 
-def train_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> tuple[BMojoForCausalLM, float]:
-    """A recall run's training: ``(trained model in eval mode, mean loss of the last 10 steps)``."""
+def train_recall(
+    config: BMojoConfig, lr: float, seed: int, s: Settings, checkpoints: RunCheckpoints | None = None
+) -> tuple[BMojoForCausalLM, float]:
+    """A recall run's training: ``(trained model in eval mode, mean loss of the last 10 steps)``; with
+    ``checkpoints``, continued from its last save there and saved as it goes (``_train``)."""
     x, y = recall_sets(s, "train", seed)["train"]
     torch.manual_seed(seed)
     model = BMojoForCausalLM(config)
 
-    def batches():
-        for step in range(s.steps):
-            out = model(input_ids=x[step * s.batch_size : (step + 1) * s.batch_size])
-            labels = y[step * s.batch_size : (step + 1) * s.batch_size]
-            # recall labels are aligned with the inputs (the target of position i is labels[i]): no shift
-            loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-            if out.innovation_loss is not None:
-                loss = loss + config.innovation_loss_weight * out.innovation_loss
-            yield loss
+    def loss_at(step):
+        out = model(input_ids=x[step * s.batch_size : (step + 1) * s.batch_size])
+        labels = y[step * s.batch_size : (step + 1) * s.batch_size]
+        # recall labels are aligned with the inputs (the target of position i is labels[i]): no shift
+        loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if out.innovation_loss is not None:
+            loss = loss + config.innovation_loss_weight * out.innovation_loss
+        return loss
 
-    return model, _train(model, lr, s, batches())
+    return model, _train(model, lr, s, loss_at, checkpoints)
 
 
-def run_recall(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
-    model, final_loss = train_recall(config, lr, seed, s)
+def run_recall(
+    config: BMojoConfig, lr: float, seed: int, s: Settings, checkpoints: RunCheckpoints | None = None
+) -> dict:
+    model, final_loss = train_recall(config, lr, seed, s, checkpoints)
     val = recall_accuracy(model, recall_sets(s, "val"))
     return {
         "final_loss": final_loss,
@@ -512,7 +591,7 @@ def lm_corpus(window: int, data: str):
     return load_corpus([data], load_tokenizer("byte"), window, val_fraction=0.01)
 
 
-def run_lm(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
+def run_lm(config: BMojoConfig, lr: float, seed: int, s: Settings, checkpoints: RunCheckpoints | None = None) -> dict:
     from .lm_compare import ablated, perplexity_by_length
 
     long = s.eval_multiple * s.seq_len
@@ -525,14 +604,13 @@ def run_lm(config: BMojoConfig, lr: float, seed: int, s: Settings) -> dict:
     torch.manual_seed(seed)
     model = BMojoForCausalLM(config)
 
-    def batches():
-        for _ in range(s.steps):
-            windows = rng.choice(corpus.train_windows, size=s.batch_size)
-            offsets = rng.integers(0, s.eval_multiple, size=s.batch_size) * s.seq_len
-            x = torch.stack([corpus.batch([w])[0, o : o + s.seq_len] for w, o in zip(windows, offsets)])
-            yield model(input_ids=x, labels=x).loss  # includes the innovation loss, as `bmojo train`
+    def loss_at(step):  # the batch comes from rng's stream, restored on resume
+        windows = rng.choice(corpus.train_windows, size=s.batch_size)
+        offsets = rng.integers(0, s.eval_multiple, size=s.batch_size) * s.seq_len
+        x = torch.stack([corpus.batch([w])[0, o : o + s.seq_len] for w, o in zip(windows, offsets)])
+        return model(input_ids=x, labels=x).loss  # includes the innovation loss, as `bmojo train`
 
-    final_loss = _train(model, lr, s, batches())
+    final_loss = _train(model, lr, s, loss_at, checkpoints, data_rng=rng)
     batch_tokens = 8 * long
     val_ppl = perplexity_by_length(model, val, (s.seq_len,), batch_tokens)[s.seq_len]
     ppl = perplexity_by_length(model, test, (s.seq_len, long), batch_tokens)
@@ -602,9 +680,15 @@ def execute(spec: dict, path: str) -> dict:
         lock.release()
 
 
+def partial_dir(run_file: Path) -> Path:
+    """Where a run in progress keeps its checkpoints: ``.<run file stem>.partial/`` beside its file."""
+    return run_file.with_name(f".{run_file.stem}.partial")
+
+
 def _train_and_write(spec: dict, path: Path) -> dict:
     torch.set_num_threads(1)
     started = time.time()
+    checkpoints = RunCheckpoints(partial_dir(path))
     s = Settings(
         **{**spec["settings"], "tasks": tuple((t, tuple(a), tuple(b)) for t, a, b in spec["settings"]["tasks"])}
     )
@@ -613,11 +697,14 @@ def _train_and_write(spec: dict, path: Path) -> dict:
         record = {"status": "ok", "parameters": parameter_count(config), "state_bytes": state_bytes(config)}
         check_changes_model(config, s.seq_len)
         runner = run_lm if s.study == "lm" else run_recall
-        record.update(runner(config, spec["lr"], spec["seed"], s))
+        record.update(runner(config, spec["lr"], spec["seed"], s, checkpoints))
     except Exception as error:  # recorded, and the study moves on
         record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-    record.update(spec=spec, seconds=time.time() - started)
+    record.update(spec=spec, seconds=checkpoints.seconds_before + time.time() - started)
+    if checkpoints.resumed_at_step:
+        record["resumed_at_step"] = checkpoints.resumed_at_step
     write_atomic(path, record)
+    checkpoints.remove()  # after the record: a crash in between resumes and writes the same record again
     return record
 
 
@@ -732,6 +819,12 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+def _quiet_saves():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per checkpoint save would drown the study's progress bar
+
+
 _study_pid = None  # in a study's worker process: the study process's pid (_worker_init)
 
 
@@ -743,6 +836,7 @@ def _worker_init(study_pid: int, poll_seconds: float = 0.5) -> None:
     global _study_pid
     _study_pid = study_pid
     _one_thread()
+    _quiet_saves()
 
     def watch():
         while os.getppid() == study_pid:
@@ -932,6 +1026,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    _quiet_saves()
     study = STUDIES[args.study]
     settings = study["settings"]
     if args.quick:
