@@ -385,6 +385,28 @@ def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):
     assert "--summary-only" not in line and "--variants mamba2" in line and "--study recall" in line
 
 
+def test_a_summary_holds_the_commands_lrs_and_seeds_only_and_counts_the_run_files_it_left_out(tmp_path, capsys):
+    """Files of another grid in the same folder (an lr added for one variant, a seed added later) do not enter the
+    summary of a command that did not ask for them; the union of the grids brings them all in."""
+    common = ["--study", "mqar", "--quick", "--out", str(tmp_path)]
+    A.main([*common, "--lrs", "0.001", "0.003", "--seeds", "0", "1", "--variants", "mamba2"])
+    A.main([*common, "--lrs", "0.003", "--seeds", "0", "--variants", "swa"])
+    capsys.readouterr()
+    A.main([*common, "--lrs", "0.003", "--seeds", "0", "--summary-only"])
+    summary = json.loads((tmp_path / "mqar" / "summary.json").read_text())
+    assert "3 run files in" in capsys.readouterr().out  # mamba2 at 1e-3 (seeds 0, 1) and at 3e-3 seed 1
+    assert {n: (list(v["val_by_lr"]), v["seeds"]) for n, v in summary["variants"].items()} == {
+        "mamba2": (["0.003"], [0]),
+        "swa": (["0.003"], [0]),
+    }
+    assert summary["grid"] == {"lrs": [0.003], "seeds": [0]}
+    A.main([*common, "--lrs", "0.001", "0.003", "--seeds", "0", "1", "--summary-only"])
+    summary = json.loads((tmp_path / "mqar" / "summary.json").read_text())
+    assert "outside this command's grid" not in capsys.readouterr().out
+    assert sorted(summary["variants"]["mamba2"]["val_by_lr"]) == ["0.001", "0.003"]
+    assert summary["variants"]["swa"]["seeds"] == [0]  # a variant keeps the runs it has
+
+
 def test_predictable_gap_study_puts_every_pair_beyond_what_recency_keeps_and_random_keeps_a_sample():
     from bmojo.evals.coverage import answer_visibility
 

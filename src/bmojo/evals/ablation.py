@@ -29,7 +29,8 @@ Fair comparison, by construction:
     instead of silently training today's model under a new name.
   * Summary: for each variant the lr with the best mean over seeds on the VALIDATION split (recall: mean accuracy
     over all validation sets; LM: validation perplexity), then mean +- std (sample std, ddof=1) over seeds on the
-    separate TEST split. Written to ``OUT/<study>/summary.{md,json}`` with plots.
+    separate TEST split. Written to ``OUT/<study>/summary.{md,json}`` with plots, from the runs at the command's
+    lrs and seeds only (every variant found in the folder; run files of other lrs or seeds are counted, not used).
 
 Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
   recall    one model per run trained on a mix of the four tasks of ``bmojo.evals.recall`` (MQAR as zoology defines
@@ -897,21 +898,38 @@ def _cell(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def write_summary(out: Path, s: Settings, command: str) -> dict:
-    """Summarize every run of ``s`` under ``out`` into ``OUT/<study>/summary.{json,md}`` and plots; returns the
-    summary. Studies in several processes on one ``--out`` write it one at a time (``.summary.lock``), each from the
-    run files it reads once it holds the lock, so the last writer's summary has every run finished before it."""
+def write_summary(out: Path, s: Settings, command: str, lrs=None, seeds=None) -> dict:
+    """Summarize the runs of ``s`` under ``out`` into ``OUT/<study>/summary.{json,md}`` and plots; returns the
+    summary. With ``lrs`` and ``seeds`` (the command's grid) only runs of that grid count, every variant found
+    alike (run files of other lrs or seeds in the folder are left out, and their number printed): the summary is
+    what ``command`` regenerates. Studies in several processes on one ``--out`` write it one at a time
+    (``.summary.lock``), each from the run files it reads once it holds the lock, so the last writer's summary has
+    every run finished before it."""
     folder = out / s.study
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(folder / ".summary.lock"):
-        return _write_summary(folder, out, s, command)
+        return _write_summary(folder, out, s, command, lrs, seeds)
 
 
-def _write_summary(folder: Path, out: Path, s: Settings, command: str) -> dict:
+def in_grid(record: dict, lrs=None, seeds=None) -> bool:
+    """Whether a run's lr is one of ``lrs`` and its seed one of ``seeds`` (None: any)."""
+    spec = record["spec"]
+    lr_ok = lrs is None or any(math.isclose(spec["lr"], lr, rel_tol=1e-9) for lr in lrs)
+    return lr_ok and (seeds is None or spec["seed"] in seeds)
+
+
+def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None, seeds=None) -> dict:
     from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
-    summary = summarize(load_records(out, s), lower_is_better=s.study == "lm")
-    summary.update(command=command, settings=asdict(s))
+    found = load_records(out, s)
+    records = [r for r in found if in_grid(r, lrs, seeds)]
+    if len(records) < len(found):
+        print(
+            f"{len(found) - len(records)} run files in {folder} are outside this command's grid (lrs "
+            f"{' '.join(f'{lr:g}' for lr in lrs or ())}, seeds {' '.join(map(str, seeds or ()))}): not in the summary"
+        )
+    summary = summarize(records, lower_is_better=s.study == "lm")
+    summary.update(command=command, settings=asdict(s), grid={"lrs": lrs, "seeds": seeds})
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=1))
     variants = summary["variants"]
     lines = [
@@ -1022,7 +1040,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (every variant)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process and one torch thread each")
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds per run), for smoke tests")
-    parser.add_argument("--summary-only", action="store_true", help="write the summary of the runs found, run none")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run none: write the summary of the runs found at the grid's lrs and seeds (every variant found)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -1038,9 +1060,10 @@ def main(argv=None) -> None:
     # the command that regenerates the runs (and then the summary): without --summary-only, which runs none
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m bmojo.evals.ablation " + " ".join(a for a in given if a != "--summary-only")
+    lrs = list(args.lrs or study["lrs"])
     if not args.summary_only:
-        run_study(settings, args.variants or study["variants"], args.lrs or study["lrs"], seeds, out, args.jobs)
-    summary = write_summary(out, settings, command)
+        run_study(settings, args.variants or study["variants"], lrs, seeds, out, args.jobs)
+    summary = write_summary(out, settings, command, lrs, seeds)
     for name, v in summary["variants"].items():
         print(
             f"{name:18s} lr={v['best_lr']:g} seeds={len(v['seeds'])} "
