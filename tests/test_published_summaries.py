@@ -1,0 +1,51 @@
+"""Every published ablation summary (``docs/eidetic/<name>/summary.json``) is what today's code writes from the run
+files committed in ``docs/eidetic/runs*/``, at the grid the docs give for it: a change to how a summary is made
+(the lr choice, the grid filter, the statistics) or to a study's settings that would change a published number,
+or drop a published run, fails here."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bmojo.evals import ablation as A
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "eidetic"
+
+# summary folder: (its run files, the arguments of the --summary-only command that writes it; docs/eidetic.md)
+PUBLISHED = {
+    "mqar": ("runs/mqar", "--study mqar --lrs 0.0003 0.001 0.003 0.01 0.03"),
+    "long_gap": ("runs/long_gap", "--study long_gap --lrs 0.0003 0.001 0.003 0.01 0.03"),
+    "overwrite": ("runs/overwrite", "--study overwrite --lrs 0.0003 0.001 0.003 0.01"),
+    "phonebook": ("runs/phonebook", "--study phonebook --lrs 0.0001 0.0003 0.001 0.003 0.01"),
+    "predictable_gap": ("runs/predictable_gap", "--study predictable_gap --lrs 0.0003 0.001 0.003 0.01"),
+    "predictable_gap_5seeds": ("runs/predictable_gap", "--study predictable_gap --lrs 0.001 0.003 --seeds 0 1 2 3 4"),
+    "predictable_gap_M32": ("runs/predictable_gap_M32", "--study predictable_gap --lrs 0.003 --seeds 0 1 2 3 4"),
+    "lm": ("runs/lm", "--study lm --lrs 0.001 0.003 0.01 0.03"),
+    "capacity": ("runs/capacity", "--study capacity --screen --lrs 0.003"),
+    "screen": ("runs/screen", "--study mqar --screen --lrs 0.003"),
+    "mqar6k": ("runs6k/mqar", "--study mqar --steps 6000 --lrs 0.003"),
+    "mqar6k_lr": ("runs6k/mqar", "--study mqar --steps 6000 --lrs 0.001 0.003 0.01"),
+    "capacity6k": ("runs6k/capacity", "--study capacity --steps 6000 --lrs 0.003 --seeds 0 1"),
+}
+
+
+def test_every_published_summary_is_checked():
+    assert set(PUBLISHED) == {p.parent.name for p in DOCS.glob("*/summary.json")}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_a_published_summary_is_what_the_code_writes_from_its_run_files(name, tmp_path):
+    runs, args = PUBLISHED[name]
+    argv = args.split()
+    study = argv[1]
+    shutil.copytree(DOCS / runs, tmp_path / study)
+    A.main([*argv, "--out", str(tmp_path), "--summary-only"])
+    written = json.loads((tmp_path / study / "summary.json").read_text())
+    published = json.loads((DOCS / name / "summary.json").read_text())
+    assert written["failed"] == published["failed"]
+    # a published table lists the variants its command named; a folder may hold more (mqar6k_lr: docs/eidetic.md)
+    for variant, row in published["variants"].items():
+        same = {k: v for k, v in written["variants"][variant].items() if k in row and k != "seconds_per_run"}
+        assert same == {k: v for k, v in row.items() if k != "seconds_per_run"}, variant
