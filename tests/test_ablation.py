@@ -405,6 +405,15 @@ def test_a_summary_holds_the_commands_lrs_and_seeds_only_and_counts_the_run_file
     assert "outside this command's grid" not in capsys.readouterr().out
     assert sorted(summary["variants"]["mamba2"]["val_by_lr"]) == ["0.001", "0.003"]
     assert summary["variants"]["swa"]["seeds"] == [0]  # a variant keeps the runs it has
+    # a grid (or settings) that matches no run file is an error, and the summary there is left as it was
+    before = (tmp_path / "mqar" / "summary.json").read_text()
+    for wrong in (["--quick", "--lrs", "0.03"], ["--lrs", "0.003"]):  # an lr typo; the full settings, not --quick
+        with pytest.raises(SystemExit, match="no run in .* the summary was not written"):
+            A.main(["--study", "mqar", "--out", str(tmp_path), *wrong, "--summary-only"])
+    assert "5 run files in" in capsys.readouterr().out  # "... were made with other settings"
+    assert (tmp_path / "mqar" / "summary.json").read_text() == before
+    A.main([*common, "--lrs", "0.003", "--su"])  # argparse's abbreviation is no part of the Regenerate line either
+    assert json.loads((tmp_path / "mqar" / "summary.json").read_text())["command"].endswith("--lrs 0.003")
 
 
 def test_predictable_gap_study_puts_every_pair_beyond_what_recency_keeps_and_random_keeps_a_sample():
@@ -577,25 +586,57 @@ def test_a_run_killed_after_a_save_continues_from_it_to_the_uninterrupted_result
     assert A.plan(s, ["bmojo_new"], [3e-3], [0], tmp_path / "killed")[1] == []  # and the study counts it done
 
 
-@pytest.mark.parametrize("fault", ["other settings", "damaged"])
-def test_a_save_that_does_not_fit_the_run_is_not_continued_and_the_run_starts_again(fault, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault", ["other settings", "damaged", "malformed", "not a folder"])
+def test_a_save_that_cannot_be_used_is_deleted_and_the_run_starts_again(fault, tmp_path, monkeypatch, capsys):
+    """Whatever is wrong with the save the run finds, the run is neither failed nor continued from it: it starts from
+    step 0 (the record equals a fresh run's), and the old save is gone, so this attempt's own saves (at lower steps)
+    are kept and a kill after one of them loses only the steps since."""
     s = replace(QUICK, steps=8)
     spec, path = _one_run(s, tmp_path, "out")
+    partial = A.partial_dir(Path(path))
     real = _die_after_saving(monkeypatch, at_step=5)
     with pytest.raises(KeyboardInterrupt):
         A.execute(spec, path)
-    monkeypatch.setattr(A, "save_checkpoint", real)
-    monkeypatch.setattr(A, "CHECKPOINT_SECONDS", 120.0)
+    (saved,) = A.list_checkpoints(partial)
     if fault == "other settings":  # the study's settings changed since the save (the same run file name)
         s = replace(s, steps=10)
         spec, _ = _one_run(s, tmp_path, "out")
-    else:  # the disk damaged the save: its checksums fail
-        (saved,) = A.list_checkpoints(A.partial_dir(Path(path)))
+    elif fault == "damaged":  # the disk damaged the save: its checksums fail
         weights = saved / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    fresh_spec, fresh_path = _one_run(s, tmp_path, "fresh")
-    fresh = A.execute(fresh_spec, fresh_path)
+    elif fault == "malformed":  # no checksums to catch it, and not the object a save writes
+        (saved / "checksums.sha256").unlink()
+        (saved / "training_state.json").write_text("[]")
+    else:
+        A.RunCheckpoints(partial).remove()
+        partial.write_text("not a folder")
+    monkeypatch.setattr(A, "save_checkpoint", real)
+    fresh = A.execute(*_one_run(s, tmp_path, "fresh"))
+    capsys.readouterr()
+    _die_after_saving(monkeypatch, at_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        A.execute(spec, path)
+    assert "not resuming from" in capsys.readouterr().err
+    assert [p.name for p in A.list_checkpoints(partial)] == ["step_000002"]  # the old one no longer outranks it
+    monkeypatch.setattr(A, "save_checkpoint", real)
     steps = _count_training_steps(monkeypatch)
     again = A.execute(spec, path)
-    assert len(steps) == s.steps and "resumed_at_step" not in again
+    assert again["resumed_at_step"] == 2 and len(steps) == s.steps - 2
     assert {k: again[k] for k in RESULT} == {k: fresh[k] for k in RESULT}
+
+
+def test_a_save_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
+    """A full disk (any error of the save) costs resumability, not the run: the record is the uninterrupted one."""
+    s = replace(QUICK, steps=8)
+    whole = A.execute(*_one_run(s, tmp_path, "whole"))
+
+    def full_disk(*args, **kwargs):
+        raise A.BMojoError("cannot save the checkpoint: No space left on device")
+
+    monkeypatch.setattr(A, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(A, "save_checkpoint", full_disk)
+    spec, path = _one_run(s, tmp_path, "full")
+    record = A.execute(spec, path)
+    assert record["status"] == "ok", record.get("error")
+    assert {k: record[k] for k in RESULT} == {k: whole[k] for k in RESULT}
+    assert capsys.readouterr().err.count("cannot save the run's training state") == 1  # once, not every step

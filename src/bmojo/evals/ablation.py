@@ -442,45 +442,66 @@ class RunCheckpoints:
     """A run's training state in ``folder`` (``bmojo.checkpoint``'s format, the newest save kept): saved by
     ``_train`` every ``CHECKPOINT_SECONDS`` and found there by the next attempt at the run, which continues from it
     to the result an uninterrupted run gives (model, AdamW moments, lr schedule, torch RNG, the data stream's RNG
-    and the last losses are all restored). A save made with another config, settings or lr (the study's settings
-    changed since), or one whose checksums fail, is not used: the run starts again from step 0, with a message.
-    After ``_train``: ``resumed_at_step`` (0: from the start) and ``seconds_before`` (training time of the earlier
-    attempts)."""
+    and the last losses are all restored). A save that cannot be used (made with another config, settings or lr;
+    damaged; malformed) is deleted and the run starts again from step 0, with a message; a save that fails (a full
+    disk) is reported and training goes on: the checkpoints never fail a run. After ``_train``:
+    ``resumed_at_step`` (0: from the start) and ``seconds_before`` (training time of the earlier attempts)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.resumed_at_step, self.seconds_before = 0, 0.0
+        self._save_failed = False
 
     def resume(self, identity: dict, model, optimizer, schedule, data_rng) -> tuple[int, list[float]]:
         """Restore the newest save into ``model``, ``optimizer``, ``schedule`` and ``data_rng`` (a numpy Generator
-        or None): ``(its step, its last losses)``, or ``(0, [])`` when there is none to use."""
-        if not list_checkpoints(self.folder):
+        or None): ``(its step, its last losses)``. ``(0, [])`` when there is none to use; ``model``, the torch RNG
+        and ``data_rng`` are then as they were, and ``optimizer`` and ``schedule`` must be made anew."""
+        if not self.folder.exists() and not self.folder.is_symlink():
             return 0, []
+        model_state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch_rng = torch.get_rng_state()
+        data_state = None if data_rng is None else data_rng.bit_generator.state
         try:
+            if not list_checkpoints(self.folder):
+                raise BMojoError("it holds no complete save")
             checkpoint, _ = newest_verified(self.folder, warn=lambda message: print(message, file=sys.stderr))
             state = json.loads((checkpoint / STATE_JSON).read_text())
-            if state.get("identity") != identity:
+            if not isinstance(state, dict) or state.get("identity") != identity:
                 raise BMojoError(f"{checkpoint} was saved with another config, settings or lr")
-            weights = load_model(checkpoint).state_dict()
+            step, losses, seconds = state["step"], list(state["losses"]), float(state["seconds"])
+            model.load_state_dict(load_model(checkpoint).state_dict())
             load_training_state(checkpoint, optimizer)  # AdamW moments, lr, the torch RNG
-        except (BMojoError, OSError, ValueError) as error:
-            print(f"not resuming from {self.folder} ({error}); training from step 0", file=sys.stderr, flush=True)
+            schedule.load_state_dict(state["schedule"])
+            if data_rng is not None:
+                data_rng.bit_generator.state = state["data_rng"]
+        except Exception as error:  # any save it cannot use: start again, as if there were none
+            model.load_state_dict(model_state)
+            torch.set_rng_state(torch_rng)
+            if data_rng is not None:
+                data_rng.bit_generator.state = data_state
+            print(f"not resuming from {self.folder} ({error}); deleted, training from step 0", file=sys.stderr)
+            self.remove()  # else its higher step would outrank, and delete, this attempt's saves
             return 0, []
-        model.load_state_dict(weights)
-        schedule.load_state_dict(state["schedule"])
-        if data_rng is not None:
-            data_rng.bit_generator.state = state["data_rng"]
-        self.resumed_at_step, self.seconds_before = state["step"], state["seconds"]
-        return state["step"], state["losses"]
+        print(f"resuming from {checkpoint} (step {step})", file=sys.stderr, flush=True)
+        self.resumed_at_step, self.seconds_before = step, seconds
+        return step, losses
 
     def save(self, step: int, identity: dict, model, optimizer, schedule, data_rng, losses, seconds, tokens):
         state = dict(identity=identity, losses=losses[-10:], seconds=seconds, tokens=tokens)
         state["schedule"] = schedule.state_dict()  # its lambda is code, saved as None: its step and lrs are state
         state["data_rng"] = None if data_rng is None else data_rng.bit_generator.state
-        save_checkpoint(self.folder, step, model, optimizer, state, keep=1)
+        try:
+            save_checkpoint(self.folder, step, model, optimizer, state, keep=1)
+        except Exception as error:  # the run goes on; only what a kill would lose grows
+            if not self._save_failed:
+                print(f"cannot save the run's training state ({error}); training goes on", file=sys.stderr)
+            self._save_failed = True
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.is_dir() and not self.folder.is_symlink():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self.folder.unlink(missing_ok=True)
 
 
 def _train(model, lr: float, s: Settings, loss_at, checkpoints: RunCheckpoints | None = None, data_rng=None) -> float:
@@ -488,13 +509,19 @@ def _train(model, lr: float, s: Settings, loss_at, checkpoints: RunCheckpoints |
     that step's loss (drawing its batch from ``data_rng``, a numpy Generator, when the data stream is not a function
     of the step). With ``checkpoints`` the run continues from its last save there and saves every
     ``CHECKPOINT_SECONDS``. Returns the mean loss of the last 10 steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
-    schedule = _schedule(optimizer, s.steps)
+
+    def fresh():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
+        return optimizer, _schedule(optimizer, s.steps)
+
+    optimizer, schedule = fresh()
     # what a save must match to be continued (JSON-normal: tuples as lists); the seed is in the run's file name
     identity = json.loads(json.dumps({"config": model.config.to_dict(), "settings": asdict(s), "lr": lr}))
     start, losses = 0, []
     if checkpoints is not None:
         start, losses = checkpoints.resume(identity, model, optimizer, schedule, data_rng)
+        if start == 0:
+            optimizer, schedule = fresh()  # a save that failed to load may have changed them
     began = last_save = time.monotonic()
     model.train()
     for step in range(start, s.steps):
@@ -923,11 +950,14 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
 
     found = load_records(out, s)
     records = [r for r in found if in_grid(r, lrs, seeds)]
+    grid = f"lrs {' '.join(f'{lr:g}' for lr in lrs or ())}, seeds {' '.join(map(str, seeds or ()))}"
+    other_settings = sum(read_run(p) is not None for p in folder.glob("*/*.json")) - len(found)
+    if other_settings:
+        print(f"{other_settings} run files in {folder} were made with other settings (--steps, --quick): not used")
     if len(records) < len(found):
-        print(
-            f"{len(found) - len(records)} run files in {folder} are outside this command's grid (lrs "
-            f"{' '.join(f'{lr:g}' for lr in lrs or ())}, seeds {' '.join(map(str, seeds or ()))}): not in the summary"
-        )
+        print(f"{len(found) - len(records)} run files in {folder} are outside this command's grid ({grid}): not used")
+    if not records and (found or other_settings):  # a typo in the grid must not blank a summary
+        raise SystemExit(f"error: no run in {folder} has these settings and {grid}: the summary was not written")
     summary = summarize(records, lower_is_better=s.study == "lm")
     summary.update(command=command, settings=asdict(s), grid={"lrs": lrs, "seeds": seeds})
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=1))
@@ -1059,7 +1089,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     # the command that regenerates the runs (and then the summary): without --summary-only, which runs none
     given = argv if argv is not None else sys.argv[1:]
-    command = "python -m bmojo.evals.ablation " + " ".join(a for a in given if a != "--summary-only")
+    # (argparse also takes an abbreviation of --summary-only: any prefix from --su)
+    command = "python -m bmojo.evals.ablation " + " ".join(
+        a for a in given if not (len(a) >= 4 and "--summary-only".startswith(a))
+    )
     lrs = list(args.lrs or study["lrs"])
     if not args.summary_only:
         run_study(settings, args.variants or study["variants"], lrs, seeds, out, args.jobs)
