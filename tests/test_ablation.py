@@ -586,6 +586,32 @@ def test_a_run_killed_after_a_save_continues_from_it_to_the_uninterrupted_result
     assert A.plan(s, ["bmojo_new"], [3e-3], [0], tmp_path / "killed")[1] == []  # and the study counts it done
 
 
+def test_saves_left_beside_a_finished_run_are_removed_when_a_study_next_plans(tmp_path, monkeypatch):
+    """A kill between writing a run's record and removing its saves leaves them behind; nothing reads them again
+    (the run is done), so the next plan of that study deletes them instead of leaving them on disk for good."""
+    s = replace(QUICK, steps=6)
+    spec, path = _one_run(s, tmp_path, "out")
+    real = _die_after_saving(monkeypatch, at_step=3)
+    with pytest.raises(KeyboardInterrupt):
+        A.execute(spec, path)
+    monkeypatch.setattr(A, "save_checkpoint", real)
+
+    def killed_before_removing(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(A.RunCheckpoints, "remove", killed_before_removing)
+        with pytest.raises(KeyboardInterrupt):
+            A.execute(spec, path)
+    partial = A.partial_dir(Path(path))
+    assert A.read_run(Path(path))["status"] == "ok" and A.list_checkpoints(partial)
+    with pytest.raises(ValueError, match="other settings"):  # a folder of other settings is left alone
+        A.plan(replace(s, steps=7), ["bmojo_new"], [3e-3], [0], tmp_path / "out")
+    assert partial.exists()
+    assert A.plan(s, ["bmojo_new"], [3e-3], [0], tmp_path / "out")[1] == []
+    assert not partial.exists()
+
+
 @pytest.mark.parametrize("fault", ["other settings", "damaged", "malformed", "not a folder"])
 def test_a_save_that_cannot_be_used_is_deleted_and_the_run_starts_again(fault, tmp_path, monkeypatch, capsys):
     """Whatever is wrong with the save the run finds, the run is neither failed nor continued from it: it starts from

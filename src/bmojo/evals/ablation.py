@@ -11,8 +11,9 @@ it is written atomically to ``OUT/<study>/<variant>/lr=<lr>_seed=<seed>.json`` w
 restarts where it was (finished runs are skipped; a run whose file is unreadable, or that failed, is run again).
 A run in progress also saves its training state every ``CHECKPOINT_SECONDS`` (2 minutes) into
 ``.lr=<lr>_seed=<seed>.partial/`` beside its file (``bmojo.checkpoint``'s atomic, checksummed format; removed when
-the run file is written), and the same command continues it from there to the result of an uninterrupted run: a
-crash, a kill or a signal loses at most the last 2 minutes of each run in progress.
+the run file is written, or by the next plan where a kill came in between), and the same command continues it from
+there to the result of an uninterrupted run: a crash, a kill or a signal loses at most the last 2 minutes of each run
+in progress.
 A run that raises (an option not implemented in this code, say) is recorded with ``"status": "failed"`` and its
 error, and the study moves on. ``--jobs N`` runs N runs at once, in processes with one torch thread each. Studies
 started separately on one ``--out`` (in another terminal, on the same machine) share its runs: each run
@@ -783,6 +784,8 @@ def plan(s: Settings, variants, lrs, seeds, out: Path):
                     old = dict(done["spec"], settings=None, overrides={**V0, **done["spec"]["overrides"]})
                     if old != dict(spec, settings=None) or not same_settings(done["spec"]["settings"], s):
                         raise ValueError(f"{path} was run with other settings; use another --out (or remove it)")
+                    # saves left by a process killed between writing the record and removing them: never read again
+                    RunCheckpoints(partial_dir(path)).remove()
                     continue
                 todo.append((spec, str(path)))
     return configs, todo
