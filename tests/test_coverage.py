@@ -1,6 +1,9 @@
 """Answer visibility (bmojo.evals.coverage): the memory it reads is the decoding cache's, its classes are the
 attention's window and memory visibility, computed by hand from positions where selection is by position."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,3 +217,53 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
     assert exit_.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"coverage: error: {message}"), err
+
+
+def test_a_killed_invocation_keeps_finished_variants_and_resumes_the_one_in_training(tmp_path, monkeypatch, capsys):
+    """The same command after a kill trains nothing already measured (the finished variant is reused, not retrained)
+    and continues the variant in training from its save: only the remaining steps run (counted) and the result is
+    the uninterrupted invocation's."""
+    from bmojo.modeling_bmojo import BMojoForCausalLM
+
+    argv = ["--quick", "--steps", "8", "--variants", "bmojo_new", "swa", "--pairs", "2", "--lr", "0.01", "--out"]
+    main([*argv, str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "coverage.json").read_text())["variants"]
+
+    real = ablation.save_checkpoint
+
+    def die_after_saving_swa(folder, step, *args, **kwargs):
+        real(folder, step, *args, **kwargs)
+        if Path(folder).name.startswith(".swa_") and step == 5:
+            raise KeyboardInterrupt  # the kill: not an Exception, nothing else is written
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(ablation, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(ablation, "save_checkpoint", die_after_saving_swa)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, str(out)])
+    assert list(json.loads((out / "coverage.json").read_text())["variants"]) == ["bmojo_new"]
+    monkeypatch.setattr(ablation, "save_checkpoint", real)
+    steps = []
+    forward = BMojoForCausalLM.forward
+
+    def counted(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            steps.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BMojoForCausalLM, "forward", counted)
+    capsys.readouterr()
+    main([*argv, str(out)])
+    assert "bmojo_new: reusing the result" in capsys.readouterr().out
+    assert len(steps) == 3
+    again = json.loads((out / "coverage.json").read_text())["variants"]
+    assert again["swa"].pop("resumed_at_step") == 5
+    for v in (*whole.values(), *again.values()):
+        v.pop("seconds")
+    assert again == whole
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]  # removed once measured
+
+    # another lr (or seed, settings, test sets) is another result: trained again, not reused
+    steps.clear()
+    main(["--quick", "--steps", "8", "--variants", "bmojo_new", "--pairs", "2", "--lr", "0.003", "--out", str(out)])
+    assert len(steps) == 8

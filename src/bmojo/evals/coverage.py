@@ -29,7 +29,10 @@ could hold (``j <= i - W``): what a selection blind to content would keep.
         --seed 0 --lr-from /work/studies/mqar/summary.json --out docs/eidetic/coverage
 
 trains each variant exactly as ``bmojo.evals.ablation`` does (its config matching and ``train_recall``), then
-measures visibility and accuracy on the study's test split at ``--pairs`` (default 2, 8, 16).
+measures visibility and accuracy on the study's test split at ``--pairs`` (default 2, 8, 16). Nothing finished is
+lost on a kill: ``coverage.json`` is rewritten after every variant and the same command reuses the variants it holds
+(same settings, lr, seed and test sets); a variant in training saves its state every 2 minutes into
+``OUT/.<variant>_lr=<lr>_seed=<seed>.partial/`` and continues from there (``bmojo.evals.ablation.RunCheckpoints``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import write_text_atomic
 from ..errors import BMojoError
 from ..layers.attention import SlidingWindowAttention
 from .mqar import IGNORE_INDEX
@@ -345,6 +349,20 @@ def _summary_line(name: str, v: dict) -> str:
     return f"{name:18s} lr={v['lr']:g} " + "; ".join(parts)
 
 
+def _finished_variants(path: Path, specs: dict, test_sets: set) -> dict:
+    """``{variant: its result}`` in an earlier ``coverage.json`` at ``path`` that this invocation would compute again:
+    the same run spec (settings, overrides, lr, seed) and the same test sets. ``{}`` when there is no readable file."""
+    try:
+        earlier = json.loads(path.read_text())["variants"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {
+        n: v
+        for n, v in earlier.items()
+        if n in specs and isinstance(v, dict) and v.get("spec") == specs[n] and set(v.get("sets", ())) == test_sets
+    }
+
+
 def main(argv=None) -> None:
     from tqdm import tqdm
 
@@ -382,11 +400,11 @@ def main(argv=None) -> None:
         if args.lr is None and from_summary and any(n not in from_summary for n in args.variants):
             absent = next(n for n in args.variants if n not in from_summary)
             raise BMojoError(f"--lr-from {args.lr_from} has no best_lr for {absent!r}; give --lr")
-        configs = {}
+        configs, specs = {}, {}
         for n in args.variants:
             matched = ablation.matched_config(s, ablation.ALL_VARIANTS[n])
-            spec = ablation.run_spec(s, n, ablation.ALL_VARIANTS[n], matched, lrs[n], args.seed)
-            configs[n] = ablation.make_config(s, spec["overrides"], spec["intermediate_size"])
+            specs[n] = ablation.run_spec(s, n, ablation.ALL_VARIANTS[n], matched, lrs[n], args.seed)
+            configs[n] = ablation.make_config(s, specs[n]["overrides"], specs[n]["intermediate_size"])
     except (BMojoError, ValueError) as error:
         print(f"coverage: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -397,20 +415,32 @@ def main(argv=None) -> None:
     results = {"command": command, "settings": asdict(s), "seed": args.seed, "variants": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done = _finished_variants(out / "coverage.json", specs, set(test))
     with tqdm(total=len(args.variants), desc="coverage", unit="variant") as bar:
         for n in args.variants:
+            if n in done:  # the same training and test sets as an earlier, killed invocation: not trained again
+                results["variants"][n] = done[n]
+                tqdm.write(f"{n}: reusing the result in {out / 'coverage.json'}")
+                bar.update(1)
+                continue
             bar.set_postfix_str(f"training {n} lr={lrs[n]:g}")
             started = time.time()
-            model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s)
+            # a kill loses at most the last CHECKPOINT_SECONDS of training: the next invocation continues from here
+            checkpoints = ablation.RunCheckpoints(out / f".{n}_lr={lrs[n]:g}_seed={args.seed}.partial")
+            model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s, checkpoints)
             bar.set_postfix_str(f"measuring {n}")
             sets = {k: answer_visibility(model, (x, y)) for k, (x, y) in test.items()}
             results["variants"][n] = {
-                "lr": lrs[n], "final_loss": final_loss, "seconds": time.time() - started,
-                "overrides": ablation.ALL_VARIANTS[n], "sets": sets,
+                "lr": lrs[n], "final_loss": final_loss,
+                "seconds": checkpoints.seconds_before + time.time() - started,
+                "overrides": ablation.ALL_VARIANTS[n], "sets": sets, "spec": specs[n],
             }  # fmt: skip
-            # written after every variant: a killed run keeps the finished ones
-            (out / "coverage.json").write_text(json.dumps(results, indent=1))
-            (out / "coverage.md").write_text(markdown(results, command))
+            if checkpoints.resumed_at_step:
+                results["variants"][n]["resumed_at_step"] = checkpoints.resumed_at_step
+            # written after every variant: a killed invocation keeps the finished ones and the next reuses them
+            write_text_atomic(out / "coverage.json", json.dumps(results, indent=1))
+            write_text_atomic(out / "coverage.md", markdown(results, command))
+            checkpoints.remove()
             tqdm.write(_summary_line(n, results["variants"][n]))
             bar.update(1)
     print(f"wrote {out / 'coverage.json'} and {out / 'coverage.md'}")
