@@ -73,3 +73,36 @@ def metrics_records(run_dir: Path, split: str) -> list[dict]:
     keys = ("step", "loss", "lm_loss", "innovation_loss", "grad_norm") if split == "train" else ("step", "lm_loss")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in keys} for r in rows if r["split"] == split]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an ``Exception``, so no handler records anything and the process's work just stops."""
+
+
+def die_after_saving(monkeypatch, module, at_step: int, folder_prefix: str = ""):
+    """Patch ``module.save_checkpoint`` so that the process dies (raises ``Killed``) right after the checkpoint of
+    ``at_step`` is in place (in a folder whose name starts with ``folder_prefix``); returns the real function."""
+    real = module.save_checkpoint
+
+    def save_then_die(folder, step, *args, **kwargs):
+        saved = real(folder, step, *args, **kwargs)
+        if step == at_step and Path(folder).name.startswith(folder_prefix):
+            raise Killed
+        return saved
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    return real
+
+
+def count_training_steps(monkeypatch) -> list:
+    """A list that gains one item per training forward of any ``BMojoForCausalLM`` from now on."""
+    steps = []
+    forward = BMojoForCausalLM.forward
+
+    def counted(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            steps.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BMojoForCausalLM, "forward", counted)
+    return steps

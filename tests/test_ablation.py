@@ -10,6 +10,7 @@ import torch
 
 from bmojo.evals import ablation as A
 from bmojo.modeling_bmojo import BMojoForCausalLM
+from support import Killed, count_training_steps, die_after_saving
 
 QUICK = replace(A.STUDIES["recall"]["settings"], **A.QUICK)
 
@@ -528,32 +529,9 @@ def _one_run(s, tmp_path, name):
 
 
 def _die_after_saving(monkeypatch, at_step):
-    """The run's process dies right after its save of ``at_step`` (KeyboardInterrupt stands for the kill: it is not
-    an ``Exception``, so no record is written, as when the process is gone)."""
-    real = A.save_checkpoint
-
-    def save_then_die(folder, step, *args, **kwargs):
-        saved = real(folder, step, *args, **kwargs)
-        if step == at_step:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(A, "CHECKPOINT_SECONDS", 0.0)  # save after every step
-    monkeypatch.setattr(A, "save_checkpoint", save_then_die)
-    return real
-
-
-def _count_training_steps(monkeypatch) -> list:
-    steps = []
-    forward = BMojoForCausalLM.forward
-
-    def counted(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
-            steps.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(BMojoForCausalLM, "forward", counted)
-    return steps
+    """The run's process dies right after its save of ``at_step`` (saving after every step)."""
+    monkeypatch.setattr(A, "CHECKPOINT_SECONDS", 0.0)
+    return die_after_saving(monkeypatch, A, at_step)
 
 
 RESULT = ("status", "final_loss", "val", "test", "val_score", "parameters", "state_bytes")
@@ -572,12 +550,12 @@ def test_a_run_killed_after_a_save_continues_from_it_to_the_uninterrupted_result
 
     _, path = _one_run(s, tmp_path, "killed")
     real = _die_after_saving(monkeypatch, at_step=5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         A.execute(spec, path)
     partial = A.partial_dir(Path(path))
     assert not Path(path).exists() and [p.name for p in A.list_checkpoints(partial)] == ["step_000005"]  # keep=1
     monkeypatch.setattr(A, "save_checkpoint", real)
-    steps = _count_training_steps(monkeypatch)
+    steps = count_training_steps(monkeypatch)
     again = A.execute(spec, path)
     assert again.get("resumed_at_step") == 5, again
     assert len(steps) == 3
@@ -592,16 +570,16 @@ def test_saves_left_beside_a_finished_run_are_removed_when_a_study_next_plans(tm
     s = replace(QUICK, steps=6)
     spec, path = _one_run(s, tmp_path, "out")
     real = _die_after_saving(monkeypatch, at_step=3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         A.execute(spec, path)
     monkeypatch.setattr(A, "save_checkpoint", real)
 
     def killed_before_removing(self):
-        raise KeyboardInterrupt
+        raise Killed
 
     with monkeypatch.context() as patch:
         patch.setattr(A.RunCheckpoints, "remove", killed_before_removing)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Killed):
             A.execute(spec, path)
     partial = A.partial_dir(Path(path))
     assert A.read_run(Path(path))["status"] == "ok" and A.list_checkpoints(partial)
@@ -621,7 +599,7 @@ def test_a_save_that_cannot_be_used_is_deleted_and_the_run_starts_again(fault, t
     spec, path = _one_run(s, tmp_path, "out")
     partial = A.partial_dir(Path(path))
     real = _die_after_saving(monkeypatch, at_step=5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         A.execute(spec, path)
     (saved,) = A.list_checkpoints(partial)
     if fault == "other settings":  # the study's settings changed since the save (the same run file name)
@@ -640,12 +618,12 @@ def test_a_save_that_cannot_be_used_is_deleted_and_the_run_starts_again(fault, t
     fresh = A.execute(*_one_run(s, tmp_path, "fresh"))
     capsys.readouterr()
     _die_after_saving(monkeypatch, at_step=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         A.execute(spec, path)
     assert "not resuming from" in capsys.readouterr().err
     assert [p.name for p in A.list_checkpoints(partial)] == ["step_000002"]  # the old one no longer outranks it
     monkeypatch.setattr(A, "save_checkpoint", real)
-    steps = _count_training_steps(monkeypatch)
+    steps = count_training_steps(monkeypatch)
     again = A.execute(spec, path)
     assert again["resumed_at_step"] == 2 and len(steps) == s.steps - 2
     assert {k: again[k] for k in RESULT} == {k: fresh[k] for k in RESULT}

@@ -2,7 +2,6 @@
 attention's window and memory visibility, computed by hand from positions where selection is by position."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from bmojo.evals import ablation
 from bmojo.evals.coverage import answer_visibility, captured_attention, main, pair_positions
 from bmojo.evals.mqar import IGNORE_INDEX, mqar_accuracy
 from bmojo.evals.recall import RecallBatch, generate
-from support import tiny_model
+from support import Killed, count_training_steps, die_after_saving, tiny_model
 
 W, C, K = 8, 4, 2  # the tiny preset's window, chunk and picks per chunk
 
@@ -223,35 +222,18 @@ def test_a_killed_invocation_keeps_finished_variants_and_resumes_the_one_in_trai
     """The same command after a kill trains nothing already measured (the finished variant is reused, not retrained)
     and continues the variant in training from its save: only the remaining steps run (counted) and the result is
     the uninterrupted invocation's."""
-    from bmojo.modeling_bmojo import BMojoForCausalLM
-
     argv = ["--quick", "--steps", "8", "--variants", "bmojo_new", "swa", "--pairs", "2", "--lr", "0.01", "--out"]
     main([*argv, str(tmp_path / "whole")])
     whole = json.loads((tmp_path / "whole" / "coverage.json").read_text())["variants"]
 
-    real = ablation.save_checkpoint
-
-    def die_after_saving_swa(folder, step, *args, **kwargs):
-        real(folder, step, *args, **kwargs)
-        if Path(folder).name.startswith(".swa_") and step == 5:
-            raise KeyboardInterrupt  # the kill: not an Exception, nothing else is written
-
     out = tmp_path / "killed"
     monkeypatch.setattr(ablation, "CHECKPOINT_SECONDS", 0.0)
-    monkeypatch.setattr(ablation, "save_checkpoint", die_after_saving_swa)
-    with pytest.raises(KeyboardInterrupt):
+    real = die_after_saving(monkeypatch, ablation, 5, folder_prefix=".swa_")
+    with pytest.raises(Killed):
         main([*argv, str(out)])
     assert list(json.loads((out / "coverage.json").read_text())["variants"]) == ["bmojo_new"]
     monkeypatch.setattr(ablation, "save_checkpoint", real)
-    steps = []
-    forward = BMojoForCausalLM.forward
-
-    def counted(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
-            steps.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(BMojoForCausalLM, "forward", counted)
+    steps = count_training_steps(monkeypatch)
     capsys.readouterr()
     main([*argv, str(out)])
     assert "bmojo_new: reusing the result" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from bmojo.cli import main
 from bmojo.run_directory import LOCK_FILE
 from bmojo.settings import TrainConfig
 from bmojo.training import learning_rate
-from support import word_salad
+from support import Killed, die_after_saving, word_salad
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -166,25 +166,9 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_continues_exactly(signum
 # ---------------------------------------------------------------------------------------------------------------
 # A checkpoint's step has its records
 # ---------------------------------------------------------------------------------------------------------------
-class Killed(BaseException):
-    """Stands for SIGKILL right after a checkpoint was renamed into place."""
-
-
-def kill_after_saving(monkeypatch, step: int) -> None:
-    save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, at, *args, **kwargs):
-        path = save(run_dir, at, *args, **kwargs)
-        if at == step:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-
-
 def test_records_are_complete_whenever_the_checkpoint_exists(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    kill_after_saving(monkeypatch, 4)
+    die_after_saving(monkeypatch, ckpt, 4)
     with pytest.raises(Killed):
         main(tiny(corpus, run, "--steps", "6", "--save-every", "2", "--eval-every", "4"))
     assert ckpt.list_checkpoints(run)[-1].name == "step_000004"
@@ -198,7 +182,7 @@ def test_records_are_complete_whenever_the_checkpoint_exists(corpus, tmp_path, m
 
 def test_resume_after_the_last_checkpoint_finishes_the_run(corpus, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    kill_after_saving(monkeypatch, 3)
+    die_after_saving(monkeypatch, ckpt, 3)
     with pytest.raises(Killed):
         main(tiny(corpus, run, "--steps", "3"))
     assert not (run / "sample.txt").exists()
