@@ -261,6 +261,28 @@ def test_summary_picks_the_best_mean_validation_lr_and_reports_test_mean_and_sam
     lower = A.summarize(records, lower_is_better=True)["variants"]["x"]
     assert lower["best_lr"] == 0.1 and lower["test"]["a"]["mean"] == pytest.approx(0.2)
     assert A.mean_std([0.4]) == (0.4, 0.0)
+    # each seed's value at the best lr, in the order of "seeds": what a mean over seeds that do and do not learn hides
+    shuffled = A.summarize(records[::-1], lower_is_better=False)["variants"]["x"]
+    assert shuffled["seeds"] == [0, 1, 2] and shuffled["test_by_seed"] == {"a": [0.5, 0.7, 0.9]}
+
+
+def test_a_summary_lists_each_seeds_accuracy_under_its_mean(tmp_path):
+    common = ["--study", "mqar", "--quick", "--lrs", "0.003", "--out", str(tmp_path), "--variants", "mamba2", "swa"]
+    A.main([*common, "--seeds", "0", "1"])
+    summary = json.loads((tmp_path / "mqar" / "summary.json").read_text())
+    md = (tmp_path / "mqar" / "summary.md").read_text()
+    pairs = A.STUDIES["mqar"]["settings"].tasks[0][2]
+    for name in ("mamba2", "swa"):
+        for seed in (0, 1):
+            run = A.read_run(
+                A.run_path(tmp_path, A.replace(A.STUDIES["mqar"]["settings"], **A.QUICK), name, 3e-3, seed)
+            )
+            assert (
+                summary["variants"][name]["test_by_seed"][f"mqar kv={pairs[0]}"][seed]
+                == run["test"][f"mqar kv={pairs[0]}"]
+            )
+            cells = " | ".join(f"{run['test'][f'mqar kv={p}']:.3f}" for p in pairs)
+            assert f"| {name} | {seed} | {cells} |" in md
 
 
 def test_cli_screen_writes_tables_and_plots(tmp_path):
@@ -386,9 +408,10 @@ def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):
     assert "--summary-only" not in line and "--variants mamba2" in line and "--study recall" in line
 
 
-def test_a_summary_holds_the_commands_lrs_and_seeds_only_and_counts_the_run_files_it_left_out(tmp_path, capsys):
-    """Files of another grid in the same folder (an lr added for one variant, a seed added later) do not enter the
-    summary of a command that did not ask for them; the union of the grids brings them all in."""
+def test_a_summary_holds_the_commands_grid_only_and_counts_the_run_files_it_left_out(tmp_path, capsys):
+    """Files of another grid in the same folder (an lr added for one variant, a seed added later, a variant the
+    command does not name) do not enter the summary of a command that did not ask for them; the union of the grids
+    brings them all in."""
     common = ["--study", "mqar", "--quick", "--out", str(tmp_path)]
     A.main([*common, "--lrs", "0.001", "0.003", "--seeds", "0", "1", "--variants", "mamba2"])
     A.main([*common, "--lrs", "0.003", "--seeds", "0", "--variants", "swa"])
@@ -406,6 +429,11 @@ def test_a_summary_holds_the_commands_lrs_and_seeds_only_and_counts_the_run_file
     assert "outside this command's grid" not in capsys.readouterr().out
     assert sorted(summary["variants"]["mamba2"]["val_by_lr"]) == ["0.001", "0.003"]
     assert summary["variants"]["swa"]["seeds"] == [0]  # a variant keeps the runs it has
+    # --variants narrows the summary too (without it: every variant found, as above)
+    A.main([*common, "--lrs", "0.001", "0.003", "--seeds", "0", "1", "--summary-only", "--variants", "swa"])
+    summary = json.loads((tmp_path / "mqar" / "summary.json").read_text())
+    assert list(summary["variants"]) == ["swa"] and summary["grid"]["variants"] == ["swa"]
+    assert "4 run files in" in capsys.readouterr().out  # mamba2's four: "... outside this command's grid"
     # a grid (or settings) that matches no run file is an error, and the summary there is left as it was
     before = (tmp_path / "mqar" / "summary.json").read_text()
     for wrong in (["--quick", "--lrs", "0.03"], ["--lrs", "0.003"]):  # an lr typo; the full settings, not --quick

@@ -888,7 +888,8 @@ def mean_std(values) -> tuple[float, float]:
 
 def summarize(records: list[dict], lower_is_better: bool) -> dict:
     """Per variant: the lr with the best mean validation score over its seeds, and that lr's test metrics as
-    mean +- std over seeds; failed runs listed."""
+    mean +- std over seeds and per seed (``test_by_seed``, in the order of ``seeds``: a mean can hide seeds that do
+    not learn); failed runs listed."""
     by_variant: dict[str, dict[float, list[dict]]] = {}
     failed = []
     for r in records:
@@ -913,6 +914,7 @@ def summarize(records: list[dict], lower_is_better: bool) -> dict:
             "parameters": runs[0]["parameters"],
             "state_bytes": runs[0]["state_bytes"],
             "test": {k: {"mean": m, "std": sd} for k, (m, sd) in test.items()},
+            "test_by_seed": {k: [r["test"][k] for r in runs] for k in runs[0]["test"]},
             "seconds_per_run": mean_std([r["seconds"] for lr_runs in by_lr.values() for r in lr_runs])[0],
         }
     return {"variants": variants, "failed": failed}
@@ -928,32 +930,36 @@ def _cell(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def write_summary(out: Path, s: Settings, command: str, lrs=None, seeds=None) -> dict:
+def write_summary(out: Path, s: Settings, command: str, lrs=None, seeds=None, variants=None) -> dict:
     """Summarize the runs of ``s`` under ``out`` into ``OUT/<study>/summary.{json,md}`` and plots; returns the
-    summary. With ``lrs`` and ``seeds`` (the command's grid) only runs of that grid count, every variant found
-    alike (run files of other lrs or seeds in the folder are left out, and their number printed): the summary is
-    what ``command`` regenerates. Studies in several processes on one ``--out`` write it one at a time
-    (``.summary.lock``), each from the run files it reads once it holds the lock, so the last writer's summary has
-    every run finished before it."""
+    summary. With ``lrs``, ``seeds`` and ``variants`` (the command's grid; ``variants`` None: every variant found)
+    only runs of that grid count (run files of other lrs, seeds or variants in the folder are left out, and their
+    number printed): the summary is what ``command`` regenerates. Studies in several processes on one ``--out``
+    write it one at a time (``.summary.lock``), each from the run files it reads once it holds the lock, so the last
+    writer's summary has every run finished before it."""
     folder = out / s.study
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(folder / ".summary.lock"):
-        return _write_summary(folder, out, s, command, lrs, seeds)
+        return _write_summary(folder, out, s, command, lrs, seeds, variants)
 
 
-def in_grid(record: dict, lrs=None, seeds=None) -> bool:
-    """Whether a run's lr is one of ``lrs`` and its seed one of ``seeds`` (None: any)."""
+def in_grid(record: dict, lrs=None, seeds=None, variants=None) -> bool:
+    """Whether a run's lr is one of ``lrs``, its seed one of ``seeds`` and its variant one of ``variants`` (None:
+    any)."""
     spec = record["spec"]
     lr_ok = lrs is None or any(math.isclose(spec["lr"], lr, rel_tol=1e-9) for lr in lrs)
-    return lr_ok and (seeds is None or spec["seed"] in seeds)
+    variant_ok = variants is None or spec["variant"] in variants
+    return lr_ok and variant_ok and (seeds is None or spec["seed"] in seeds)
 
 
-def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None, seeds=None) -> dict:
+def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None, seeds=None, variants=None) -> dict:
     from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
     found = load_records(out, s)
-    records = [r for r in found if in_grid(r, lrs, seeds)]
+    records = [r for r in found if in_grid(r, lrs, seeds, variants)]
     grid = f"lrs {' '.join(f'{lr:g}' for lr in lrs or ())}, seeds {' '.join(map(str, seeds or ()))}"
+    if variants is not None:
+        grid += f", variants {' '.join(variants)}"
     other_settings = sum(read_run(p) is not None for p in folder.glob("*/*.json")) - len(found)
     if other_settings:
         print(f"{other_settings} run files in {folder} were made with other settings (--steps, --quick): not used")
@@ -963,6 +969,8 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
         raise SystemExit(f"error: no run in {folder} has these settings and {grid}: the summary was not written")
     summary = summarize(records, lower_is_better=s.study == "lm")
     summary.update(command=command, settings=asdict(s), grid={"lrs": lrs, "seeds": seeds})
+    if variants is not None:
+        summary["grid"]["variants"] = list(variants)
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=1))
     variants = summary["variants"]
     lines = [
@@ -1000,10 +1008,18 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
         for n, v in variants.items():
             mean = np.mean([v["test"][k]["mean"] for k in keys])
             lines.append(meta(n, v) + "".join(f" {_cell(v['test'][k])} |" for k in keys) + f" {mean:.3f} |")
+        if any(len(v["seeds"]) > 1 for v in variants.values()):
+            lines += ["", f"Per seed (at the best lr), accuracy at kv={', '.join(map(str, test_pairs))}:", ""]
+            lines += ["| variant | seed | " + " | ".join(f"kv={p}" for p in test_pairs) + " |"]
+            lines += ["|---|---|" + "---|" * len(keys)]
+            for n, v in variants.items():
+                for i, seed in enumerate(v["seeds"]):
+                    cells = " | ".join(f"{v['test_by_seed'][k][i]:.3f}" for k in keys)
+                    lines.append(f"| {n} | {seed} | {cells} |")
         fig = Figure(figsize=(6, 4), layout="tight")
         ax = fig.subplots()
-        for n, v in variants.items():
-            ax.errorbar(
+        for i, (n, v) in enumerate(variants.items()):
+            line = ax.errorbar(
                 test_pairs,
                 [v["test"][k]["mean"] for k in keys],
                 yerr=[v["test"][k]["std"] for k in keys],
@@ -1011,7 +1027,14 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
                 capsize=3,
                 label=n,
             )
-        ax.set(title=f"{task} (mean ± std over seeds)", xlabel="key-value pairs", ylabel="accuracy", ylim=(-0.02, 1.02))
+            if len(v["seeds"]) > 1:  # each seed as a dot, spread sideways per variant so that none hides another
+                shift = 1 + 0.03 * (i - (len(variants) - 1) / 2)
+                for p, k in zip(test_pairs, keys):
+                    values = v["test_by_seed"][k]
+                    ax.plot([p * shift] * len(values), values, ".", color=line[0].get_color(), alpha=0.5, ms=4)
+        dots = "; dots: each seed" if any(len(v["seeds"]) > 1 for v in variants.values()) else ""
+        title = f"{task} (mean ± std over seeds{dots})"
+        ax.set(title=title, xlabel="key-value pairs", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.savefig(folder / f"{task}.png", dpi=110)
@@ -1076,7 +1099,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--summary-only",
         action="store_true",
-        help="run none: write the summary of the runs found at the grid's lrs and seeds (every variant found)",
+        help="run none: write the summary of the runs found at the grid's lrs, seeds and --variants (without "
+        "--variants: every variant found)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -1099,7 +1123,9 @@ def main(argv=None) -> None:
     lrs = list(args.lrs or study["lrs"])
     if not args.summary_only:
         run_study(settings, args.variants or study["variants"], lrs, seeds, out, args.jobs)
-    summary = write_summary(out, settings, command, lrs, seeds)
+    # --variants narrows the summary as --lrs and --seeds do; without it every variant found is summarised (so a
+    # study's default command summarises what earlier commands added to its folder)
+    summary = write_summary(out, settings, command, lrs, seeds, args.variants)
     for name, v in summary["variants"].items():
         print(
             f"{name:18s} lr={v['best_lr']:g} seeds={len(v['seeds'])} "
