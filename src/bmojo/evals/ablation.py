@@ -30,8 +30,9 @@ Fair comparison, by construction:
     instead of silently training today's model under a new name.
   * Summary: for each variant the lr with the best mean over seeds on the VALIDATION split (recall: mean accuracy
     over all validation sets; LM: validation perplexity), then mean +- std (sample std, ddof=1) over seeds on the
-    separate TEST split. Written to ``OUT/<study>/summary.{md,json}`` with plots, from the runs at the command's
-    lrs and seeds only (every variant found in the folder; run files of other lrs or seeds are counted, not used).
+    separate TEST split, and each seed's value beside it. Written to ``OUT/<study>/summary.{md,json}`` with plots,
+    from the runs at the command's lrs, seeds and ``--variants`` only (without ``--variants``: every variant found
+    in the folder; run files outside the grid are counted, not used).
 
 Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
   recall    one model per run trained on a mix of the four tasks of ``bmojo.evals.recall`` (MQAR as zoology defines
