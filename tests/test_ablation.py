@@ -672,3 +672,23 @@ def test_a_save_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
     assert record["status"] == "ok", record.get("error")
     assert {k: record[k] for k in RESULT} == {k: whole[k] for k in RESULT}
     assert capsys.readouterr().err.count("cannot save the run's training state") == 1  # once, not every step
+
+
+@pytest.mark.parametrize("summary_only", [False, True])
+def test_an_unknown_variant_is_one_error_line_before_anything_runs(summary_only, tmp_path, capsys):
+    argv = ["--study", "mqar", "--quick", "--out", str(tmp_path), "--variants", "mamba2", "mamba3"]
+    with pytest.raises(SystemExit) as exit_:
+        A.main(argv + ["--summary-only"] * summary_only)
+    assert exit_.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].endswith("error: unknown variant 'mamba3'; choose from " + ", ".join(A.ALL_VARIANTS))
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "mqar").exists()
+
+
+def test_a_named_variant_without_runs_at_the_grid_is_reported(tmp_path, capsys):
+    common = ["--study", "mqar", "--quick", "--screen", "--lrs", "0.003", "--out", str(tmp_path)]
+    A.main([*common, "--variants", "mamba2"])
+    capsys.readouterr()
+    A.main([*common, "--variants", "mamba2", "swa", "--summary-only"])
+    assert "no finished run of swa in" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "mqar" / "summary.json").read_text())["variants"]) == ["mamba2"]

@@ -107,9 +107,7 @@ def test_with_recency_selection_the_classes_are_a_hand_computation_from_position
     stats = got["layers"][1]
     assert stats["pair_share_visible"] == pytest.approx(hand_pair_slots / held)
     correct, cls = per["correct"], hand_cls
-    assert stats["classes"]["memory"]["accuracy"] == pytest.approx(
-        float(correct[cls == 1].float().mean())
-    )
+    assert stats["classes"]["memory"]["accuracy"] == pytest.approx(float(correct[cls == 1].float().mean()))
     assert sum(v["count"] for v in stats["classes"].values()) == got["queries"] == int((cls >= 0).sum())
 
 
@@ -249,3 +247,34 @@ def test_a_killed_invocation_keeps_finished_variants_and_resumes_the_one_in_trai
     steps.clear()
     main(["--quick", "--steps", "8", "--variants", "bmojo_new", "--pairs", "2", "--lr", "0.003", "--out", str(out)])
     assert len(steps) == 8
+
+
+def test_reused_results_are_written_again_and_saves_left_beside_them_removed(tmp_path, monkeypatch, capsys):
+    """A kill between writing coverage.json and coverage.md (or between the result and removing its saves) is
+    repaired by the next invocation, which reuses every variant: both files hold this command's variants, no
+    ``.partial`` folder stays."""
+    out = tmp_path / "out"
+    argv = ["--quick", "--variants", "bmojo_new", "swa", "--pairs", "2", "--lr", "0.01", "--out", str(out)]
+    main(argv)
+    md = (out / "coverage.md").read_text()
+    (out / "coverage.md").write_text("stale")
+    ablation.RunCheckpoints(out / ".swa_lr=0.01_seed=0.partial").folder.mkdir()
+    steps = count_training_steps(monkeypatch)
+    main(argv)
+    assert steps == [] and (out / "coverage.md").read_text() == md
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    main([*argv[:-4], "--lr", "0.01", "--out", str(out), "--variants", "swa"])  # a narrower command, all reused
+    assert steps == [] and list(json.loads((out / "coverage.json").read_text())["variants"]) == ["swa"]
+    assert "| bmojo_new |" not in (out / "coverage.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{", "[]", '{"variants": null}', '{"variants": []}', '{"variants": {"swa": 1}}', '{"variants": {"swa": {}}}'],
+)
+def test_a_coverage_json_it_did_not_write_is_computed_again_not_a_crash(text, tmp_path, monkeypatch):
+    (tmp_path / "coverage.json").write_text(text)
+    steps = count_training_steps(monkeypatch)
+    main(["--quick", "--variants", "swa", "--pairs", "2", "--out", str(tmp_path)])
+    assert len(steps) == ablation.QUICK["steps"]
+    assert list(json.loads((tmp_path / "coverage.json").read_text())["variants"]) == ["swa"]

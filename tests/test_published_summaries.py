@@ -13,22 +13,52 @@ from bmojo.evals import ablation as A
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "eidetic"
 
+FOUR = "mamba2 bmojo_new bmojo_new_random bmojo_new_recency"  # the per-task studies' variants
+
 # summary folder: (its run files, the arguments of the --summary-only command that writes it; docs/eidetic.md)
 PUBLISHED = {
-    "mqar": ("runs/mqar", "--study mqar --lrs 0.0003 0.001 0.003 0.01 0.03"),
-    "long_gap": ("runs/long_gap", "--study long_gap --lrs 0.0003 0.001 0.003 0.01 0.03"),
-    "overwrite": ("runs/overwrite", "--study overwrite --lrs 0.0003 0.001 0.003 0.01"),
-    "phonebook": ("runs/phonebook", "--study phonebook --lrs 0.0001 0.0003 0.001 0.003 0.01"),
-    "predictable_gap": ("runs/predictable_gap", "--study predictable_gap --lrs 0.0003 0.001 0.003 0.01"),
+    "mqar": (
+        "runs/mqar",
+        "--study mqar --lrs 0.0003 0.001 0.003 0.01 0.03 --variants mamba2 transformer bmojo_f bmojo_v0 bmojo_new "
+        "bmojo_new_random bmojo_new_recency",
+    ),
+    "long_gap": (
+        "runs/long_gap",
+        "--study long_gap --lrs 0.0003 0.001 0.003 0.01 0.03 --variants " + FOUR,
+    ),
+    "overwrite": (
+        "runs/overwrite",
+        "--study overwrite --lrs 0.0003 0.001 0.003 0.01 --variants " + FOUR,
+    ),
+    "phonebook": (
+        "runs/phonebook",
+        "--study phonebook --lrs 0.0001 0.0003 0.001 0.003 0.01 --variants " + FOUR,
+    ),
+    "predictable_gap": (
+        "runs/predictable_gap",
+        "--study predictable_gap --lrs 0.0003 0.001 0.003 0.01 --variants mamba2 bmojo_new bmojo_new_innovation "
+        "bmojo_new_random bmojo_new_recency bmojo_new_random_learned",
+    ),
     "predictable_gap_5seeds": (
         "runs/predictable_gap",
         "--study predictable_gap --lrs 0.001 0.003 --seeds 0 1 2 3 4 --variants bmojo_new bmojo_new_random "
         "bmojo_new_recency",
     ),
-    "predictable_gap_M32": ("runs/predictable_gap_M32", "--study predictable_gap --lrs 0.003 --seeds 0 1 2 3 4"),
-    "lm": ("runs/lm", "--study lm --lrs 0.001 0.003 0.01 0.03"),
+    "predictable_gap_M32": (
+        "runs/predictable_gap_M32",
+        "--study predictable_gap --lrs 0.003 --seeds 0 1 2 3 4 --variants bmojo_new_M32 bmojo_new_M32_random "
+        "bmojo_new_M32_recency",
+    ),
+    "lm": (
+        "runs/lm",
+        "--study lm --lrs 0.001 0.003 0.01 0.03 --variants mamba2 bmojo_f bmojo_v0 bmojo_new bmojo_new_random "
+        "bmojo_new_recency",
+    ),
     "capacity": ("runs/capacity", "--study capacity --screen --lrs 0.003"),
-    "screen": ("runs/screen", "--study mqar --screen --lrs 0.003"),
+    "screen": (
+        "runs/screen",
+        "--study mqar --screen --lrs 0.003 --variants bmojo_v0 bmojo_key0 bmojo_self_key bmojo_learned",
+    ),
     "mqar6k": ("runs6k/mqar", "--study mqar --steps 6000 --lrs 0.003"),
     "mqar6k_lr": ("runs6k/mqar", "--study mqar --steps 6000 --lrs 0.001 0.003 0.01 --variants mamba2 bmojo_new"),
     "capacity6k": ("runs6k/capacity", "--study capacity --steps 6000 --lrs 0.003 --seeds 0 1"),

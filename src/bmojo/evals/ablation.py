@@ -30,9 +30,10 @@ Fair comparison, by construction:
     instead of silently training today's model under a new name.
   * Summary: for each variant the lr with the best mean over seeds on the VALIDATION split (recall: mean accuracy
     over all validation sets; LM: validation perplexity), then mean +- std (sample std, ddof=1) over seeds on the
-    separate TEST split, and each seed's value beside it. Written to ``OUT/<study>/summary.{md,json}`` with plots,
-    from the runs at the command's lrs, seeds and ``--variants`` only (without ``--variants``: every variant found
-    in the folder; run files outside the grid are counted, not used).
+    separate TEST split, and each seed's value beside it (recall studies: a per-seed table and a dot per seed in
+    each task's plot; every study: ``test_by_seed`` in the JSON). Written to ``OUT/<study>/summary.{md,json}`` with
+    plots, from the runs at the command's lrs, seeds and ``--variants`` only (without ``--variants``: every variant
+    found in the folder; run files outside the grid are counted, not used).
 
 Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
   recall    one model per run trained on a mix of the four tasks of ``bmojo.evals.recall`` (MQAR as zoology defines
@@ -969,6 +970,9 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
     if not records and (found or other_settings):  # a typo in the grid must not blank a summary
         raise SystemExit(f"error: no run in {folder} has these settings and {grid}: the summary was not written")
     summary = summarize(records, lower_is_better=s.study == "lm")
+    absent = [n for n in variants or () if n not in summary["variants"]]
+    if absent:
+        print(f"no finished run of {', '.join(absent)} in {folder} at this grid: not in the summary")
     summary.update(command=command, settings=asdict(s), grid={"lrs": lrs, "seeds": seeds})
     if variants is not None:
         summary["grid"]["variants"] = list(variants)
@@ -1028,11 +1032,11 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
                 capsize=3,
                 label=n,
             )
-            if len(v["seeds"]) > 1:  # each seed as a dot, spread sideways per variant so that none hides another
-                shift = 1 + 0.03 * (i - (len(variants) - 1) / 2)
+            if len(v["seeds"]) > 1:  # each seed as a dot, a little aside per variant so that none hides another
+                shift = 0.012 * (max(test_pairs) - min(test_pairs)) * (i - (len(variants) - 1) / 2)
                 for p, k in zip(test_pairs, keys):
                     values = v["test_by_seed"][k]
-                    ax.plot([p * shift] * len(values), values, ".", color=line[0].get_color(), alpha=0.5, ms=4)
+                    ax.plot([p + shift] * len(values), values, ".", color=line[0].get_color(), alpha=0.5, ms=4)
         dots = "; dots: each seed" if any(len(v["seeds"]) > 1 for v in variants.values()) else ""
         title = f"{task} (mean ± std over seeds{dots})"
         ax.set(title=title, xlabel="key-value pairs", ylabel="accuracy", ylim=(-0.02, 1.02))
@@ -1106,6 +1110,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    unknown = [n for n in args.variants or () if n not in ALL_VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(ALL_VARIANTS)}")
     _quiet_saves()
     study = STUDIES[args.study]
     settings = study["settings"]

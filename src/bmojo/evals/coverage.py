@@ -30,8 +30,9 @@ could hold (``j <= i - W``): what a selection blind to content would keep.
 
 trains each variant exactly as ``bmojo.evals.ablation`` does (its config matching and ``train_recall``), then
 measures visibility and accuracy on the study's test split at ``--pairs`` (default 2, 8, 16). Nothing finished is
-lost on a kill: ``coverage.json`` is rewritten after every variant and the same command reuses the variants it holds
-(same settings, lr, seed and test sets); a variant in training saves its state every 2 minutes into
+lost on a kill: ``coverage.json`` is rewritten after every variant, and an invocation reuses each variant that the
+``coverage.json`` in its ``--out`` already holds at the same settings, lr, seed and test sets (delete the file to
+compute again); a variant in training saves its state every 2 minutes into
 ``OUT/.<variant>_lr=<lr>_seed=<seed>.partial/`` and continues from there (``bmojo.evals.ablation.RunCheckpoints``).
 """
 
@@ -351,16 +352,22 @@ def _summary_line(name: str, v: dict) -> str:
 
 def _finished_variants(path: Path, specs: dict, test_sets: set) -> dict:
     """``{variant: its result}`` in an earlier ``coverage.json`` at ``path`` that this invocation would compute again:
-    the same run spec (settings, overrides, lr, seed) and the same test sets. ``{}`` when there is no readable file."""
+    the same run spec (settings, overrides, lr, seed) and the same test sets. ``{}`` when there is no file, or one
+    that is not what this tool writes (then every variant is computed again)."""
     try:
         earlier = json.loads(path.read_text())["variants"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return {
+            n: v
+            for n, v in earlier.items()
+            if n in specs and v["spec"] == specs[n] and isinstance(v["sets"], dict) and set(v["sets"]) == test_sets
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
-    return {
-        n: v
-        for n, v in earlier.items()
-        if n in specs and isinstance(v, dict) and v.get("spec") == specs[n] and set(v.get("sets", ())) == test_sets
-    }
+
+
+def _write(out: Path, results: dict, command: str) -> None:
+    write_text_atomic(out / "coverage.json", json.dumps(results, indent=1))
+    write_text_atomic(out / "coverage.md", markdown(results, command))
 
 
 def main(argv=None) -> None:
@@ -409,6 +416,7 @@ def main(argv=None) -> None:
         print(f"coverage: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     torch.set_num_threads(1)
+    ablation._quiet_saves()  # a progress bar per checkpoint save would drown the tool's own
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m bmojo.evals.coverage " + " ".join(given)
     test = {k: xy for k, xy in ablation.recall_sets(s, "test").items() if int(k.split("kv=")[-1]) in args.pairs}
@@ -418,15 +426,16 @@ def main(argv=None) -> None:
     done = _finished_variants(out / "coverage.json", specs, set(test))
     with tqdm(total=len(args.variants), desc="coverage", unit="variant") as bar:
         for n in args.variants:
-            if n in done:  # the same training and test sets as an earlier, killed invocation: not trained again
+            # a kill loses at most the last CHECKPOINT_SECONDS of training: the next invocation continues from here
+            checkpoints = ablation.RunCheckpoints(out / f".{n}_lr={lrs[n]:g}_seed={args.seed}.partial")
+            if n in done:  # the same training and test sets as an earlier invocation (killed, say): not trained again
                 results["variants"][n] = done[n]
-                tqdm.write(f"{n}: reusing the result in {out / 'coverage.json'}")
+                checkpoints.remove()  # left by a kill between writing the result and removing them
+                tqdm.write(f"{n}: reusing the result in {out / 'coverage.json'} (delete it to compute again)")
                 bar.update(1)
                 continue
             bar.set_postfix_str(f"training {n} lr={lrs[n]:g}")
             started = time.time()
-            # a kill loses at most the last CHECKPOINT_SECONDS of training: the next invocation continues from here
-            checkpoints = ablation.RunCheckpoints(out / f".{n}_lr={lrs[n]:g}_seed={args.seed}.partial")
             model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s, checkpoints)
             bar.set_postfix_str(f"measuring {n}")
             sets = {k: answer_visibility(model, (x, y)) for k, (x, y) in test.items()}
@@ -438,11 +447,11 @@ def main(argv=None) -> None:
             if checkpoints.resumed_at_step:
                 results["variants"][n]["resumed_at_step"] = checkpoints.resumed_at_step
             # written after every variant: a killed invocation keeps the finished ones and the next reuses them
-            write_text_atomic(out / "coverage.json", json.dumps(results, indent=1))
-            write_text_atomic(out / "coverage.md", markdown(results, command))
+            _write(out, results, command)
             checkpoints.remove()
             tqdm.write(_summary_line(n, results["variants"][n]))
             bar.update(1)
+    _write(out, results, command)  # also when every variant was reused: the files hold this command's variants
     print(f"wrote {out / 'coverage.json'} and {out / 'coverage.md'}")
 
 
