@@ -79,15 +79,16 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an ``Exception``, so no handler records anything and the process's work just stops."""
 
 
-def die_after_saving(monkeypatch, module, at_step: int, folder_prefix: str = ""):
-    """Patch ``module.save_checkpoint`` so that the process dies (raises ``Killed``) right after the checkpoint of
-    ``at_step`` is in place (in a folder whose name starts with ``folder_prefix``); returns the real function."""
+def die_after_saving(monkeypatch, module, at_step: int, folder_prefix: str = "", raising=Killed):
+    """Patch ``module.save_checkpoint`` so that the process dies (raises ``raising``: ``Killed``, or
+    ``KeyboardInterrupt`` for Ctrl-C) right after the checkpoint of ``at_step`` is in place (in a folder whose name
+    starts with ``folder_prefix``); returns the real function."""
     real = module.save_checkpoint
 
     def save_then_die(folder, step, *args, **kwargs):
         saved = real(folder, step, *args, **kwargs)
         if step == at_step and Path(folder).name.startswith(folder_prefix):
-            raise Killed
+            raise raising
         return saved
 
     monkeypatch.setattr(module, "save_checkpoint", save_then_die)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from bmojo.evals import ablation as A
 from bmojo.modeling_bmojo import BMojoForCausalLM
@@ -398,6 +399,55 @@ def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_
     final = written()
     # the two runs in progress at most; nothing queued
     assert final == settled <= at_kill + 2 < 16, (at_kill, settled, final, log.read_text()[-2000:])
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_stops_a_study_at_once_with_one_line_and_the_same_command_resumes_it(tmp_path, jobs):
+    """Ctrl-C in a terminal (SIGINT to the study's whole process group): the study ends within seconds with exit
+    status 130 and one line, no traceback, no process left, no run landing afterwards. Before, with --jobs 2 the
+    study process waited (silently, its bar frozen) while its workers trained every queued run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["--study", "mqar", "--quick", "--steps", "40", "--lrs", "0.001", "0.003", "--seeds", *map(str, range(8))]
+    argv += ["--variants", "mamba2", "--jobs", str(jobs), "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = tmp_path / "study.log"
+    with open(log, "w") as sink:
+        study = subprocess.Popen(
+            [sys.executable, "-m", "bmojo.evals.ablation", *argv], env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited as ignored (nohup, &)
+        )  # fmt: skip
+
+    def written():
+        return len(list((tmp_path / "mqar").glob("*/*.json")))
+
+    deadline = time.time() + 300
+    while written() == 0 and study.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert study.poll() is None, log.read_text()[-2000:]  # still running: 16 runs take far longer
+    os.killpg(study.pid, signal.SIGINT)
+    assert study.wait(timeout=30) == 130, log.read_text()[-2000:]
+    at_exit = written()
+    time.sleep(5)
+    with pytest.raises(ProcessLookupError):  # no worker (nor anything else of the study) is left
+        os.killpg(study.pid, 0)
+    text = log.read_text()
+    assert written() == at_exit < 16 and "Traceback" not in text, text[-2000:]
+    assert text.rstrip().splitlines()[-1] == (
+        f"ablation: interrupted; the finished runs are kept in {tmp_path / 'mqar'} and each run in progress resumes "
+        f"from its last save (at most {A.CHECKPOINT_SECONDS:g} s of training lost): run the same command again"
+    )
+    for lock in (tmp_path / "mqar").glob("*/.*.lock"):  # no run is still held: the rerun trains what is missing
+        with FileLock(lock, timeout=0):
+            pass
+    quick = replace(A.STUDIES["mqar"]["settings"], **dict(A.QUICK, steps=40))
+    _, todo = A.plan(quick, ["mamba2"], [0.001, 0.003], range(8), tmp_path)
+    assert len(todo) == 16 - at_exit
 
 
 def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):

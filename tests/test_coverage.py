@@ -249,6 +249,26 @@ def test_a_killed_invocation_keeps_finished_variants_and_resumes_the_one_in_trai
     assert len(steps) == 8
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    argv = ["--quick", "--steps", "8", "--variants", "bmojo_new", "swa", "--pairs", "2", "--lr", "0.01"]
+    argv += ["--out", str(tmp_path)]
+    monkeypatch.setattr(ablation, "CHECKPOINT_SECONDS", 0.0)
+    real = die_after_saving(monkeypatch, ablation, 5, folder_prefix=".swa_", raising=KeyboardInterrupt)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"coverage: interrupted; the variants measured are kept in {tmp_path / 'coverage.json'} and swa resumes from "
+        "its last save (at most 0 s of training lost): run the same command again"
+    )
+    assert list(json.loads((tmp_path / "coverage.json").read_text())["variants"]) == ["bmojo_new"]
+    monkeypatch.setattr(ablation, "save_checkpoint", real)
+    steps = count_training_steps(monkeypatch)
+    main(argv)
+    assert len(steps) == 3  # bmojo_new reused, swa continued from its step-5 save
+    assert json.loads((tmp_path / "coverage.json").read_text())["variants"]["swa"]["resumed_at_step"] == 5
+
+
 def test_reused_results_are_written_again_and_saves_left_beside_them_removed(tmp_path, monkeypatch, capsys):
     """A kill between writing coverage.json and coverage.md (or between the result and removing its saves) is
     repaired by the next invocation, which reuses every variant: both files hold this command's variants, no

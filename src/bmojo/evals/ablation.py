@@ -13,7 +13,7 @@ A run in progress also saves its training state every ``CHECKPOINT_SECONDS`` (2 
 ``.lr=<lr>_seed=<seed>.partial/`` beside its file (``bmojo.checkpoint``'s atomic, checksummed format; removed when
 the run file is written, or by the next plan where a kill came in between), and the same command continues it from
 there to the result of an uninterrupted run: a crash, a kill or a signal loses at most the last 2 minutes of each run
-in progress.
+in progress. Ctrl-C ends the study at once (its workers too), with one line and exit status 130.
 A run that raises (an option not implemented in this code, say) is recorded with ``"status": "failed"`` and its
 error, and the study moves on. ``--jobs N`` runs N runs at once, in processes with one torch thread each. Studies
 started separately on one ``--out`` (in another terminal, on the same machine) share its runs: each run
@@ -98,8 +98,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -834,15 +836,25 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             for spec, path in todo:
                 finished(execute(spec, path))
         else:
-            with ProcessPoolExecutor(
+            pool = ProcessPoolExecutor(
                 jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
-            ) as pool:
+            )
+            try:
                 for future in as_completed([pool.submit(execute, spec, path) for spec, path in todo]):
                     finished(future.result())
+            except BaseException:
+                # Ctrl-C, say: leaving a ``with`` block would wait for every queued run to be trained (workers ignore
+                # SIGINT, so a terminal's Ctrl-C reaches this process alone). The runs in progress keep their last
+                # save and the same command resumes them.
+                pool.shutdown(wait=False, cancel_futures=True)
+                for worker in multiprocessing.active_children():
+                    worker.terminate()
+                raise
+            pool.shutdown()
     if held:
         print(
             f"{len(held)} runs were still being trained by another process: the summary written now lacks them; the "
-            "last study to finish writes a complete one (or run this command again with --summary-only)"
+            "last study to finish writes one complete for its grid (or run this command again with --summary-only)"
         )
     return records
 
@@ -868,6 +880,7 @@ def _worker_init(study_pid: int, poll_seconds: float = 0.5) -> None:
     unwritten within ``poll_seconds`` (its lock dies with it), and the same command later resumes it."""
     global _study_pid
     _study_pid = study_pid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the study process's to handle (run_study)
     _one_thread()
     _quiet_saves()
 
@@ -1130,7 +1143,16 @@ def main(argv=None) -> None:
     )
     lrs = list(args.lrs or study["lrs"])
     if not args.summary_only:
-        run_study(settings, args.variants or study["variants"], lrs, seeds, out, args.jobs)
+        try:
+            run_study(settings, args.variants or study["variants"], lrs, seeds, out, args.jobs)
+        except KeyboardInterrupt:
+            print(
+                f"\nablation: interrupted; the finished runs are kept in {out / settings.study} and each run in "
+                f"progress resumes from its last save (at most {CHECKPOINT_SECONDS:g} s of training lost): run the "
+                "same command again",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
     # --variants narrows the summary as --lrs and --seeds do; without it every variant found is summarised (so a
     # study's default command summarises what earlier commands added to its folder)
     summary = write_summary(out, settings, command, lrs, seeds, args.variants)

@@ -436,7 +436,17 @@ def main(argv=None) -> None:
                 continue
             bar.set_postfix_str(f"training {n} lr={lrs[n]:g}")
             started = time.time()
-            model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s, checkpoints)
+            try:
+                model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s, checkpoints)
+            except KeyboardInterrupt:
+                bar.close()
+                print(
+                    f"coverage: interrupted; the variants measured are kept in {out / 'coverage.json'} and {n} "
+                    f"resumes from its last save (at most {ablation.CHECKPOINT_SECONDS:g} s of training lost): run "
+                    "the same command again",
+                    file=sys.stderr,
+                )
+                raise SystemExit(130) from None
             bar.set_postfix_str(f"measuring {n}")
             sets = {k: answer_visibility(model, (x, y)) for k, (x, y) in test.items()}
             results["variants"][n] = {
