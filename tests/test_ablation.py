@@ -456,6 +456,13 @@ def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):
     A.main([*common, "--summary-only", "--variants", "mamba2"])
     line = next(x for x in (tmp_path / "recall" / "summary.md").read_text().splitlines() if x.startswith("Regenerate"))
     assert "--summary-only" not in line and "--variants mamba2" in line and "--study recall" in line
+    # without --variants: the variants found, named (the study's default variants are others)
+    A.main([*common, "--variants", "swa"])
+    A.main([*common, "--summary-only"])
+    line = next(x for x in (tmp_path / "recall" / "summary.md").read_text().splitlines() if x.startswith("Regenerate"))
+    expected = f"python -m bmojo.evals.ablation {' '.join(common[:-2])} --out {tmp_path} --variants mamba2 swa"
+    assert line == f"Regenerate: `{expected}`"
+    assert json.loads((tmp_path / "recall" / "summary.json").read_text())["command"] == expected
 
 
 def test_a_summary_holds_the_commands_grid_only_and_counts_the_run_files_it_left_out(tmp_path, capsys):

@@ -33,7 +33,7 @@ Fair comparison, by construction:
     separate TEST split, and each seed's value beside it (recall studies: a per-seed table and a dot per seed in
     each task's plot; every study: ``test_by_seed`` in the JSON). Written to ``OUT/<study>/summary.{md,json}`` with
     plots, from the runs at the command's lrs, seeds and ``--variants`` only (without ``--variants``: every variant
-    found in the folder; run files outside the grid are counted, not used).
+    found in the folder, named in the summary's Regenerate command; run files outside the grid are counted, not used).
 
 Studies (defaults; ``--steps``, ``--lrs``, ``--seeds`` override):
   recall    one model per run trained on a mix of the four tasks of ``bmojo.evals.recall`` (MQAR as zoology defines
@@ -986,6 +986,9 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
     absent = [n for n in variants or () if n not in summary["variants"]]
     if absent:
         print(f"no finished run of {', '.join(absent)} in {folder} at this grid: not in the summary")
+    if variants is None and summary["variants"]:
+        # without --variants the command would train the study's default variants, which need not be those found
+        command += " --variants " + " ".join(summary["variants"])
     summary.update(command=command, settings=asdict(s), grid={"lrs": lrs, "seeds": seeds})
     if variants is not None:
         summary["grid"]["variants"] = list(variants)
