@@ -401,11 +401,12 @@ def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_
     assert final == settled <= at_kill + 2 < 16, (at_kill, settled, final, log.read_text()[-2000:])
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_ctrl_c_stops_a_study_at_once_with_one_line_and_the_same_command_resumes_it(tmp_path, jobs):
-    """Ctrl-C in a terminal (SIGINT to the study's whole process group): the study ends within seconds with exit
-    status 130 and one line, no traceback, no process left, no run landing afterwards. Before, with --jobs 2 the
-    study process waited (silently, its bar frozen) while its workers trained every queued run."""
+@pytest.mark.parametrize("jobs, presses", [(1, 1), (2, 1), (2, 2)])
+def test_ctrl_c_stops_a_study_at_once_with_one_line_and_the_same_command_resumes_it(tmp_path, jobs, presses):
+    """Ctrl-C in a terminal (SIGINT to the study's whole process group; pressed once, or twice in quick
+    succession): the study ends within seconds with exit status 130 and one line, no traceback, no process left, no
+    run landing afterwards. Before, with --jobs 2 the study process waited (silently, its bar frozen) while its
+    workers trained every queued run."""
     import os
     import signal
     import subprocess
@@ -431,6 +432,9 @@ def test_ctrl_c_stops_a_study_at_once_with_one_line_and_the_same_command_resumes
         time.sleep(0.05)
     assert study.poll() is None, log.read_text()[-2000:]  # still running: 16 runs take far longer
     os.killpg(study.pid, signal.SIGINT)
+    if presses == 2:
+        time.sleep(0.01)
+        os.killpg(study.pid, signal.SIGINT)
     assert study.wait(timeout=30) == 130, log.read_text()[-2000:]
     at_exit = written()
     time.sleep(5)
@@ -448,6 +452,52 @@ def test_ctrl_c_stops_a_study_at_once_with_one_line_and_the_same_command_resumes
     quick = replace(A.STUDIES["mqar"]["settings"], **dict(A.QUICK, steps=40))
     _, todo = A.plan(quick, ["mamba2"], [0.001, 0.003], range(8), tmp_path)
     assert len(todo) == 16 - at_exit
+
+
+def test_an_interrupted_pool_stops_its_own_workers_only_and_restores_the_sigint_handler(tmp_path, monkeypatch):
+    """run_study called from Python, its caller holding a child process of its own: an interrupt stops the pool's
+    workers and no other process, and SIGINT is handled as before afterwards."""
+    import multiprocessing
+    import signal
+    import time
+
+    bystander = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    bystander.start()
+    handler = signal.getsignal(signal.SIGINT)
+
+    def interrupted(futures):
+        time.sleep(3)  # the workers start meanwhile
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "as_completed", interrupted)
+    quick = replace(A.STUDIES["mqar"]["settings"], **A.QUICK)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            A.run_study(quick, ["mamba2"], [0.001, 0.003], range(4), tmp_path, jobs=2)
+        assert multiprocessing.active_children() == [bystander] and bystander.is_alive()
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        bystander.kill()
+        bystander.join()
+
+
+def test_ctrl_c_while_the_summary_is_written_is_one_line_that_says_how_to_write_it(tmp_path, monkeypatch, capsys):
+    common = ["--study", "mqar", "--quick", "--screen", "--lrs", "0.001", "--variants", "mamba2"]
+    common += ["--out", str(tmp_path)]
+    A.main(common)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "_write_summary", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        A.main(common)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ablation: interrupted while writing the summary in {tmp_path / 'mqar'} (the runs are kept): write it again "
+        "with the same command and --summary-only"
+    )
 
 
 def test_summary_only_writes_the_command_that_regenerates_the_runs(tmp_path):

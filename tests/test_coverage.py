@@ -249,24 +249,46 @@ def test_a_killed_invocation_keeps_finished_variants_and_resumes_the_one_in_trai
     assert len(steps) == 8
 
 
-def test_ctrl_c_is_one_line_and_exit_status_130_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["training bmojo_new", "training swa", "measuring swa"])
+def test_ctrl_c_is_one_line_and_exit_status_130_and_the_same_command_resumes(where, tmp_path, monkeypatch, capsys):
+    import bmojo.evals.coverage as coverage
+
     argv = ["--quick", "--steps", "8", "--variants", "bmojo_new", "swa", "--pairs", "2", "--lr", "0.01"]
     argv += ["--out", str(tmp_path)]
     monkeypatch.setattr(ablation, "CHECKPOINT_SECONDS", 0.0)
-    real = die_after_saving(monkeypatch, ablation, 5, folder_prefix=".swa_", raising=KeyboardInterrupt)
+    phase, variant = where.split()
+    real = die_after_saving(monkeypatch, ablation, 5, folder_prefix=f".{variant}_", raising=KeyboardInterrupt)
+    if phase == "measuring":  # trained to the end, interrupted while its answers are read
+        monkeypatch.setattr(ablation, "save_checkpoint", real)
+        measure = coverage.answer_visibility
+
+        def interrupted_on_swa(model, xy):
+            if model.config.layers_block_type[0] == "attention":
+                raise KeyboardInterrupt
+            return measure(model, xy)
+
+        monkeypatch.setattr(coverage, "answer_visibility", interrupted_on_swa)
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 130
+    kept = "nothing is measured yet" if variant == "bmojo_new" else (
+        f"the variants measured (bmojo_new) are kept in {tmp_path / 'coverage.json'}"
+    )  # fmt: skip
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"coverage: interrupted; the variants measured are kept in {tmp_path / 'coverage.json'} and swa resumes from "
-        "its last save (at most 0 s of training lost): run the same command again"
+        f"coverage: interrupted; {kept}, and the variant in progress resumes from its last save (at most 0 s of "
+        "training lost): run the same command again"
     )
-    assert list(json.loads((tmp_path / "coverage.json").read_text())["variants"]) == ["bmojo_new"]
-    monkeypatch.setattr(ablation, "save_checkpoint", real)
+    measured = json.loads((tmp_path / "coverage.json").read_text())["variants"] if variant == "swa" else {}
+    assert list(measured) == (["bmojo_new"] if variant == "swa" else [])
+    monkeypatch.undo()  # the real functions again; every save is kept from here
+    monkeypatch.setattr(ablation, "CHECKPOINT_SECONDS", 0.0)
     steps = count_training_steps(monkeypatch)
     main(argv)
-    assert len(steps) == 3  # bmojo_new reused, swa continued from its step-5 save
-    assert json.loads((tmp_path / "coverage.json").read_text())["variants"]["swa"]["resumed_at_step"] == 5
+    # the measured variant reused; the one in progress continued from its last save (step 5 in training; when
+    # measuring, the last save before the end) and trained to step 8; swa trained whole after bmojo_new
+    resumed = json.loads((tmp_path / "coverage.json").read_text())["variants"][variant]["resumed_at_step"]
+    assert resumed == 5 if phase == "training" else 5 <= resumed < 8
+    assert len(steps) == 8 - resumed + (8 if variant == "bmojo_new" else 0)
 
 
 def test_reused_results_are_written_again_and_saves_left_beside_them_removed(tmp_path, monkeypatch, capsys):

@@ -96,6 +96,7 @@ settings are refused, use another ``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -836,6 +837,7 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             for spec, path in todo:
                 finished(execute(spec, path))
         else:
+            others = set(multiprocessing.active_children())  # the caller's own children: not the pool's to stop
             pool = ProcessPoolExecutor(
                 jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
             )
@@ -845,10 +847,18 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             except BaseException:
                 # Ctrl-C, say: leaving a ``with`` block would wait for every queued run to be trained (workers ignore
                 # SIGINT, so a terminal's Ctrl-C reaches this process alone). The runs in progress keep their last
-                # save and the same command resumes them.
-                pool.shutdown(wait=False, cancel_futures=True)
-                for worker in multiprocessing.active_children():
-                    worker.terminate()
+                # save and the same command resumes them. A second Ctrl-C must not break off this clean-up.
+                with _sigint_ignored():
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    workers = set(multiprocessing.active_children()) - others
+                    for worker in workers:
+                        worker.terminate()
+                    for worker in workers:
+                        worker.join(10)
+                        if worker.is_alive():
+                            worker.kill()
+                            worker.join()
+                    pool.shutdown(wait=True)  # joins the pool's threads now, not at exit
                 raise
             pool.shutdown()
     if held:
@@ -857,6 +867,19 @@ def run_study(s: Settings, variants, lrs, seeds, out: Path, jobs: int = 1) -> li
             "last study to finish writes one complete for its grid (or run this command again with --summary-only)"
         )
     return records
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside (from the main thread; elsewhere no signal reaches Python code anyway), then restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _one_thread():
@@ -1145,20 +1168,30 @@ def main(argv=None) -> None:
         a for a in given if not (len(a) >= 4 and "--summary-only".startswith(a))
     )
     lrs = list(args.lrs or study["lrs"])
-    if not args.summary_only:
-        try:
+    training = not args.summary_only
+    try:
+        if training:
             run_study(settings, args.variants or study["variants"], lrs, seeds, out, args.jobs)
-        except KeyboardInterrupt:
+        training = False
+        # --variants narrows the summary as --lrs and --seeds do; without it every variant found is summarised (so a
+        # study's default command summarises what earlier commands added to its folder)
+        summary = write_summary(out, settings, command, lrs, seeds, args.variants)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not print a traceback
+        if training:
             print(
                 f"\nablation: interrupted; the finished runs are kept in {out / settings.study} and each run in "
                 f"progress resumes from its last save (at most {CHECKPOINT_SECONDS:g} s of training lost): run the "
                 "same command again",
                 file=sys.stderr,
             )
-            raise SystemExit(130) from None
-    # --variants narrows the summary as --lrs and --seeds do; without it every variant found is summarised (so a
-    # study's default command summarises what earlier commands added to its folder)
-    summary = write_summary(out, settings, command, lrs, seeds, args.variants)
+        else:
+            print(
+                f"\nablation: interrupted while writing the summary in {out / settings.study} (the runs are kept): "
+                "write it again with the same command and --summary-only",
+                file=sys.stderr,
+            )
+        raise SystemExit(130) from None
     for name, v in summary["variants"].items():
         print(
             f"{name:18s} lr={v['best_lr']:g} seeds={len(v['seeds'])} "
