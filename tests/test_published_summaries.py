@@ -49,6 +49,11 @@ PUBLISHED = {
         "--study predictable_gap --lrs 0.001 0.003 --seeds 0 1 2 3 4 5 6 7 8 9 --variants bmojo_new bmojo_new_random "
         "bmojo_new_recency",
     ),
+    "predictable_gap_2400": (
+        "runs2400/predictable_gap",
+        "--study predictable_gap --steps 2400 --lrs 0.001 0.003 --seeds 0 1 2 3 4 --variants bmojo_new "
+        "bmojo_new_random",
+    ),
     "predictable_gap_M32": (
         "runs/predictable_gap_M32",
         "--study predictable_gap --lrs 0.003 --seeds 0 1 2 3 4 --variants bmojo_new_M32 bmojo_new_M32_random "
