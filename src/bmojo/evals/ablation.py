@@ -1177,7 +1177,6 @@ def main(argv=None) -> None:
         # study's default command summarises what earlier commands added to its folder)
         summary = write_summary(out, settings, command, lrs, seeds, args.variants)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not print a traceback
         if training:
             print(
                 f"\nablation: interrupted; the finished runs are kept in {out / settings.study} and each run in "

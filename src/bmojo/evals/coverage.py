@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -427,7 +426,6 @@ def main(argv=None) -> None:
     try:
         _measure_all(args, out, s, configs, specs, lrs, test, done, results, command, kept)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not print a traceback
         kept = f"the variants measured ({', '.join(kept)}) are kept in {out / 'coverage.json'}" if kept else (
             "nothing is measured yet"
         )  # fmt: skip
