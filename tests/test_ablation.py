@@ -549,7 +549,8 @@ def test_a_summary_holds_the_commands_grid_only_and_counts_the_run_files_it_left
     assert "5 run files in" in capsys.readouterr().out  # "... were made with other settings"
     assert (tmp_path / "mqar" / "summary.json").read_text() == before
     A.main([*common, "--lrs", "0.003", "--su"])  # argparse's abbreviation is no part of the Regenerate line either
-    assert json.loads((tmp_path / "mqar" / "summary.json").read_text())["command"].endswith("--lrs 0.003")
+    command = json.loads((tmp_path / "mqar" / "summary.json").read_text())["command"]
+    assert command.endswith("--lrs 0.003 --variants mamba2 swa")  # the variants found, named
 
 
 def test_predictable_gap_study_puts_every_pair_beyond_what_recency_keeps_and_random_keeps_a_sample():
