@@ -366,10 +366,10 @@ def test_single_task_studies_train_and_test_only_their_task(study):
     assert replace(s, study="mqar", tasks=A.STUDIES["mqar"]["settings"].tasks) == A.STUDIES["mqar"]["settings"]
 
 
-def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_queued_runs(tmp_path):
-    """A study with --jobs 2 killed outright (SIGKILL, or a SIGTERM that skips its cleanup) leaves no worker behind:
-    at most the runs in progress when it died may still land, none of the runs queued to its pool (there are always
-    a few: ProcessPoolExecutor feeds each worker ahead). Before the watcher, orphans trained the queue unseen."""
+def _study_after_its_first_run(tmp_path, *args):
+    """A 16-run study (MQAR, --quick, mamba2, lrs 1e-3 and 3e-3, seeds 0-7, then ``args``) in a process group of its
+    own, as a terminal's foreground job, returned once its first run file is written: (process, log, a function
+    counting its run files)."""
     import os
     import signal
     import subprocess
@@ -377,11 +377,15 @@ def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_
     import time
 
     argv = ["--study", "mqar", "--quick", "--lrs", "0.001", "0.003", "--seeds", *map(str, range(8))]
-    cmd = [sys.executable, "-m", "bmojo.evals.ablation", *argv, "--variants", "mamba2", "--jobs", "2"]
+    argv += ["--variants", "mamba2", *args, "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log = tmp_path / "study.log"
     with open(log, "w") as sink:  # a file, not a pipe: the progress bar must never block the study
-        study = subprocess.Popen([*cmd, "--out", str(tmp_path)], env=env, stdout=sink, stderr=subprocess.STDOUT)
+        study = subprocess.Popen(
+            [sys.executable, "-m", "bmojo.evals.ablation", *argv], env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited as ignored (nohup, &)
+        )  # fmt: skip
 
     def written():
         return len(list((tmp_path / "mqar").glob("*/*.json")))
@@ -390,6 +394,17 @@ def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_
     while written() == 0 and study.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert study.poll() is None, log.read_text()[-2000:]  # still running: 16 runs take far longer
+    return study, log, written
+
+
+def test_killing_a_study_stops_its_workers_instead_of_leaving_them_to_train_the_queued_runs(tmp_path):
+    """A study with --jobs 2 killed outright (SIGKILL, or a SIGTERM that skips its cleanup) leaves no worker behind:
+    at most the runs in progress when it died may still land, none of the runs queued to its pool (there are always
+    a few: ProcessPoolExecutor feeds each worker ahead). Before the watcher, orphans trained the queue unseen."""
+    import signal
+    import time
+
+    study, log, written = _study_after_its_first_run(tmp_path, "--jobs", "2")
     study.send_signal(signal.SIGKILL)
     study.wait()
     at_kill = written()
@@ -409,28 +424,9 @@ def test_ctrl_c_stops_a_study_at_once_with_one_line_and_the_same_command_resumes
     workers trained every queued run."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    argv = ["--study", "mqar", "--quick", "--steps", "40", "--lrs", "0.001", "0.003", "--seeds", *map(str, range(8))]
-    argv += ["--variants", "mamba2", "--jobs", str(jobs), "--out", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = tmp_path / "study.log"
-    with open(log, "w") as sink:
-        study = subprocess.Popen(
-            [sys.executable, "-m", "bmojo.evals.ablation", *argv], env=env, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited as ignored (nohup, &)
-        )  # fmt: skip
-
-    def written():
-        return len(list((tmp_path / "mqar").glob("*/*.json")))
-
-    deadline = time.time() + 300
-    while written() == 0 and study.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert study.poll() is None, log.read_text()[-2000:]  # still running: 16 runs take far longer
+    study, log, written = _study_after_its_first_run(tmp_path, "--steps", "40", "--jobs", str(jobs))
     os.killpg(study.pid, signal.SIGINT)
     if presses == 2:
         time.sleep(0.01)

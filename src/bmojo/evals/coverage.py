@@ -371,6 +371,8 @@ def _write(out: Path, results: dict, command: str) -> None:
 
 
 def main(argv=None) -> None:
+    from tqdm import tqdm
+
     from . import ablation
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,7 +426,37 @@ def main(argv=None) -> None:
     done = _finished_variants(out / "coverage.json", specs, set(test))
     kept = []  # the variants coverage.json holds (reused or written)
     try:
-        _measure_all(args, out, s, configs, specs, lrs, test, done, results, command, kept)
+        with tqdm(total=len(args.variants), desc="coverage", unit="variant") as bar:
+            for n in args.variants:
+                # a kill loses at most the last CHECKPOINT_SECONDS of training: the next invocation continues from here
+                checkpoints = ablation.RunCheckpoints(out / f".{n}_lr={lrs[n]:g}_seed={args.seed}.partial")
+                # the same training and test sets as an earlier invocation (killed, say): not trained again
+                if n in done:
+                    results["variants"][n] = done[n]
+                    kept.append(n)
+                    checkpoints.remove()  # left by a kill between writing the result and removing them
+                    tqdm.write(f"{n}: reusing the result in {out / 'coverage.json'} (delete it to compute again)")
+                    bar.update(1)
+                    continue
+                bar.set_postfix_str(f"training {n} lr={lrs[n]:g}")
+                started = time.time()
+                model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s, checkpoints)
+                bar.set_postfix_str(f"measuring {n}")
+                sets = {k: answer_visibility(model, (x, y)) for k, (x, y) in test.items()}
+                results["variants"][n] = {
+                    "lr": lrs[n], "final_loss": final_loss,
+                    "seconds": checkpoints.seconds_before + time.time() - started,
+                    "overrides": ablation.ALL_VARIANTS[n], "sets": sets, "spec": specs[n],
+                }  # fmt: skip
+                if checkpoints.resumed_at_step:
+                    results["variants"][n]["resumed_at_step"] = checkpoints.resumed_at_step
+                # written after every variant: a killed invocation keeps the finished ones and the next reuses them
+                _write(out, results, command)
+                kept.append(n)
+                checkpoints.remove()
+                tqdm.write(_summary_line(n, results["variants"][n]))
+                bar.update(1)
+        _write(out, results, command)  # also when every variant was reused: the files hold this command's variants
     except KeyboardInterrupt:
         kept = f"the variants measured ({', '.join(kept)}) are kept in {out / 'coverage.json'}" if kept else (
             "nothing is measured yet"
@@ -436,45 +468,6 @@ def main(argv=None) -> None:
         )
         raise SystemExit(130) from None
     print(f"wrote {out / 'coverage.json'} and {out / 'coverage.md'}")
-
-
-def _measure_all(args, out, s, configs, specs, lrs, test, done, results, command, kept: list) -> None:
-    """``main``'s loop: each variant reused from ``done`` or trained (resumably) and measured; files written after
-    each variant and at the end; ``kept`` gains each variant as coverage.json holds it."""
-    from tqdm import tqdm
-
-    from . import ablation
-
-    with tqdm(total=len(args.variants), desc="coverage", unit="variant") as bar:
-        for n in args.variants:
-            # a kill loses at most the last CHECKPOINT_SECONDS of training: the next invocation continues from here
-            checkpoints = ablation.RunCheckpoints(out / f".{n}_lr={lrs[n]:g}_seed={args.seed}.partial")
-            if n in done:  # the same training and test sets as an earlier invocation (killed, say): not trained again
-                results["variants"][n] = done[n]
-                kept.append(n)
-                checkpoints.remove()  # left by a kill between writing the result and removing them
-                tqdm.write(f"{n}: reusing the result in {out / 'coverage.json'} (delete it to compute again)")
-                bar.update(1)
-                continue
-            bar.set_postfix_str(f"training {n} lr={lrs[n]:g}")
-            started = time.time()
-            model, final_loss = ablation.train_recall(configs[n], lrs[n], args.seed, s, checkpoints)
-            bar.set_postfix_str(f"measuring {n}")
-            sets = {k: answer_visibility(model, (x, y)) for k, (x, y) in test.items()}
-            results["variants"][n] = {
-                "lr": lrs[n], "final_loss": final_loss,
-                "seconds": checkpoints.seconds_before + time.time() - started,
-                "overrides": ablation.ALL_VARIANTS[n], "sets": sets, "spec": specs[n],
-            }  # fmt: skip
-            if checkpoints.resumed_at_step:
-                results["variants"][n]["resumed_at_step"] = checkpoints.resumed_at_step
-            # written after every variant: a killed invocation keeps the finished ones and the next reuses them
-            _write(out, results, command)
-            kept.append(n)
-            checkpoints.remove()
-            tqdm.write(_summary_line(n, results["variants"][n]))
-            bar.update(1)
-    _write(out, results, command)  # also when every variant was reused: the files hold this command's variants
 
 
 if __name__ == "__main__":
