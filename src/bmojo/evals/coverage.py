@@ -34,6 +34,7 @@ lost on a kill: ``coverage.json`` is rewritten after every variant, and an invoc
 ``coverage.json`` in its ``--out`` already holds at the same settings, lr, seed and test sets (delete the file to
 compute again); a variant in training saves its state every 2 minutes into
 ``OUT/.<variant>_lr=<lr>_seed=<seed>.partial/`` and continues from there (``bmojo.evals.ablation.RunCheckpoints``).
+Ctrl-C stops it with one line saying what is kept, and exit status 130.
 """
 
 from __future__ import annotations
