@@ -267,6 +267,46 @@ def test_summary_picks_the_best_mean_validation_lr_and_reports_test_mean_and_sam
     assert shuffled["seeds"] == [0, 1, 2] and shuffled["test_by_seed"] == {"a": [0.5, 0.7, 0.9]}
 
 
+
+def test_an_lr_run_on_more_seeds_is_compared_on_the_seeds_every_lr_has(capsys):
+    # more seeds added at one lr later must not decide the lr: lr 0.2's extra seeds 3, 4 raise its mean over all
+    # of its seeds (0.58) above lr 0.1's (0.5), but on the common seeds 0-2 it is worse (0.4)
+    records = [_record("x", 0.1, s, 0.5, 0.1) for s in (0, 1, 2)]
+    records += [_record("x", 0.2, s, val, 0.2) for s, val in zip(range(5), (0.4, 0.4, 0.4, 0.9, 0.9))]
+    got = A.summarize(records, lower_is_better=False)["variants"]["x"]
+    assert got["best_lr"] == 0.1 and got["lr_choice_seeds"] == [0, 1, 2]
+    assert got["val_by_lr"] == {"0.1": pytest.approx(0.5), "0.2": pytest.approx(0.4)}
+    assert got["seeds_by_lr"] == {"0.1": [0, 1, 2], "0.2": [0, 1, 2, 3, 4]}
+    # and the other way round: extra seeds that lower the chosen lr's mean do not unchoose it, and its test
+    # metrics use every seed it has
+    records = [_record("x", 0.1, s, val, t) for s, val, t in zip(range(5), (0.5, 0.5, 0.5, 0, 0), (1, 2, 3, 4, 5))]
+    records += [_record("x", 0.2, s, 0.4, 0.2) for s in (0, 1, 2)]
+    got = A.summarize(records, lower_is_better=False)["variants"]["x"]
+    assert got["best_lr"] == 0.1 and got["seeds"] == [0, 1, 2, 3, 4] and got["lr_choice_seeds"] == [0, 1, 2]
+    assert got["test"]["a"]["mean"] == pytest.approx(3.0) and got["test_by_seed"]["a"] == [1, 2, 3, 4, 5]
+    # lrs that share no seed: each lr's own mean, said once
+    apart = [_record("x", 0.1, 0, 0.5, 0.1), _record("x", 0.2, 1, 0.6, 0.2)]
+    got = A.summarize(apart, lower_is_better=False)["variants"]["x"]
+    assert got["best_lr"] == 0.2 and got["lr_choice_seeds"] is None
+    assert capsys.readouterr().out == "x: its lrs share no seed; the best lr is chosen on each lr's own seeds\n"
+
+
+def test_a_summary_says_when_a_variants_lrs_have_different_seeds(tmp_path):
+    common = ["--study", "mqar", "--quick", "--out", str(tmp_path), "--variants", "mamba2"]
+    A.main([*common, "--lrs", "0.003", "--seeds", "0", "1"])
+    A.main([*common, "--lrs", "0.01", "--seeds", "0"])
+    A.main([*common, "--lrs", "0.003", "0.01", "--seeds", "0", "1", "--summary-only"])
+    md = (tmp_path / "mqar" / "summary.md").read_text()
+    summary = json.loads((tmp_path / "mqar" / "summary.json").read_text())["variants"]["mamba2"]
+    assert summary["lr_choice_seeds"] == [0]
+    assert (
+        "mamba2 was run on different seeds per lr (lr 0.003: seeds 0 1; lr 0.01: seeds 0): its lr is chosen on the "
+        "seeds all of them have (0)." in md
+    )
+    A.main([*common, "--lrs", "0.01", "--seeds", "1"])  # now every lr has seeds 0, 1: no such line
+    A.main([*common, "--lrs", "0.003", "0.01", "--seeds", "0", "1", "--summary-only"])
+    assert "different seeds per lr" not in (tmp_path / "mqar" / "summary.md").read_text()
+
 def test_a_summary_lists_each_seeds_accuracy_under_its_mean(tmp_path):
     common = ["--study", "mqar", "--quick", "--lrs", "0.003", "--out", str(tmp_path), "--variants", "mamba2", "swa"]
     A.main([*common, "--seeds", "0", "1"])

@@ -927,7 +927,9 @@ def mean_std(values) -> tuple[float, float]:
 def summarize(records: list[dict], lower_is_better: bool) -> dict:
     """Per variant: the lr with the best mean validation score over its seeds, and that lr's test metrics as
     mean +- std over seeds and per seed (``test_by_seed``, in the order of ``seeds``: a mean can hide seeds that do
-    not learn); failed runs listed."""
+    not learn); failed runs listed. Where a variant's lrs were run on different seeds (more seeds added at the best
+    lr later), the lr is chosen on the seeds every one of its lrs has (``lr_choice_seeds``; a mean over more seeds
+    is a different estimate, not a better lr); the test metrics use every seed of the chosen lr."""
     by_variant: dict[str, dict[float, list[dict]]] = {}
     failed = []
     for r in records:
@@ -941,13 +943,21 @@ def summarize(records: list[dict], lower_is_better: bool) -> dict:
     for name, by_lr in sorted(
         by_variant.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 1e9, kv[0])
     ):
-        val = {lr: mean_std([r["val_score"] for r in runs])[0] for lr, runs in by_lr.items()}
+        common = set.intersection(*({r["spec"]["seed"] for r in runs} for runs in by_lr.values()))
+        if not common:
+            print(f"{name}: its lrs share no seed; the best lr is chosen on each lr's own seeds")
+        val = {
+            lr: mean_std([r["val_score"] for r in runs if not common or r["spec"]["seed"] in common])[0]
+            for lr, runs in by_lr.items()
+        }
         best = (min if lower_is_better else max)(val, key=val.get)
         runs = sorted(by_lr[best], key=lambda r: r["spec"]["seed"])
         test = {k: mean_std([r["test"][k] for r in runs]) for k in runs[0]["test"]}
         variants[name] = {
             "best_lr": best,
             "val_by_lr": {f"{lr:g}": v for lr, v in sorted(val.items())},
+            "seeds_by_lr": {f"{lr:g}": sorted(r["spec"]["seed"] for r in by_lr[lr]) for lr in sorted(by_lr)},
+            "lr_choice_seeds": sorted(common) if common else None,
             "seeds": [r["spec"]["seed"] for r in runs],
             "parameters": runs[0]["parameters"],
             "state_bytes": runs[0]["state_bytes"],
@@ -1027,6 +1037,15 @@ def _write_summary(folder: Path, out: Path, s: Settings, command: str, lrs=None,
         "Each variant at its best lr (mean validation score over seeds); test mean ± std over seeds.",
         "",
     ]
+    for n, v in variants.items():
+        if len({tuple(seeds) for seeds in v["seeds_by_lr"].values()}) > 1:
+            by_lr = "; ".join(f"lr {lr}: seeds {' '.join(map(str, seeds))}" for lr, seeds in v["seeds_by_lr"].items())
+            chosen_on = (
+                "on each lr's own seeds (they share none)"
+                if v["lr_choice_seeds"] is None
+                else f"on the seeds all of them have ({' '.join(map(str, v['lr_choice_seeds']))})"
+            )
+            lines += [f"{n} was run on different seeds per lr ({by_lr}): its lr is chosen {chosen_on}.", ""]
     header = "| variant | parameters | state bytes | best lr | seeds | s/run |"
 
     def meta(n, v):
