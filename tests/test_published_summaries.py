@@ -52,7 +52,7 @@ PUBLISHED = {
     "predictable_gap_2400": (
         "runs2400/predictable_gap",
         "--study predictable_gap --steps 2400 --lrs 0.001 0.003 --seeds 0 1 2 3 4 --variants bmojo_new "
-        "bmojo_new_random",
+        "bmojo_new_random bmojo_new_recency",
     ),
     "predictable_gap_M32": (
         "runs/predictable_gap_M32",
